@@ -1,0 +1,133 @@
+"""The `tuneforge` command: parse arguments, build the config, call one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML run config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--model", help="model reference (sets model=)")
+    p.add_argument("--data", action="append", help="training data file or builtin:tasks (repeatable)")
+    p.add_argument("--method", choices=["full", "freeze", "lora"], help="sets method.name=")
+    p.add_argument("--output", "-o", help="run directory (sets output_dir=)")
+    p.add_argument("--max-steps", type=int, help="sets train.max_steps=")
+    p.add_argument("--lr", type=float, help="sets train.lr=")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    named = {"model": args.model, "method.name": args.method, "output_dir": args.output,
+             "train.max_steps": args.max_steps, "train.lr": args.lr}
+    out += [f"{k}={v}" for k, v in named.items() if v is not None]
+    if args.data:
+        out.append("data.train=[" + ", ".join(f'"{d}"' for d in args.data) + "]")
+    if args.skip_bad:
+        out.append("data.skip_bad=true")
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tuneforge.config import load_config
+    from tuneforge.train.loop import train
+
+    train(load_config(args.config, overrides_of(args)), resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from tuneforge.data.inspect import format_report, inspect_data
+    from tuneforge.models.load import load_tokenizer
+
+    fields = dict(kv.split("=", 1) for kv in args.field) if args.field else None
+    report = inspect_data(args.files, load_tokenizer(args.model), args.max_seq_len, Path(args.out),
+                          n_show=args.show, format=args.format, fields=fields)
+    print(format_report(report))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from tuneforge.eval.interactive import load_prompts, run_generate
+
+    prompts = load_prompts(args.prompt, args.file)
+    for prompt, out in zip(prompts, run_generate(args.model, args.adapter, prompts, args.max_new_tokens,
+                                                 args.temperature, args.top_p, args.batch_size), strict=True):
+        print(f">>> {prompt}\n{out}\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tuneforge.eval.interactive import chat_loop
+
+    chat_loop(args.model, args.adapter, args.max_new_tokens, args.temperature, args.system)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from tuneforge.demo import run_demo
+
+    run_demo(output_dir=args.output, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model (full, freeze or lora)")
+    add_run_options(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="formats, counts, token lengths and the loss mask of data files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", default="smollm2-135m", help="tokenizer and chat template to use")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--field", action="append", metavar="CANONICAL=COLUMN", help="field mapping")
+    p.add_argument("--show", type=int, default=3, help="examples to render with the loss mask")
+    p.add_argument("--out", default="runs/inspect", help="where the histogram PNG goes")
+    p.set_defaults(func=cmd_inspect)
+
+    for name, helptext in (("generate", "generate completions for prompts"), ("chat", "interactive chat")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", default="smollm2-135m")
+        p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        if name == "generate":
+            p.add_argument("prompt", nargs="*", help="prompts (user messages)")
+            p.add_argument("--file", help="a text file with one prompt per line, or a JSONL of records")
+            p.add_argument("--top-p", type=float, default=1.0)
+            p.add_argument("--batch-size", type=int, default=16)
+            p.set_defaults(func=cmd_generate)
+        else:
+            p.add_argument("--system", help="system prompt")
+            p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="LoRA-fine-tune the builtin SmolLM2 on builtin:tasks, before/after")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TuneforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

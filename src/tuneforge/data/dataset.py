@@ -1,0 +1,95 @@
+"""From the data config to packed training and validation rows (the whole data flow in one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneforge.config import DataConfig, DatasetSpec
+from tuneforge.data.conversation import Example, Tokenized
+from tuneforge.data.formats import load_examples
+from tuneforge.data.mixture import MixSource, hold_out_tasks, mix, split_validation
+from tuneforge.data.packing import PackedRow, no_pack, pack
+from tuneforge.data.template import encode
+from tuneforge.errors import DataError
+
+BUILTIN_TASKS = "builtin:tasks"
+
+
+@dataclass
+class TrainData:
+    """Rows ready for the trainer, plus what a user should be told about the data."""
+
+    train_rows: list[PackedRow]
+    val_rows: list[PackedRow]
+    n_train_examples: int
+    n_val_examples: int
+    held_out: list[Example] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_train_tokens(self) -> int:
+        return sum(len(r.input_ids) for r in self.train_rows)
+
+
+def read_spec(spec: DatasetSpec, skip_bad: bool, seed: int) -> tuple[list[Example], list[tuple[str, str]]]:
+    """Examples of one dataset spec (a file or ``builtin:tasks``) and the records skipped."""
+    if spec.path == BUILTIN_TASKS:
+        from tuneforge.data.builtin_tasks import builtin_tasks
+
+        return builtin_tasks(seed=seed).train, []
+    result = load_examples(spec.path, format=spec.format, fields=spec.fields, skip_bad=skip_bad,
+                           task=spec.task)
+    return result.examples, list(result.skipped)
+
+
+def encode_all(examples: list[Example], tokenizer, cfg: DataConfig,
+               skipped: list[tuple[str, str]]) -> list[Tokenized]:
+    """Tokenize examples; too-long or unrenderable ones stop the run unless ``skip_bad``."""
+    out: list[Tokenized] = []
+    for ex in examples:
+        try:
+            out.extend(encode(ex, tokenizer, cfg.max_seq_len, cfg.train_on_prompt))
+        except DataError as e:
+            if not cfg.skip_bad:
+                raise
+            skipped.append((ex.source, str(e)))
+    return out
+
+
+def rows_of(tokenized: list[Tokenized], cfg: DataConfig) -> list[PackedRow]:
+    return pack(tokenized, cfg.max_seq_len) if cfg.packing else no_pack(tokenized)
+
+
+def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:
+    """Read, validate, mix, hold out, split, tokenize and pack the configured datasets."""
+    skipped: list[tuple[str, str]] = []
+    sources = []
+    for spec in cfg.train:
+        examples, bad = read_spec(spec, cfg.skip_bad, seed)
+        skipped.extend(bad)
+        sources.append(MixSource(name=spec.path, examples=examples, weight=spec.weight,
+                                 max_examples=spec.max_examples))
+    examples, per_source = mix(sources, seed=seed)
+    held_out: list[Example] = []
+    if cfg.holdout_tasks:
+        examples, held_out = hold_out_tasks(examples, cfg.holdout_tasks)
+    if cfg.eval:
+        val: list[Example] = []
+        for spec in cfg.eval:
+            more, bad = read_spec(spec, cfg.skip_bad, seed)
+            val.extend(more)
+            skipped.extend(bad)
+        train = examples
+    elif cfg.val_fraction > 0 and len(examples) >= 20:
+        train, val = split_validation(examples, cfg.val_fraction, seed)
+    else:
+        train, val = examples, []
+    train_tok = encode_all(train, tokenizer, cfg, skipped)
+    if not train_tok:
+        raise DataError("no training examples are left after validation; check the data files "
+                        f"({', '.join(s.path for s in cfg.train)})")
+    val_tok = encode_all(val, tokenizer, cfg, skipped)
+    return TrainData(train_rows=rows_of(train_tok, cfg), val_rows=rows_of(val_tok, cfg),
+                     n_train_examples=len(train_tok), n_val_examples=len(val_tok), held_out=held_out,
+                     skipped=skipped, per_source=per_source)

@@ -1,0 +1,355 @@
+"""LoRA: low-rank adapters on Linear layers, ``y = W x + scaling · B(A(dropout(x)))``.
+
+A wrapped layer keeps its module path (``...q_proj``); its adapter weights live at
+``...q_proj.lora_A.<adapter>.weight`` / ``...q_proj.lora_B.<adapter>.weight`` like PEFT's.
+One layer can hold several named adapters; ``active_adapters`` says which ones run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneforge.errors import ConfigError, ModelError
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """alpha/r, or alpha/sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def validate_lora_args(r: int, alpha: float, dropout: float) -> None:
+    """Raise ConfigError for an impossible rank, alpha or dropout."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ConfigError(f"lora r={r!r}: the rank must be a positive integer (e.g. r=8)")
+    if not alpha > 0:
+        raise ConfigError(f"lora alpha={alpha!r}: alpha must be > 0 (commonly 2*r, e.g. alpha=16)")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"lora dropout={dropout!r}: dropout must be in [0, 1) (e.g. dropout=0.05)")
+
+
+def matches_target(name: str, targets: str | Iterable[str]) -> bool:
+    """PEFT's rule: a string is a full-match regex; a list matches exact names or ``.suffix``."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every nn.Linear or LoRALinear by path; the Linears inside a LoRALinear are not listed."""
+    found: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, LoRALinear):
+            found[name] = module
+            inside.append(f"{name}.")
+        elif isinstance(module, nn.Linear):
+            found[name] = module
+    return found
+
+
+def _output_head_names(model: nn.Module, linears: dict[str, nn.Module]) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {n for n, m in linears.items() if m is head or n == "lm_head" or n.endswith(".lm_head")}
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str] | str = ALL_LINEAR) -> list[str]:
+    """Paths of the Linear layers to adapt.
+
+    ``"all-linear"``: every Linear except the output head. Otherwise names are matched as a suffix
+    (``"q_proj"``), an exact path, or (for a single string) a full-match regex.
+    """
+    linears = linear_modules(model)
+    if target_modules == ALL_LINEAR:
+        heads = _output_head_names(model, linears)
+        names = [n for n in linears if n not in heads]
+    else:
+        targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        names = [n for n in linears if matches_target(n, targets) or _regex_match(n, targets)]
+    if not names:
+        available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(
+            f"lora target_modules={target_modules!r} matches no Linear layer of the model; "
+            f"available names: {available} (or use 'all-linear')"
+        )
+    return names
+
+
+def _regex_match(name: str, targets: list[str]) -> bool:
+    # A single user string may be a regex too (PEFT accepts one); a bad regex is just a name.
+    if len(targets) != 1:
+        return False
+    try:
+        return re.fullmatch(targets[0], name) is not None
+    except re.error:
+        return False
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def lora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, LoRALinear]:
+    """The LoRALinear layers by path; with ``adapter_name``, only those holding that adapter."""
+    return {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, LoRALinear) and (adapter_name is None or adapter_name in m.lora_A)
+    }
+
+
+def _layers_with(model: nn.Module, adapter_name: str) -> dict[str, LoRALinear]:
+    layers = lora_layers(model, adapter_name)
+    if not layers:
+        known = sorted({a for m in lora_layers(model).values() for a in m.lora_A})
+        raise ModelError(f"the model has no LoRA adapter named {adapter_name!r}; adapters: {known or 'none'}")
+    return layers
+
+
+def add_lora(
+    model: nn.Module,
+    module_names: Iterable[str],
+    adapter_name: str,
+    r: int | dict[str, int],
+    alpha: float | dict[str, float],
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Add adapter ``adapter_name`` to the named Linear layers (wrapping them when needed).
+
+    ``r``/``alpha`` may be per-module dicts (PEFT's rank_pattern/alpha_pattern, resolved).
+    """
+    names = list(module_names)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+            raise ModelError(
+                f"{name} already has a LoRA adapter named {adapter_name!r}; pass another adapter_name"
+            )
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, adapter_name=None)
+            _set_submodule(model, name, module)
+        r_m = r[name] if isinstance(r, dict) else r
+        alpha_m = alpha[name] if isinstance(alpha, dict) else alpha
+        module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora)
+    return names
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | str = ALL_LINEAR,
+    use_rslora: bool = False,
+    adapter_name: str = "default",
+) -> list[str]:
+    """Wrap the target Linears with LoRA and make only this adapter trainable; returns the paths."""
+    validate_lora_args(r, alpha, dropout)
+    names = add_lora(model, find_target_modules(model, target_modules), adapter_name, r, alpha,
+                     dropout, use_rslora)
+    set_active_adapters(model, [adapter_name])
+    mark_only_lora_trainable(model, adapter_name)
+    return names
+
+
+def set_active_adapters(model: nn.Module, adapter_names: list[str]) -> None:
+    """Run exactly these adapters (summed) in every LoRA layer that holds them."""
+    for name in adapter_names:
+        _layers_with(model, name)
+    for layer in lora_layers(model).values():
+        layer.active_adapters = [a for a in adapter_names if a in layer.lora_A]
+
+
+def mark_only_lora_trainable(model: nn.Module, adapter_name: str = "default") -> None:
+    """Freeze everything except adapter ``adapter_name``'s A and B matrices."""
+    model.requires_grad_(False)
+    for layer in _layers_with(model, adapter_name).values():
+        layer.lora_A[adapter_name].requires_grad_(True)
+        layer.lora_B[adapter_name].requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` tensors, adapter name stripped (as PEFT)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in _layers_with(model, adapter_name).items():
+        out[f"{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+        out[f"{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+    return out
+
+
+def merge_lora(model: nn.Module, adapter_name: str = "default") -> list[str]:
+    """Add the adapter's delta into the base weights; returns the merged layer paths."""
+    layers = _layers_with(model, adapter_name)
+    get_in = getattr(model, "get_input_embeddings", None)
+    embed = get_in() if callable(get_in) else None
+    for path, layer in layers.items():
+        # A tied output head shares its weight with the input embeddings: merging would change both.
+        if embed is not None and layer.base_layer.weight is getattr(embed, "weight", None):
+            raise ModelError(
+                f"cannot merge LoRA into {path}: its weight is tied to the input embeddings; "
+                "untie them (tie_word_embeddings=False) or do not target the output head"
+            )
+    for layer in layers.values():
+        layer.merge(adapter_name)
+    return list(layers)
+
+
+def unmerge_lora(model: nn.Module, adapter_name: str = "default") -> list[str]:
+    """Subtract a merged adapter's delta from the base weights; returns the layer paths."""
+    layers = _layers_with(model, adapter_name)
+    for layer in layers.values():
+        layer.unmerge(adapter_name)
+    return list(layers)
+
+
+def unwrap_lora(model: nn.Module) -> list[str]:
+    """Replace every LoRALinear by its base Linear (merge first to keep an adapter's effect)."""
+    layers = lora_layers(model)
+    for path, layer in layers.items():
+        _set_submodule(model, path, layer.base_layer)
+    return list(layers)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def format_trainable(model: nn.Module) -> str:
+    """``trainable params: 1,234 || all params: 135,000,000 || trainable%: 0.0009``."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus named low-rank adapters.
+
+    Hyper-parameters are kept per adapter (``r``, ``lora_alpha``, ``use_rslora``, ``scaling``,
+    ``dropout``) so an adapter can be saved in PEFT format from the model alone.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        adapter_name: str | None = "default",
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.dropout: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        if adapter_name is not None:
+            self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
+            self.active_adapters = [adapter_name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
+                    use_rslora: bool = False) -> None:
+        """Add adapter ``name``: A kaiming-uniform(a=√5), B zeros, so the output is unchanged."""
+        validate_lora_args(r, alpha, dropout)
+        if name in self.lora_A:
+            raise ModelError(f"LoRA adapter {name!r} already exists on this layer; pass another adapter_name")
+        weight = self.base_layer.weight
+        # Adapters train in at least fp32 even when the base is bf16/fp16 or quantized.
+        dtype = torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
+        kw = {"device": weight.device, "dtype": dtype}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
+        self.dropout[name] = dropout
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (unmerging it first if merged)."""
+        self._check(name)
+        self.unmerge(name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        for d in (self.r, self.lora_alpha, self.use_rslora, self.dropout, self.scaling):
+            del d[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _check(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise ModelError(f"no LoRA adapter named {name!r} on this layer; adapters: {list(self.lora_A)}")
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling · B @ A`` in fp32 (out × in)."""
+        self._check(name)
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        return (b @ a) * self.scaling[name]
+
+    def merge(self, name: str) -> None:
+        """Add the adapter's delta into the base weight (no-op when already merged)."""
+        self._check(name)
+        if name in self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        """Subtract a merged adapter's delta from the base weight (no-op when not merged)."""
+        self._check(name)
+        if name not in self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        with torch.no_grad():
+            w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+        self.merged_adapters.remove(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            a = self.lora_A[name].weight.to(x.dtype)
+            b = self.lora_B[name].weight.to(x.dtype)
+            delta = F.linear(F.linear(self.lora_dropout[name](x), a), b) * self.scaling[name]
+            y = y + delta.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A]
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{'; '.join(parts)}]"
