@@ -79,3 +79,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model, tiny_tokenizer) -> Path:
+    """The tiny model and tokenizer saved as a Hugging Face directory."""
+    out = tmp_path / "tiny-model"
+    tiny_model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    """A small Alpaca-format JSONL file (40 records)."""
+    import json
+
+    words = ["apple", "pear", "dog", "cat", "sun", "moon", "tree", "car", "book", "lamp"]
+    path = tmp_path / "alpaca.jsonl"
+    with path.open("w") as f:
+        for i in range(40):
+            w = words[i % len(words)] + ("s" if i >= 20 else "")
+            f.write(json.dumps({"instruction": "Upper-case the word.", "input": w, "output": w.upper()}) + "\n")
+    return path

@@ -41,10 +41,20 @@ _OPEN, _CLOSE = "⟦", "⟧"
 _GREEN, _RESET = "\x1b[32m", "\x1b[0m"
 
 
+class TooLongError(DataError):
+    """A conversation longer than ``max_len``; ``n_tokens`` says by how much (for ``data inspect``)."""
+
+    def __init__(self, source: str, n_tokens: int, max_len: int):
+        super().__init__(f"{source}: the conversation is {n_tokens} tokens, longer than max_len {max_len}. "
+                         "Raise `data.max_seq_len`, or pass `--skip-bad` to skip such examples.")
+        self.n_tokens = n_tokens
+        self.max_len = max_len
+
+
 def encode(example: Example, tokenizer: Any, max_len: int, train_on_prompt: bool = False) -> list[Tokenized]:
     """Token ids and aligned labels (-100 = no loss) of one example.
 
-    A conversation gives one :class:`Tokenized` and raises :class:`DataError` when longer than
+    A conversation gives one :class:`Tokenized` and raises :class:`TooLongError` when longer than
     ``max_len``; plain text (``example.text``) gets the eos token appended and is split into chunks
     of at most ``max_len`` tokens, all trained.
     """
@@ -91,7 +101,7 @@ def _encode_text(example: Example, tokenizer: Any, max_len: int) -> list[Tokeniz
                       task=example.task) for i in range(0, len(ids), max_len)]
 
 
-def _render(tokenizer: Any, template: str, messages: list[Message]) -> str:
+def _render(tokenizer: Any, template: str | None, messages: list[Message]) -> str:
     dicts = [{"role": m.role, "content": m.content} for m in messages]
     return tokenizer.apply_chat_template(dicts, tokenize=False, chat_template=template)
 
@@ -112,7 +122,7 @@ def _is_trained(message: Message, train_on_prompt: bool) -> bool:
 
 def _pieces(example: Example, tokenizer: Any, train_on_prompt: bool) -> list[tuple[str, bool]]:
     """The rendered conversation as consecutive (text, trained) pieces."""
-    template = tokenizer.chat_template or CHATML_TEMPLATE
+    template = None if tokenizer.chat_template else CHATML_TEMPLATE  # None: the tokenizer's own
     msgs = example.messages
     try:
         prefixes = [_render(tokenizer, template, msgs[:i + 1]) for i in range(len(msgs))]
@@ -148,8 +158,8 @@ def _pieces(example: Example, tokenizer: Any, train_on_prompt: bool) -> list[tup
         whole = train_on_prompt and trained
         pieces.append((full[pos:head_end], whole))
         pieces.append((full[head_end:eot_end], trained))
-        if trained and eot is None and eos and not whole:
-            # No end-of-turn marker in the template: train an eos so the model learns to stop.
+        if trained and eot is None and eos and msg.role == "assistant":
+            # No end-of-turn token in the template: train an eos so the model learns to stop.
             pieces.append((eos, True))
         pieces.append((full[eot_end:seg_end], whole))
         pos = seg_end
@@ -171,9 +181,7 @@ def _encode_conversation(example: Example, tokenizer: Any, max_len: int, train_o
     ids = list(enc["input_ids"])
     labels = [t if any(mark[s:e]) else IGNORE for t, (s, e) in zip(ids, enc["offset_mapping"], strict=True)]
     if len(ids) > max_len:
-        raise DataError(f"{_where(example)}: the conversation is {len(ids)} tokens, longer than "
-                        f"max_len {max_len}. Raise `data.max_seq_len`, or pass `--skip-bad` to skip "
-                        "such examples.")
+        raise TooLongError(_where(example), len(ids), max_len)
     if all(x == IGNORE for x in labels):
         raise DataError(f"{_where(example)}: no token is trained (no assistant message, or every one has "
                         "`train: false`); add an assistant reply or pass `--skip-bad` to skip it.")

@@ -48,10 +48,10 @@ def score(preds: list[str], examples: list[Example]) -> dict:
     """Exact-match (and normalized-match) accuracy overall and per task."""
     if len(preds) != len(examples):
         raise ValueError(f"{len(preds)} predictions for {len(examples)} examples")
-    refs = [split_prompt(e)[1] for e in examples]
+    pairs = list(zip(preds, [split_prompt(e)[1] for e in examples], strict=True))
     tasks = [e.task for e in examples]
-    exact, per_task = accuracies([exact_match(p, r) for p, r in zip(preds, refs)], tasks)
-    normalized, per_task_normalized = accuracies([normalized_match(p, r) for p, r in zip(preds, refs)], tasks)
+    exact, per_task = accuracies([exact_match(p, r) for p, r in pairs], tasks)
+    normalized, per_task_normalized = accuracies([normalized_match(p, r) for p, r in pairs], tasks)
     return {"n": len(preds), "exact_match": exact, "per_task": per_task,
             "normalized_match": normalized, "per_task_normalized": per_task_normalized}
 

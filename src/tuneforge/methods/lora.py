@@ -128,6 +128,7 @@ def add_lora(
     """Add adapter ``adapter_name`` to the named Linear layers (wrapping them when needed).
 
     ``r``/``alpha`` may be per-module dicts (PEFT's rank_pattern/alpha_pattern, resolved).
+    The new adapter becomes the only active one.
     """
     names = list(module_names)
     for name in names:
@@ -144,6 +145,7 @@ def add_lora(
         r_m = r[name] if isinstance(r, dict) else r
         alpha_m = alpha[name] if isinstance(alpha, dict) else alpha
         module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora)
+    set_active_adapters(model, [adapter_name])
     return names
 
 
@@ -160,7 +162,6 @@ def apply_lora(
     validate_lora_args(r, alpha, dropout)
     names = add_lora(model, find_target_modules(model, target_modules), adapter_name, r, alpha,
                      dropout, use_rslora)
-    set_active_adapters(model, [adapter_name])
     mark_only_lora_trainable(model, adapter_name)
     return names
 
@@ -287,7 +288,9 @@ class LoRALinear(nn.Module):
             raise ModelError(f"LoRA adapter {name!r} already exists on this layer; pass another adapter_name")
         weight = self.base_layer.weight
         # Adapters train in at least fp32 even when the base is bf16/fp16 or quantized.
-        dtype = torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
+        dtype = torch.float32
+        if weight.is_floating_point():
+            dtype = torch.promote_types(weight.dtype, dtype)
         kw = {"device": weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)

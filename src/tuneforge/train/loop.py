@@ -180,7 +180,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             for b in batches:
                 loss, _ = lm_loss(model, b, t.loss_chunk_tokens, amp)
                 (loss / max(n_total, 1)).backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
             loss_value = step_loss / max(n_total, 1)
             if not math.isfinite(loss_value):
                 raise TuneforgeError(

@@ -1,0 +1,106 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tuneforge.config import load_config
+from tuneforge.errors import TuneforgeError
+from tuneforge.train.loop import train
+
+
+def config(model_dir, data, out, *extra):
+    return load_config(overrides=[f"model={model_dir}", f"data.train=[{data}]", f"output_dir={out}",
+                                  "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=2",
+                                  "train.threads=1", *extra])
+
+
+def test_lora_run_writes_the_run_directory(tiny_model_dir, alpaca_file, tmp_path):
+    cfg = config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=8", "train.lr=1e-2",
+                 "data.val_fraction=0.25", "train.eval_every=4")
+    result = train(cfg, quiet=True)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "plots/loss.png"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(steps[0])
+    assert any("val_loss" in r for r in rows) and result.val_loss is not None
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert 0 < result.trainable < result.total
+
+
+def test_full_fine_tune_exports_a_transformers_model(tiny_model_dir, alpaca_file, tmp_path):
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "method.name=full", "train.max_steps=2",
+                 "train.lr=1e-3"), quiet=True)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert not torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+
+
+def test_freeze_trains_only_the_top_block(tiny_model_dir, alpaca_file, tmp_path):
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "method.name=freeze",
+                 "method.freeze.top_k_layers=1", "train.max_steps=2", "train.lr=1e-3"), quiet=True)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert torch.equal(before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(before.model.layers[1].mlp.up_proj.weight, after.model.layers[1].mlp.up_proj.weight)
+
+
+def test_accumulation_normalizes_by_tokens_of_the_whole_batch(tiny_model_dir, alpaca_file, tmp_path):
+    common = ("method.name=full", "train.max_steps=1", "train.lr=1e-3", "data.packing=false",
+              "train.max_grad_norm=null")
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "a", *common, "train.batch_size=4"), quiet=True)
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "b", *common, "train.batch_size=2",
+                 "train.grad_accum=2"), quiet=True)
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_loss_stops_without_saving(tiny_model, tiny_tokenizer, alpaca_file, tmp_path):
+    with torch.no_grad():
+        tiny_model.model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
+    cfg = config("unused", alpaca_file, tmp_path / "run", "train.max_steps=3")
+    with pytest.raises(TuneforgeError, match="loss became nan"):
+        train(cfg, model=tiny_model, tokenizer=tiny_tokenizer, quiet=True)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+KILLER = """
+import os, signal, sys
+from tuneforge.config import load_config
+from tuneforge.train.loop import train
+cfg = load_config(sys.argv[1])
+train(cfg, quiet=True, callbacks=(lambda step, model: os.kill(os.getpid(), signal.SIGKILL),))
+"""
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, alpaca_file, tmp_path):
+    extra = ("train.max_steps=12", "train.lr=5e-3", "method.lora.dropout=0.2", "train.save_every=4")
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "straight", *extra), quiet=True)
+
+    cfg = config(tiny_model_dir, alpaca_file, tmp_path / "killed", *extra, "train.eval_every=7")
+    cfg_path = tmp_path / "killed.yaml"
+    cfg_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(cfg_path)], env=env, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]  # killed at step 7, after the step-4 checkpoint
+    assert (tmp_path / "killed" / "checkpoints" / "step-4").is_dir()
+    assert not (tmp_path / "killed" / "adapter").exists()
+
+    train(cfg, resume=True, quiet=True)
+    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) - 1  # the final line repeats the last step
