@@ -208,3 +208,13 @@ def test_config_and_weights_disagree(saved):
     save_file(weights, out / "adapter_model.safetensors")
     with pytest.raises(ModelError, match="unexpected key .*lora_embedding_A"):
         load_adapter(base, out)
+
+
+def test_loaded_adapter_follows_the_models_eval_mode(tiny_model, tmp_path):
+    base = copy.deepcopy(tiny_model)
+    apply_lora(tiny_model, r=4, alpha=8, dropout=0.5)
+    randomize_b(tiny_model)
+    out = save_adapter(tiny_model, tmp_path / "adapter")
+    load_adapter(base.eval(), out)
+    torch.testing.assert_close(logits(base), logits(base), atol=0, rtol=0)  # no dropout noise in eval mode
+    torch.testing.assert_close(logits(base), logits(tiny_model.eval()), atol=1e-5, rtol=0)

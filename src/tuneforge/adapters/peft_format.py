@@ -296,6 +296,8 @@ def load_adapter(
                 param = getattr(layer, part)[adapter_name].weight
                 param.copy_(pair[part])
                 param.requires_grad_(trainable)
+    # new LoRA modules start in training mode (dropout on); follow the model's current mode
+    model.train(model.training)
     return names
 
 
