@@ -72,6 +72,71 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(output_dir=args.output, steps=args.steps)
 
 
+def cmd_adapters_list(args: argparse.Namespace) -> None:
+    from tuneforge.adapters.manager import format_table, scan_adapters
+
+    infos, errors = scan_adapters(args.dir)
+    if not infos and not errors:
+        print(f"no adapters in {args.dir}")
+        return
+    print(format_table(infos, errors))
+
+
+def cmd_adapters_info(args: argparse.Namespace) -> None:
+    from tuneforge.adapters.manager import adapter_info, format_info
+
+    print(format_info(adapter_info(args.adapter)))
+
+
+def cmd_adapters_merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from tuneforge.adapters.export import export_merged
+
+    out = export_merged(args.model, args.adapter, args.out, dtype=getattr(torch, args.dtype),
+                        overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+
+
+def cmd_adapters_combine(args: argparse.Namespace) -> None:
+    from tuneforge.adapters.combine import combine_adapters
+    from tuneforge.errors import ConfigError
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError as e:
+        raise ConfigError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.5,0.5") from e
+    result = combine_adapters(args.adapter, weights, args.out, method=args.method, rank=args.rank)
+    print(f"{result.method} combination written to {result.path}: rank {result.r}, "
+          f"relative Frobenius error {result.relative_error:.3g} (worst module {result.max_module_error:.3g})")
+
+
+def add_adapter_commands(sub) -> None:
+    """`tuneforge adapters list|info|merge|combine`."""
+    adapters = sub.add_parser("adapters", help="inspect, merge and combine LoRA adapters (PEFT format)")
+    cmds = adapters.add_subparsers(dest="adapters_command", required=True)
+    p = cmds.add_parser("list", help="the adapters in a directory: name, rank, alpha, targets, size")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_adapters_list)
+    p = cmds.add_parser("info", help="details of one adapter directory")
+    p.add_argument("adapter")
+    p.set_defaults(func=cmd_adapters_info)
+    p = cmds.add_parser("merge", help="merge an adapter into its base and save a Hugging Face model directory")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_adapters_merge)
+    p = cmds.add_parser("combine", help="combine adapters into a new one (cat: exact; linear; svd)")
+    p.add_argument("--adapter", action="append", required=True, help="an adapter directory (repeatable)")
+    p.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
+    p.add_argument("--method", choices=["cat", "linear", "svd"], default="cat")
+    p.add_argument("--rank", type=int, help="target rank for --method svd")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_adapters_combine)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.set_defaults(func=cmd_demo)
+
+    add_adapter_commands(sub)
     return parser
 
 

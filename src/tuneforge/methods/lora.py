@@ -2,14 +2,16 @@
 
 A wrapped layer keeps its module path (``...q_proj``); its adapter weights live at
 ``...q_proj.lora_A.<adapter>.weight`` / ``...q_proj.lora_B.<adapter>.weight`` like PEFT's.
-One layer can hold several named adapters; ``active_adapters`` says which ones run.
+One layer can hold several named adapters; ``active_adapters`` says which ones run (summed, each
+with an optional weight). ``row_adapters`` routes each batch row to its own adapter instead.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -166,12 +168,67 @@ def apply_lora(
     return names
 
 
-def set_active_adapters(model: nn.Module, adapter_names: list[str]) -> None:
-    """Run exactly these adapters (summed) in every LoRA layer that holds them."""
+def set_active_adapters(model: nn.Module, adapter_names: list[str],
+                        weights: Mapping[str, float] | Sequence[float] | None = None) -> None:
+    """Run exactly these adapters (summed) in every LoRA layer that holds them.
+
+    ``weights`` (by name or in order; default 1) multiply each adapter's scaling in forward; the
+    base weights are never touched.
+    """
+    if weights is None:
+        weights = {}
+    elif not isinstance(weights, Mapping):
+        weights = list(weights)
+        if len(weights) != len(adapter_names):
+            raise ConfigError(f"{len(weights)} adapter weights for {len(adapter_names)} adapters; "
+                              "give one weight per adapter")
+        weights = dict(zip(adapter_names, weights, strict=True))
     for name in adapter_names:
         _layers_with(model, name)
-    for layer in lora_layers(model).values():
+    activate_layers(lora_layers(model).values(), adapter_names, weights)
+
+
+def activate_layers(layers: Iterable[LoRALinear], adapter_names: list[str], weights: Mapping[str, float]) -> None:
+    """``set_active_adapters`` on given layers, unchecked: for callers that cache the layer list."""
+    for layer in layers:
         layer.active_adapters = [a for a in adapter_names if a in layer.lora_A]
+        layer.adapter_weights = {a: float(weights.get(a, 1.0)) for a in layer.active_adapters}
+
+
+@contextmanager
+def row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
+    """Within the block, batch row ``i`` runs adapter ``adapter_names[i]`` (None: the base alone).
+
+    Every forward inside must have ``len(adapter_names)`` rows. The base matmul runs once for the
+    whole batch; each adapter's low-rank update runs only on its own rows. Active adapters and their
+    weights are ignored meanwhile (and untouched). Merged adapters would leak into every row, so
+    they are refused.
+    """
+    for name in {n for n in adapter_names if n is not None}:
+        _layers_with(model, name)
+    layers = lora_layers(model)
+    merged = sorted({a for m in layers.values() for a in m.merged_adapters})
+    if merged:
+        raise ModelError(f"adapters {merged} are merged into the base weights; unmerge them before "
+                         "running a batch with one adapter per row")
+    for layer in layers.values():
+        if layer.row_groups is not None:
+            raise ModelError("row_adapters is already in effect on this model; nested use is not supported")
+    device = next(iter(layers.values())).weight.device if layers else torch.device("cpu")
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(adapter_names):
+        if name is not None:
+            rows.setdefault(name, []).append(i)
+    # Index tensors are built once here, not at every forward of every layer.
+    index = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items()}
+    try:
+        for layer in layers.values():
+            layer.batch_rows = len(adapter_names)
+            layer.row_groups = [(n, idx) for n, idx in index.items() if n in layer.lora_A]
+        yield
+    finally:
+        for layer in layers.values():
+            layer.row_groups = None
 
 
 def mark_only_lora_trainable(model: nn.Module, adapter_name: str = "default") -> None:
@@ -224,6 +281,16 @@ def unwrap_lora(model: nn.Module) -> list[str]:
     return list(layers)
 
 
+def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
+    """Drop adapter ``adapter_name`` everywhere (unmerging it first); layers left empty are unwrapped."""
+    layers = _layers_with(model, adapter_name)
+    for path, layer in layers.items():
+        layer.remove_adapter(adapter_name)
+        if not layer.lora_A:
+            _set_submodule(model, path, layer.base_layer)
+    return list(layers)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights count once."""
     params = list(model.parameters())
@@ -267,7 +334,11 @@ class LoRALinear(nn.Module):
         self.dropout: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
+        self.adapter_weights: dict[str, float] = {}  # multiplies the scaling of an active adapter
         self.merged_adapters: list[str] = []
+        # Set by row_adapters(): (adapter, row indices) pairs for a batch of ``batch_rows`` rows.
+        self.row_groups: list[tuple[str, torch.Tensor]] | None = None
+        self.batch_rows = 0
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
             self.active_adapters = [adapter_name]
@@ -309,6 +380,7 @@ class LoRALinear(nn.Module):
             del d[name]
         for d in (self.r, self.lora_alpha, self.use_rslora, self.dropout, self.scaling):
             del d[name]
+        self.adapter_weights.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def _check(self, name: str) -> None:
@@ -342,15 +414,34 @@ class LoRALinear(nn.Module):
             w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
         self.merged_adapters.remove(name)
 
+    def _lora(self, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        return F.linear(F.linear(self.lora_dropout[name](x), a), b) * scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.row_groups is not None:
+            return self._forward_rows(x, y)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            a = self.lora_A[name].weight.to(x.dtype)
-            b = self.lora_B[name].weight.to(x.dtype)
-            delta = F.linear(F.linear(self.lora_dropout[name](x), a), b) * self.scaling[name]
+            delta = self._lora(name, x, self.scaling[name] * self.adapter_weights.get(name, 1.0))
             y = y + delta.to(y.dtype)
+        return y
+
+    def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.batch_rows:
+            raise ModelError(
+                f"row_adapters was given {self.batch_rows} rows but the forward has {x.shape[0]}; "
+                "beam search and several samples per prompt are not supported with one adapter per row"
+            )
+        for name, rows in self.row_groups:
+            if rows.numel() == x.shape[0]:  # every row: no gather/scatter needed
+                y = y + self._lora(name, x, self.scaling[name]).to(y.dtype)
+            else:
+                delta = self._lora(name, x.index_select(0, rows), self.scaling[name])
+                y = y.index_add(0, rows, delta.to(y.dtype))
         return y
 
     def extra_repr(self) -> str:
