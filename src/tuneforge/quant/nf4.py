@@ -38,6 +38,10 @@ NF4_VALUES = (
 )
 # FP4 (1 sign, 2 exponent, 1 mantissa bit): magnitudes by the low 3 bits, divided by the max, 12.
 FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
+# bitsandbytes' CUDA FP4 decision thresholds on |x| (fp32 literals, a hair off the exact midpoints,
+# which decides exact ties as bf16 inputs produce) and the low 3 bits of each magnitude bucket.
+FP4_PIVOTS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_BUCKET_BITS = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)
 
 
 def code_values(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
@@ -94,10 +98,9 @@ def _encode(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     if quant_type == "int4":
         return (torch.round(scaled * 7) + 8).to(torch.uint8)
     # FP4 is sign-magnitude: the sign bit comes from x < 0 (so -0.0 and 0.0 both give code 0).
-    mags = code_values("fp4", scaled.device)[:8]
-    order = torch.argsort(mags)
-    idx = order.to(torch.int32)[_nearest(scaled.abs(), mags[order])]
-    return (idx + (scaled < 0).to(torch.int32) * 8).to(torch.uint8)
+    pivots = torch.tensor(FP4_PIVOTS, dtype=torch.float32, device=scaled.device)
+    bits = torch.tensor(FP4_BUCKET_BITS, dtype=torch.uint8, device=scaled.device)
+    return bits[torch.bucketize(scaled.abs(), pivots, out_int32=True)] | ((scaled < 0).to(torch.uint8) << 3)
 
 
 def _quantize_blocks(blocks: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +122,7 @@ def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
 
 def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str) -> torch.Tensor:
     """fp32 ``[n_blocks, blocksize]`` values of whole blocks of packed codes."""
-    values = _pair_table(quant_type, packed.device)[packed.reshape(-1).int()]
+    values = _pair_table(quant_type, packed.device).index_select(0, packed.reshape(-1).int())
     return values.view(absmax.numel(), -1) * absmax.unsqueeze(1)
 
 

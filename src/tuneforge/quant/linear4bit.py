@@ -1,0 +1,197 @@
+"""A frozen 4-bit Linear layer and whole-model quantization.
+
+``Linear4bit`` keeps its weight as 4-bit codes plus block scales in *buffers*: optimizers never see
+them, ``state_dict`` saves them, and ``model.to(dtype)`` cannot round the fp32 scales. The forward
+dequantizes the weight, multiplies, and lets the dense copy go; the backward dequantizes again
+rather than keeping one per layer alive, so activations are all that training adds.
+
+What ``quantize_model`` leaves alone, and why:
+
+- the output head (``lm_head``): logits are the most precision-sensitive matmul, and in tied models
+  (SmolLM2) it shares its weight with the embeddings (QLoRA and bitsandbytes keep it too);
+- embeddings: a row lookup, not a matmul, so 4 bits would save memory but no compute, and they
+  are often tied to the head;
+- norms and biases: tiny, and precision-sensitive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
+
+
+def quantize_model(
+    model: nn.Module,
+    skip: Iterable[str] = ("lm_head",),
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+) -> QuantizeResult:
+    """Replace every ``nn.Linear`` but those in ``skip`` by a ``Linear4bit``, in place.
+
+    ``skip`` entries match a module path exactly or as a suffix (``"lm_head"`` matches
+    ``"model.lm_head"``). A Linear whose weight is shared with another module (a tied head) is
+    never quantized: that would silently untie it. Returns the paths and the model's bytes
+    before and after.
+    """
+    before = model_nbytes(model)
+    names = quantization_targets(model, skip)
+    for name in names:
+        linear = model.get_submodule(name)
+        set_submodule(model, name, Linear4bit.from_linear(
+            linear, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+            compute_dtype=compute_dtype))
+    return QuantizeResult(names, before, model_nbytes(model))
+
+
+def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
+    """Paths of the ``nn.Linear`` layers to quantize: all but ``skip`` and those with a shared weight.
+
+    ``skip`` entries match a path exactly or as a suffix. LoRA adapters (``...lora_A...``) are never
+    targets: they are what trains. Works on a meta-device skeleton too.
+    """
+    skip = tuple(skip)
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return [
+        name for name, m in model.named_modules()
+        if type(m) is nn.Linear and uses[id(m.weight)] == 1
+        and not any(name == s or name.endswith(f".{s}") for s in skip)
+        and not any(part.startswith("lora_") for part in name.split("."))
+    ]
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` (``"model.layers.0.mlp.up_proj"``) in ``model``."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def model_nbytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tied tensor counts once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """``F.linear(x, W, bias)`` with W dequantized in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.q = q
+        return F.linear(x, dequantize_4bit(q, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize_4bit(ctx.q, grad_out.dtype)
+        if ctx.needs_input_grad[2]:  # only if the user unfroze the bias
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize_model`` did: the quantized module paths and the model's size before/after."""
+
+    modules: list[str]
+    bytes_before: int
+    bytes_after: int
+
+
+class Linear4bit(nn.Module):
+    """A frozen Linear whose weight is stored 4-bit (NF4/FP4/int4, bitsandbytes layout).
+
+    Buffers: ``weight`` (packed uint8 codes, ``[(out·in + 1) // 2, 1]`` as in bitsandbytes),
+    ``absmax`` (fp32 per block, or uint8 codes with ``absmax2`` and ``absmax_offset`` when
+    double-quantized). ``weight`` being uint8 tells code that reads ``weight.dtype`` that the layer
+    is quantized (LoRA then trains its adapters in fp32). ``bias`` stays a frozen float Parameter.
+
+    ``compute_dtype``: the dtype the matmul runs in (inputs are cast to it and the output cast
+    back); None means the input's dtype. bf16 on GPUs, fp32 is fine on the CPU.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                 weight_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.compute_dtype = compute_dtype
+        self.weight_dtype = weight_dtype  # the dtype the weight had before quantization
+        n = in_features * out_features
+        n_blocks = -(-n // blocksize)
+        self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax2", torch.zeros(-(-n_blocks // 256), device=device))
+            self.register_buffer("absmax_offset", torch.zeros((), device=device))
+        else:
+            self.register_buffer("absmax", torch.zeros(n_blocks, device=device))
+            self.register_buffer("absmax2", None)
+            self.register_buffer("absmax_offset", None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q: Quantized4bit, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype | None = None) -> Linear4bit:
+        """Wrap an already quantized ``[out, in]`` weight (and an optional bias) without copying."""
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bias=False, quant_type=q.quant_type, blocksize=q.blocksize,
+                    double_quant=q.double_quant, compute_dtype=compute_dtype, weight_dtype=q.dtype,
+                    device="meta")
+        layer.weight, layer.absmax = q.packed, q.absmax
+        if q.double_quant:
+            layer.absmax2, layer.absmax_offset = q.absmax2, q.offset
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+                    blocksize: int = 64, compute_dtype: torch.dtype | None = None) -> Linear4bit:
+        """Quantize an ``nn.Linear`` (on its device)."""
+        q = quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant)
+        return cls.from_quantized(q, linear.bias, compute_dtype)
+
+    @property
+    def quantized(self) -> Quantized4bit:
+        """The weight as a ``Quantized4bit`` (sharing this layer's buffers)."""
+        return Quantized4bit(self.weight, self.absmax, torch.Size((self.out_features, self.in_features)),
+                             self.weight_dtype, self.blocksize, self.quant_type, self.absmax2,
+                             self.absmax_offset)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out, in]`` weight in ``dtype`` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _Linear4bitFn.apply(x.to(dtype), self.quantized, bias).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() must move the quantized state, never round the fp32 scales.
+        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.absmax2 is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}")

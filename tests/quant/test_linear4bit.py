@@ -1,0 +1,147 @@
+"""Linear4bit (a frozen 4-bit Linear) and quantize_model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, quantize_model
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_layer(double_quant: bool = True, bias: bool = True, **kw) -> tuple[nn.Linear, Linear4bit]:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40, bias=bias)
+    return linear, Linear4bit.from_linear(linear, double_quant=double_quant, **kw)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_forward_is_a_linear_with_the_dequantized_weight(double_quant):
+    linear, layer = make_layer(double_quant)
+    x = torch.randn(3, 5, 96)
+    w = layer.dequantize()
+    assert torch.equal(layer(x), F.linear(x, w, linear.bias))
+    # ... and that weight is the Linear's, up to 4-bit error.
+    assert (w - linear.weight).abs().max() <= 0.16 * linear.weight.abs().max()  # NF4: half gap ≤ 0.152
+    assert layer.in_features == 96 and layer.out_features == 40
+
+
+def test_weight_is_frozen_buffers_and_only_the_input_gets_a_gradient():
+    _, layer = make_layer()
+    assert [n for n, _ in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
+    assert {"weight", "absmax", "absmax2", "absmax_offset"} <= dict(layer.named_buffers()).keys()
+    assert layer.weight.dtype == torch.uint8  # LoRA reads this to know the base is quantized
+    x = torch.randn(4, 96, requires_grad=True)
+    grad_out = torch.randn(4, 40)
+    layer(x).backward(grad_out)
+    torch.testing.assert_close(x.grad, grad_out @ layer.dequantize())
+    assert layer.bias.grad is None
+    layer.bias.requires_grad_(True)  # a user may train the bias (PEFT's bias="all")
+    layer(torch.randn(2, 4, 96)).backward(grad_out.expand(2, 4, 40))
+    torch.testing.assert_close(layer.bias.grad, 2 * grad_out.sum(0))
+
+
+def test_backward_keeps_no_dense_weight():
+    # Saving the dequantized weight per layer would hold a 16/32-bit copy of the model in training.
+    _, layer = make_layer()
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = torch.randn(4, 96, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert 96 * 40 not in saved
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_round_trips_through_safetensors(tmp_path, double_quant):
+    _, layer = make_layer(double_quant)
+    save_file(layer.state_dict(), tmp_path / "layer.safetensors")
+    fresh = Linear4bit(96, 40, bias=True, double_quant=double_quant)
+    fresh.load_state_dict(load_file(tmp_path / "layer.safetensors"))
+    x = torch.randn(2, 96)
+    assert torch.equal(fresh(x), layer(x))
+    expected = {"weight", "absmax", "bias"} | ({"absmax2", "absmax_offset"} if double_quant else set())
+    assert set(layer.state_dict()) == expected
+
+
+def test_casting_the_module_never_rounds_the_quantized_state():
+    _, layer = make_layer(double_quant=True)
+    scales = layer.quantized.scales().clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.uint8 and layer.absmax2.dtype == torch.float32
+    assert torch.equal(layer.quantized.scales(), scales)
+    assert layer.bias.dtype == torch.bfloat16  # ordinary float parameters do follow the cast
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.dequantize(torch.bfloat16), layer.bias))
+
+
+def test_compute_dtype_sets_the_matmul_dtype_not_the_output_dtype():
+    linear, layer = make_layer(compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 96)
+    y = layer(x)
+    expected = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), linear.bias.bfloat16())
+    assert y.dtype == torch.float32 and torch.equal(y, expected.float())
+
+
+def test_quantize_model_replaces_linears_but_not_head_embeddings_norms(tiny_model):
+    embed = tiny_model.model.embed_tokens.weight
+    norm = tiny_model.model.norm.weight
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        before = tiny_model(ids).logits
+    result = quantize_model(tiny_model)
+    layers = tiny_model.config.num_hidden_layers
+    assert len(result.modules) == 7 * layers
+    assert all(isinstance(tiny_model.get_submodule(n), Linear4bit) for n in result.modules)
+    assert sorted({n.rsplit(".", 1)[-1] for n in result.modules}) == sorted(LLAMA_LINEARS)
+    assert type(tiny_model.lm_head) is nn.Linear and tiny_model.lm_head.weight is embed  # still tied
+    assert tiny_model.model.embed_tokens.weight is embed and tiny_model.model.norm.weight is norm
+    assert result.bytes_after < result.bytes_before
+    with torch.no_grad():
+        after = tiny_model(ids).logits
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    assert F.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
+
+
+def test_skip_names_and_shared_weights():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"up_proj": nn.Linear(64, 64), "down_proj": nn.Linear(64, 64),
+                           "a": nn.Linear(64, 64), "b": nn.Linear(64, 64)})
+    model["b"].weight = model["a"].weight  # shared: quantizing one would silently untie them
+    assert quantization_targets(model, skip=("up_proj",)) == ["down_proj"]
+    quantize_model(model, skip=("up_proj",))
+    assert isinstance(model["down_proj"], Linear4bit)
+    assert all(type(model[k]) is nn.Linear for k in ("up_proj", "a", "b"))
+
+
+def test_lora_wraps_a_linear4bit_and_trains_only_its_adapters():
+    from tuneforge.methods.lora import LoRALinear
+
+    _, layer = make_layer()
+    wrapped = LoRALinear(layer, adapter_name="default", r=4, alpha=8)
+    assert wrapped.lora_A["default"].weight.dtype == torch.float32  # fp32 adapters on a 4-bit base
+    x = torch.randn(3, 96)
+    assert torch.equal(wrapped(x), layer(x))  # B starts at zero
+    wrapped.lora_B["default"].weight.data.normal_()
+    wrapped(x).sum().backward()
+    assert wrapped.lora_A["default"].weight.grad is not None
+    assert [n for n, p in wrapped.named_parameters() if p.requires_grad] == [
+        "lora_A.default.weight", "lora_B.default.weight"]
+
+
+def test_quantizing_a_lora_model_leaves_the_adapters_alone():
+    from tuneforge.methods.lora import LoRALinear
+
+    model = nn.Sequential(LoRALinear(nn.Linear(64, 64), adapter_name="default", r=4, alpha=8))
+    assert quantize_model(model).modules == ["0.base_layer"]
+    assert type(model[0].lora_A["default"]) is nn.Linear
