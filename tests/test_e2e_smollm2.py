@@ -45,3 +45,14 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "missing.jsonl" in err and "Traceback" not in err
+
+
+def test_qlora_trains_smollm2_on_cpu(tmp_path):
+    run = tmp_path / "qlora"
+    rc = main(["train", "--model", "smollm2-135m", "--method", "qlora", "--data", "builtin:tasks",
+               "--output", str(run), "--max-steps", "2", "--set", "data.max_seq_len=128",
+               "--set", "train.batch_size=1", "--set", "method.lora.r=4"])
+    assert rc == 0
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

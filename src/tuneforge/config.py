@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneforge.errors import ConfigError
 
-DEFAULT_LR = {"full": 1e-5, "freeze": 2e-5, "lora": 2e-4}
+DEFAULT_LR = {"full": 1e-5, "freeze": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 
 
 class Strict(BaseModel):
@@ -60,9 +60,17 @@ class FreezeSettings(Strict):
     patterns: list[str] | None = None
 
 
+class QuantSettings(Strict):
+    """The frozen base of ``qlora``: 4-bit blocks of 64 with absmax scales (double-quantized)."""
+
+    quant_type: Literal["nf4", "fp4", "int4"] = "nf4"
+    double_quant: bool = True
+
+
 class MethodConfig(Strict):
-    name: Literal["full", "freeze", "lora"] = "lora"
+    name: Literal["full", "freeze", "lora", "qlora"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    quant: QuantSettings = Field(default_factory=QuantSettings)
     freeze: FreezeSettings = Field(default_factory=lambda: FreezeSettings(top_k_layers=2))
 
 

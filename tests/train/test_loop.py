@@ -104,3 +104,14 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, alpaca_
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(set(steps)) == len(steps) - 1  # the final line repeats the last step
+
+
+def test_qlora_trains_lora_on_a_4bit_base_and_saves_a_peft_adapter(tiny_model_dir, alpaca_file, tmp_path):
+    result = train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "method.name=qlora", "train.max_steps=6",
+                          "train.lr=1e-2"), quiet=True)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[-1] < losses[0]
+    weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert any("mlp.down_proj.lora_B" in k for k in weights)
+    assert result.trainable < result.total

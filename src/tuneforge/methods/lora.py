@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.quant.linear4bit import Linear4bit
 
 ALL_LINEAR = "all-linear"
 
@@ -45,7 +46,7 @@ def matches_target(name: str, targets: str | Iterable[str]) -> bool:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear or LoRALinear by path; the Linears inside a LoRALinear are not listed."""
+    """Every nn.Linear, Linear4bit or LoRALinear by path; the layers inside a LoRALinear are not listed."""
     found: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -54,7 +55,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, LoRALinear):
             found[name] = module
             inside.append(f"{name}.")
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, Linear4bit)):
             found[name] = module
     return found
 
@@ -292,9 +293,10 @@ def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
+    """(trainable, total) parameter counts; tied weights count once, 4-bit weights as their full shape."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def format_trainable(model: nn.Module) -> str:
@@ -399,6 +401,9 @@ class LoRALinear(nn.Module):
         self._check(name)
         if name in self.merged_adapters:
             return
+        if isinstance(self.base_layer, Linear4bit):
+            raise ModelError("cannot merge an adapter into a 4-bit base layer: load the base model in "
+                             "16/32-bit and merge there (`tuneforge adapters merge` does)")
         w = self.base_layer.weight
         with torch.no_grad():
             w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))

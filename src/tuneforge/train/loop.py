@@ -23,8 +23,8 @@ from tuneforge.data.dataset import TrainData, build_training_data
 from tuneforge.data.packing import PackedRow, block_causal_mask, collate
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.lora import count_parameters
-from tuneforge.methods.setup import prepare_model
-from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.methods.setup import load_model_for, prepare_model
+from tuneforge.models.load import load_tokenizer
 from tuneforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.train.loss import chunked_lm_loss
 from tuneforge.train.schedule import make_scheduler
@@ -139,7 +139,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
     data = data or build_training_data(config.data, tokenizer, seed=t.seed)
     report_data(data, say)
-    model = model or load_model(config.model, device=str(device), trust_remote_code=config.trust_remote_code)
+    model = model or load_model_for(config, device)
     model.to(device)
     say("[tuneforge] " + prepare_model(model, config.method))
     if t.gradient_checkpointing:
@@ -257,8 +257,8 @@ def ensure_finite(model: torch.nn.Module) -> None:
 
 
 def save_output(model: torch.nn.Module, tokenizer: Any, config: RunConfig, run_dir: Path) -> Path:
-    """LoRA → ``adapter/`` in the PEFT format; full/freeze → ``model/`` in the HF format."""
-    if config.method.name == "lora":
+    """LoRA/QLoRA → ``adapter/`` in the PEFT format; full/freeze → ``model/`` in the HF format."""
+    if config.method.name in ("lora", "qlora"):
         from tuneforge.adapters.peft_format import save_adapter
 
         return save_adapter(model, run_dir / "adapter", base_model_name_or_path=config.model)

@@ -1,0 +1,24 @@
+import torch
+
+from tuneforge.config import MethodConfig
+from tuneforge.methods.lora import LoRALinear
+from tuneforge.methods.setup import prepare_model
+from tuneforge.quant.linear4bit import Linear4bit
+
+
+def test_qlora_quantizes_every_linear_but_the_head_and_wraps_it_in_lora(tiny_model):
+    summary = prepare_model(tiny_model, MethodConfig(name="qlora"))
+    layer = tiny_model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, Linear4bit)
+    assert isinstance(tiny_model.lm_head, torch.nn.Linear)
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert "trainable params" in summary
+
+
+def test_full_and_freeze_set_what_trains(tiny_model):
+    prepare_model(tiny_model, MethodConfig(name="full"))
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    prepare_model(tiny_model, MethodConfig(name="freeze", freeze={"top_k_layers": 1}))
+    assert not tiny_model.model.layers[0].mlp.up_proj.weight.requires_grad
+    assert tiny_model.model.layers[1].mlp.up_proj.weight.requires_grad
