@@ -15,7 +15,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--model", help="model reference (sets model=)")
     p.add_argument("--data", action="append", help="training data file or builtin:tasks (repeatable)")
-    p.add_argument("--method", choices=["full", "freeze", "lora"], help="sets method.name=")
+    p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], help="sets method.name=")
     p.add_argument("--output", "-o", help="run directory (sets output_dir=)")
     p.add_argument("--max-steps", type=int, help="sets train.max_steps=")
     p.add_argument("--lr", type=float, help="sets train.lr=")
@@ -111,6 +111,17 @@ def cmd_adapters_combine(args: argparse.Namespace) -> None:
           f"relative Frobenius error {result.relative_error:.3g} (worst module {result.max_module_error:.3g})")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from tuneforge.serve import ServeOptions, serve
+
+    serve(ServeOptions(model=args.model, adapters=args.adapters, host=args.host, port=args.port,
+                       api_key=args.api_key or os.environ.get("TUNEFORGE_API_KEY"), max_batch=args.max_batch,
+                       max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                       dtype=args.dtype, device=args.device))
+
+
 def add_adapter_commands(sub) -> None:
     """`tuneforge adapters list|info|merge|combine`."""
     adapters = sub.add_parser("adapters", help="inspect, merge and combine LoRA adapters (PEFT format)")
@@ -178,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: one base model, the adapters of a directory")
+    p.add_argument("--model", required=True, help="base model reference (HF dir, .gguf, smollm2-135m)")
+    p.add_argument("--adapters", required=True, help="folder of adapter folders; add or remove them while it runs")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNEFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests run together in one generate call")
+    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_serve)
 
     add_adapter_commands(sub)
     return parser

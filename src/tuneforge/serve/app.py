@@ -1,0 +1,391 @@
+"""The HTTP layer (standard library only): routes, API key, body limits, JSON and SSE answers.
+
+``Server`` wires the parts together: an AdapterSet loaded once, the AdapterRegistry watching the
+adapters directory, the Batcher thread that owns the model, and a ThreadingHTTPServer whose
+handler threads validate requests, queue jobs and relay their events to the client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import torch
+
+from tuneforge.adapters.manager import AdapterSet
+from tuneforge.errors import ConfigError
+from tuneforge.serve.batcher import DONE, ERROR, TEXT, Batcher, Job
+from tuneforge.serve.protocol import (
+    APIError,
+    ParsedRequest,
+    bad_request,
+    chunk_body,
+    completion_body,
+    model_card,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    usage,
+    usage_chunk,
+)
+from tuneforge.serve.registry import AdapterRegistry
+
+log = logging.getLogger("tuneforge.serve")
+
+DRAIN_FACTOR = 16  # an oversized body up to 16× the limit is read and dropped, so the client sees the 413
+
+
+@dataclass
+class ServeOptions:
+    """Everything ``tuneforge serve`` takes."""
+
+    model: str
+    adapters: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_tokens_limit: int = 512
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 256  # prompts waiting for the model; beyond it new requests get 429
+    batch_wait_ms: float = 5.0
+    scan_interval_s: float = 2.0
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        checks = {"max_batch": self.max_batch >= 1, "max_tokens_limit": self.max_tokens_limit >= 1,
+                  "max_body_bytes": self.max_body_bytes >= 1024,
+                  "max_queue": self.max_queue >= 1, "port": 0 <= self.port <= 65535,
+                  "batch_wait_ms": self.batch_wait_ms >= 0, "scan_interval_s": self.scan_interval_s >= 0,
+                  "dtype": self.dtype in ("float32", "bfloat16", "float16")}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"serve option {bad[0]}={getattr(self, bad[0])!r} is out of range")
+        if not Path(self.adapters).is_dir():  # checked before the model loads, so the mistake shows at once
+            raise ConfigError(f"adapters directory {self.adapters} does not exist; create it (it may be empty) "
+                              "or pass --adapters DIR")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a burst of concurrent clients must not be refused at accept time
+    app: Server
+
+
+class Server:
+    """A running server: HTTP threads, the batcher thread and the adapter registry."""
+
+    def __init__(self, options: ServeOptions, adapter_set: AdapterSet | None = None) -> None:
+        options.validate()
+        self.options = options
+        self.adapter_set = adapter_set or AdapterSet.from_pretrained(
+            options.model, dtype=getattr(torch, options.dtype), device=options.device)
+        self.registry = AdapterRegistry(self.adapter_set, options.adapters, base_id=options.model)
+        self.registry.sync()
+        self.batcher = Batcher(self.adapter_set, options.max_batch, options.batch_wait_ms / 1000)
+        self.created = int(time.time())
+        server_class = _HTTPServer
+        if ":" in options.host:
+            server_class = type("_HTTPServer6", (_HTTPServer,), {"address_family": socket.AF_INET6})
+        try:
+            self.httpd = server_class((options.host, options.port), Handler)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {options.host}:{options.port} ({e}); pick another --port "
+                              "or stop the program using it") from e
+        self.httpd.app = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.options.host}]" if ":" in self.options.host else self.options.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> Server:
+        """Serve in background threads (tests, benchmarks); ``close`` stops everything."""
+        self.batcher.start()
+        self.registry.start(self.options.scan_interval_s)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.1,), name="tuneforge-http",
+                                        daemon=True)  # poll 0.1 s: close() returns quickly
+        self._thread.start()
+        return self
+
+    def wait(self) -> None:
+        """Block until the HTTP thread ends (Ctrl-C interrupts the wait)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join()
+        self.httpd.server_close()
+        self.registry.close()
+        if self.batcher.alive:
+            self.batcher.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def serve(options: ServeOptions) -> None:
+    """Load the base model and adapters, serve until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    server = Server(options)
+    if not is_loopback(options.host) and not options.api_key:
+        print(f"warning: serving on {options.host} without an API key; anyone who can reach it can use it "
+              "(pass --api-key or bind to 127.0.0.1)", file=sys.stderr)
+    for name, error in server.registry.errors.items():
+        print(f"warning: adapter {name} not served: {error}", file=sys.stderr)
+    print(f"serving {', '.join(server.registry.model_ids())} at {server.url}/v1 (Ctrl-C stops)", flush=True)
+    server.start()
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One HTTP connection; the OpenAI routes."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    server_version = "tuneforge"
+    timeout = 60  # seconds a client may stall while sending: slow clients do not pin threads forever
+    server: _HTTPServer
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def log_message(self, format: str, *args) -> None:
+        log.info("%s %s", self.address_string(), format % args)
+
+    @property
+    def app(self) -> Server:
+        return self.server.app
+
+    def _handle(self, method: str) -> None:
+        has_body = self.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in self.headers
+        self._body_read, self._streaming = not has_body, False
+        try:
+            path = urlsplit(self.path).path.rstrip("/")
+            if path == "/health":
+                self._json(200, {"status": "ok"})
+                return
+            self._authorize()
+            self._route(method, path)
+        except APIError as e:
+            self._json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:
+            log.exception("request failed")
+            if self._streaming:  # headers are sent: all that is left is to hang up
+                self.close_connection = True
+                return
+            self._json(500, APIError(500, f"internal error: {e}", "server_error").body(), close=True)
+
+    def _route(self, method: str, path: str) -> None:
+        routes = {"/v1/models": self._models, "/v1/chat/completions": lambda: self._complete(chat=True),
+                  "/v1/completions": lambda: self._complete(chat=False)}
+        want = "GET" if path.startswith("/v1/models") else "POST"
+        if path not in routes and not path.startswith("/v1/models/"):
+            raise APIError(404, f"no route {method} {path}; this server has GET /v1/models, "
+                                "POST /v1/chat/completions and POST /v1/completions", code="not_found")
+        if method != want:
+            raise APIError(405, f"use {want} for {path}", code="method_not_allowed")
+        if path in routes:
+            routes[path]()
+        else:
+            self._model(unquote(path[len("/v1/models/"):]))
+
+    def _authorize(self) -> None:
+        key = self.app.options.api_key
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
+            raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(411, "send a Content-Length header") from None
+        limit = self.app.options.max_body_bytes
+        if n < 0:
+            raise bad_request("Content-Length is negative")
+        if n > limit:
+            if n <= DRAIN_FACTOR * limit:
+                self._drain(n)
+            raise APIError(413, f"the request body has {n} bytes; this server accepts at most {limit}",
+                           code="request_too_large")
+        body = self.rfile.read(n)
+        self._body_read = True
+        return body
+
+    def _drain(self, n: int) -> None:
+        while n > 0:
+            chunk = self.rfile.read(min(n, 1 << 16))
+            if not chunk:
+                return
+            n -= len(chunk)
+
+    def _json(self, status: int, obj: dict, close: bool = False) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        if close or not self._body_read:  # an unread body would otherwise be parsed as the next request
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _models(self) -> None:
+        reg = self.app.registry
+        reg.sync()  # a GET /v1/models shows what is in the directory now
+        cards = [model_card(reg.base_id, None, self.app.created)]
+        cards += [model_card(name, reg.base_id, self.app.created) for name in reg.adapters]
+        self._json(200, {"object": "list", "data": cards})
+
+    def _model(self, model_id: str) -> None:
+        adapter = self.app.registry.lookup(model_id)
+        self._json(200, model_card(model_id, None if adapter is None else self.app.registry.base_id,
+                                   self.app.created))
+
+    def _complete(self, chat: bool) -> None:
+        limit = self.app.options.max_tokens_limit
+        body = parse_json(self._read_body())
+        req = parse_chat(body, limit) if chat else parse_completion(body, limit)
+        adapter = self.app.registry.lookup(req.model)
+        ids = [self._encode(p, req.sampling.max_tokens) for p in req.prompts]
+        sink: queue.Queue = queue.Queue()
+        jobs = [Job(x, adapter, req.sampling, i, sink) for i, x in enumerate(ids)]
+        if self.app.batcher.pending + len(jobs) > self.app.options.max_queue:
+            raise APIError(429, f"the server is busy ({self.app.batcher.pending} prompts queued); retry shortly",
+                           "server_error", code="server_busy")
+        self.app.batcher.submit(jobs)
+        try:
+            events = self._events(jobs)
+            first = next(events)  # errors found before any token still get a proper HTTP status
+            if req.stream:
+                self._stream(req, first, events, sum(map(len, ids)))
+            else:
+                self._answer(req, first, events, sum(map(len, ids)))
+        finally:
+            for job in jobs:  # the batcher drops rows nobody waits for any more
+                job.cancelled.set()
+
+    def _encode(self, prompt, max_tokens: int) -> list[int]:
+        try:
+            ids = self.app.batcher.encode(prompt)
+        except Exception as e:  # a chat template may reject a conversation (e.g. roles out of order)
+            raise bad_request(f"cannot encode the prompt: {e}") from e
+        if not ids:
+            raise bad_request("the prompt is empty", "prompt")
+        context = self.app.batcher.context
+        if context and len(ids) + max_tokens > context:
+            raise bad_request(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds "
+                              f"the model's context of {context} tokens", "max_tokens")
+        return ids
+
+    def _events(self, jobs: list[Job]):
+        """(index, kind, payload) events until every job is done; an error event raises."""
+        open_jobs = len(jobs)
+        while open_jobs:
+            try:
+                event = jobs[0].sink.get(timeout=1.0)
+            except queue.Empty:
+                if not self.app.batcher.alive:
+                    raise APIError(503, "the server is shutting down", "server_error") from None
+                continue
+            if event[1] == ERROR:
+                raise event[2]
+            open_jobs -= event[1] == DONE
+            yield event
+
+    def _answer(self, req: ParsedRequest, first, events, prompt_tokens: int) -> None:
+        n = len(req.prompts)
+        texts, finishes, completion = [""] * n, [""] * n, 0
+        for index, kind, payload in [first, *events]:
+            if kind == TEXT:
+                texts[index] += payload
+            elif kind == DONE:
+                finishes[index], count = payload
+                completion += count
+        self._json(200, completion_body(req, new_id(req.chat), texts, finishes, usage(prompt_tokens, completion)))
+
+    def _stream(self, req: ParsedRequest, first, events, prompt_tokens: int) -> None:
+        rid, completion = new_id(req.chat), 0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._streaming = True
+        if req.chat:
+            self._sse(chunk_body(req, rid, 0, None, first=True))
+        try:
+            for index, kind, payload in _chain(first, events):
+                if kind == TEXT:
+                    self._sse(chunk_body(req, rid, index, payload))
+                elif kind == DONE:
+                    finish, count = payload
+                    completion += count
+                    self._sse(chunk_body(req, rid, index, None, finish))
+        except APIError as e:  # the status line is gone: report in-band, as OpenAI does
+            self._sse(e.body())
+        if req.include_usage:
+            self._sse(usage_chunk(req, rid, usage(prompt_tokens, completion)))
+        self._write_chunk(b"data: [DONE]\n\n")
+        self._write_chunk(b"")
+
+    def _sse(self, obj: dict) -> None:
+        self._write_chunk(f"data: {json.dumps(obj)}\n\n".encode())
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):X}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

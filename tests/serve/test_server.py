@@ -1,0 +1,299 @@
+"""A real server on loopback, a tiny random model, two adapters, talked to with the official openai client."""
+
+import copy
+import http.client
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from tuneforge.adapters.manager import AdapterSet
+from tuneforge.adapters.peft_format import save_adapter
+from tuneforge.data.conversation import Message
+from tuneforge.methods.lora import apply_lora, lora_layers
+from tuneforge.serve import ServeOptions, Server
+from tuneforge.serve.batcher import Batcher, Job
+from tuneforge.serve.protocol import Sampling
+
+openai = pytest.importorskip("openai")
+
+CHATS = [[{"role": "user", "content": "Upper-case the word: apple"}],
+         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}],
+         [{"role": "user", "content": "Translate to JSON: name Alice"}]]
+PROMPTS = ["Hello world.", "The quick brown fox jumps", "Classify the sentiment: I love it"]
+N = 8  # max_tokens everywhere: short, so the file runs in seconds
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more threads
+    yield
+    torch.set_num_threads(before)
+
+
+def make_adapter(base, out, targets, r: int, seed: int):
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    apply_lora(model, r=r, alpha=2 * r, target_modules=targets)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(0, 0.5)  # nonzero B: the adapter changes the output
+    return save_adapter(model, out)
+
+
+@pytest.fixture
+def adapters_dir(tmp_path, tiny_model):
+    root = tmp_path / "adapters"
+    make_adapter(tiny_model, root / "alpha", ["q_proj", "v_proj"], 4, seed=1)
+    make_adapter(tiny_model, root / "beta", "all-linear", 2, seed=2)
+    return root
+
+
+@pytest.fixture
+def gamma(tmp_path, tiny_model):
+    """A third adapter, outside the served directory."""
+    return make_adapter(tiny_model, tmp_path / "elsewhere" / "gamma", ["up_proj", "o_proj"], 8, seed=3)
+
+
+@pytest.fixture
+def reference(tiny_model, tiny_tokenizer, adapters_dir, gamma):
+    """Greedy outputs computed directly with the library: reference(model_name, prompt) -> text."""
+    aset = AdapterSet(copy.deepcopy(tiny_model), tiny_tokenizer)
+    for name in ("alpha", "beta"):
+        aset.load(name, adapters_dir / name)
+    aset.load("gamma", gamma)
+
+    def run(name, prompt, max_tokens=N):
+        aset.activate({} if name == "base" else name)
+        if isinstance(prompt, list):
+            prompt = [Message(m["role"], m["content"]) for m in prompt]
+        return aset.generate([prompt], max_new_tokens=max_tokens)[0]
+
+    return run
+
+
+def start(model_dir, adapters_dir, **options) -> Server:
+    # scan_interval_s=0: no background rescans, so hot add/remove are seen through request-time rescans only
+    return Server(ServeOptions(model=str(model_dir), adapters=str(adapters_dir), port=0, scan_interval_s=0,
+                               **options)).start()
+
+
+@pytest.fixture
+def server(tiny_model_dir, adapters_dir):
+    s = start(tiny_model_dir, adapters_dir, max_tokens_limit=64, max_body_bytes=4096)
+    yield s
+    s.close()
+
+
+def client_for(server: Server, api_key: str = "unused"):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def client(server):
+    return client_for(server)
+
+
+def names(server: Server) -> dict[str, str]:
+    return {"base": server.options.model, "alpha": "alpha", "beta": "beta"}
+
+
+def raw_post(server: Server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_models_lists_base_and_adapters(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [server.options.model, "alpha", "beta"]
+    assert client.models.retrieve("alpha").id == "alpha"
+
+
+def test_chat_equals_each_adapters_greedy_output(server, client, reference):
+    outputs = {}
+    for key, model in names(server).items():
+        r = client.chat.completions.create(model=model, messages=CHATS[0], max_tokens=N, temperature=0)
+        text = r.choices[0].message.content
+        assert text.strip() == reference(key, CHATS[0])
+        assert r.model == model and r.choices[0].finish_reason in ("stop", "length")
+        assert 1 <= r.usage.completion_tokens <= N
+        assert r.usage.prompt_tokens == len(server.batcher.encode([Message(**m) for m in CHATS[0]]))
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        outputs[key] = text
+    assert len(set(outputs.values())) == 3  # the adapters really differ, so the equality above can fail
+
+
+def test_streaming_reassembles_to_the_same_text(client):
+    # (alpha, CHATS[1]) answers with bytes that are not valid UTF-8: they are held back to the end.
+    for model, chat in (("alpha", CHATS[0]), ("beta", CHATS[1]), ("alpha", CHATS[1])):
+        plain = client.chat.completions.create(model=model, messages=chat, max_tokens=N, temperature=0)
+        chunks = list(client.chat.completions.create(model=model, messages=chat, max_tokens=N, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == plain.choices[0].message.content
+        if chat is CHATS[0]:  # whole-character tokens arrive one chunk per token
+            assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == plain.usage.completion_tokens
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_endpoint_plain_and_streamed(server, client, reference):
+    r = client.completions.create(model="beta", prompt=PROMPTS, max_tokens=N, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text.strip() for c in r.choices] == [reference("beta", p) for p in PROMPTS]
+    streamed = {}
+    for chunk in client.completions.create(model="beta", prompt=PROMPTS, max_tokens=N, temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == [c.text for c in r.choices]
+    base = client.completions.create(model=server.options.model, prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert base.choices[0].text.strip() == reference("base", PROMPTS[0])
+
+
+def test_stop_strings_and_seeded_sampling(client):
+    full = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=N, temperature=0).choices[0]
+    stop = full.text.strip()[2:4]
+    assert len(stop) == 2
+    cut = client.completions.create(model="alpha", prompt=PROMPTS[1], max_tokens=N, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full.text[:full.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=N, temperature=0.9,
+                                         seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the same seed alone in its batch: the same sample
+
+
+def test_concurrent_requests_mixing_adapters(server, client, reference):
+    cases = [(key, CHATS[i % len(CHATS)]) for i in range(4) for key in names(server)]
+
+    def ask(case):
+        key, chat = case
+        r = client.chat.completions.create(model=names(server)[key], messages=chat, max_tokens=N, temperature=0)
+        return r.choices[0].message.content.strip()
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(ask, cases))
+    assert got == [reference(key, chat) for key, chat in cases]
+
+
+def test_one_batch_runs_rows_of_different_adapters(server, reference):
+    # A batcher that is not started yet: every job is queued before the first batch is collected.
+    batcher = Batcher(server.adapter_set, max_batch=8)
+    prompts = [[Message(**m) for m in chat] for chat in CHATS]
+    rows = [(None, prompts[0]), ("alpha", prompts[1]), ("beta", prompts[2]), ("alpha", prompts[0])]
+    jobs = [Job(batcher.encode(p), adapter, Sampling(max_tokens=N)) for adapter, p in rows]
+    batcher.submit(jobs)
+    batcher.start()
+    try:
+        texts = []
+        for job in jobs:
+            text, kind = "", None
+            while kind != "done":
+                _, kind, payload = job.sink.get(timeout=60)
+                assert kind != "error", payload
+                text += payload if kind == "text" else ""
+            texts.append(text.strip())
+    finally:
+        batcher.close()
+    assert (batcher.stats.batches, batcher.stats.max_rows, batcher.stats.mixed) == (1, 4, 1)
+    assert texts == [reference(a or "base", CHATS[[0, 1, 2, 0][i]]) for i, (a, _) in enumerate(rows)]
+
+
+def test_unknown_model_is_404_listing_the_models(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=CHATS[0], max_tokens=N)
+    assert "nope" in str(e.value) and all(m in str(e.value) for m in names(server).values())
+
+
+def test_bad_requests_are_400(server, client):
+    for bad in (0, 65, -1):  # the server's limit is 64
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=bad)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}], max_tokens=N)
+    status, body = raw_post(server, "/v1/chat/completions", b'{"model": "alpha", "messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = raw_post(server, "/v1/completions", b"[1, 2]")
+    assert status == 400 and "JSON object" in body["error"]["message"]
+
+
+def test_oversized_body_is_413(server):
+    body = json.dumps({"model": "alpha", "prompt": "x" * 5000, "max_tokens": 1}).encode()  # limit: 4096 bytes
+    status, answer = raw_post(server, "/v1/completions", body)
+    assert status == 413 and "4096" in answer["error"]["message"]
+
+
+def test_path_traversal_is_refused(server, client, gamma, adapters_dir):
+    for name in ("../elsewhere/gamma", "..", "a/b", "..\\gamma", ".hidden"):
+        with pytest.raises(openai.BadRequestError, match="invalid model name"):
+            client.completions.create(model=name, prompt="hi", max_tokens=N)
+    # A link inside the directory that points outside is not served either.
+    (adapters_dir / "linked").symlink_to(gamma, target_is_directory=True)
+    with pytest.raises(openai.NotFoundError, match="outside the adapters directory"):
+        client.completions.create(model="linked", prompt="hi", max_tokens=N)
+    assert "linked" not in [m.id for m in client.models.list().data]
+
+
+def test_hot_add_then_remove(server, client, reference, gamma, adapters_dir):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gamma", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    shutil.copytree(gamma, adapters_dir / "gamma")
+    r = client.completions.create(model="gamma", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert r.choices[0].text.strip() == reference("gamma", PROMPTS[0])
+    assert "gamma" in [m.id for m in client.models.list().data]
+    shutil.rmtree(adapters_dir / "alpha")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert [m.id for m in client.models.list().data] == [server.options.model, "beta", "gamma"]
+    assert "alpha" not in server.adapter_set.names  # unloaded, not just hidden
+    shutil.rmtree(adapters_dir / "beta")  # replaced in place: the next request reloads it
+    shutil.copytree(gamma, adapters_dir / "beta")
+    r = client.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    assert r.choices[0].text.strip() == reference("gamma", PROMPTS[0]) != reference("beta", PROMPTS[0])
+
+
+def test_background_rescan_unloads_removed_adapters(tiny_model_dir, adapters_dir):
+    with start(tiny_model_dir, adapters_dir) as s:
+        s.registry.start(0.05)
+        shutil.rmtree(adapters_dir / "alpha")
+        for _ in range(600):  # no request is made: only the background scan can notice
+            if "alpha" not in s.adapter_set.names:
+                break
+            time.sleep(0.05)
+        assert s.adapter_set.names == ["beta"]
+
+
+def test_client_leaving_a_stream_early_does_not_hurt(client, reference):
+    stream = client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=N, temperature=0,
+                                            stream=True)
+    next(iter(stream))
+    stream.close()
+    r = client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=N, temperature=0)
+    assert r.choices[0].message.content.strip() == reference("alpha", CHATS[0])
+
+
+def test_api_key_required_when_set(tiny_model_dir, adapters_dir):
+    with start(tiny_model_dir, adapters_dir, api_key="s3cret") as s:
+        with pytest.raises(openai.AuthenticationError):
+            client_for(s, "wrong").models.list()
+        status, _ = raw_post(s, "/v1/completions", b'{"model": "alpha", "prompt": "hi"}')
+        assert status == 401
+        assert [m.id for m in client_for(s, "s3cret").models.list().data][1:] == ["alpha", "beta"]
+
+
+def test_cli_serve_arguments():
+    from tuneforge.cli import build_parser, cmd_serve
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--adapters", "d"])
+    assert args.func is cmd_serve
+    assert (args.host, args.port, args.max_batch, args.max_tokens_limit, args.api_key) == (
+        "127.0.0.1", 8000, 8, 512, None)
