@@ -26,6 +26,7 @@ class DatasetSpec(Strict):
     weight: float = Field(1.0, gt=0)
     max_examples: int | None = Field(None, gt=0)
     task: str | None = None
+    tasks: list[str] | None = Field(None, description="keep only these tasks (names or globs)")
 
 
 class DataConfig(Strict):

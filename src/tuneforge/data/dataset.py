@@ -33,14 +33,19 @@ class TrainData:
 
 
 def read_spec(spec: DatasetSpec, skip_bad: bool, seed: int) -> tuple[list[Example], list[tuple[str, str]]]:
-    """Examples of one dataset spec (a file or ``builtin:tasks``) and the records skipped."""
+    """Examples of one dataset spec (a file or ``builtin:tasks``), filtered to ``spec.tasks``, and the
+    records skipped."""
     if spec.path == BUILTIN_TASKS:
         from tuneforge.data.builtin_tasks import builtin_tasks
 
-        return builtin_tasks(seed=seed).train, []
-    result = load_examples(spec.path, format=spec.format, fields=spec.fields, skip_bad=skip_bad,
-                           task=spec.task)
-    return result.examples, list(result.skipped)
+        examples, skipped = builtin_tasks(seed=seed).train, []
+    else:
+        result = load_examples(spec.path, format=spec.format, fields=spec.fields, skip_bad=skip_bad,
+                               task=spec.task)
+        examples, skipped = result.examples, list(result.skipped)
+    if spec.tasks:
+        _, examples = hold_out_tasks(examples, spec.tasks, key=f"data.train ({spec.path}).tasks")
+    return examples, skipped
 
 
 def encode_all(examples: list[Example], tokenizer, cfg: DataConfig,

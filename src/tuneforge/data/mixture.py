@@ -92,15 +92,17 @@ def split_validation(examples: list[Example], fraction: float | int,
     return train, val
 
 
-def hold_out_tasks(examples: list[Example], tasks: list[str]) -> tuple[list[Example], list[Example]]:
+def hold_out_tasks(examples: list[Example], tasks: list[str],
+                   key: str = "data.holdout_tasks") -> tuple[list[Example], list[Example]]:
     """Split off every example whose task matches a name or glob pattern (``ag_news*``) in ``tasks``.
 
-    Held-out tasks measure generalization to unseen tasks; a name matching no task is an error.
+    Held-out tasks measure generalization to unseen tasks; a name matching no task is an error
+    naming the config ``key``.
     """
     present = sorted({ex.task for ex in examples if ex.task is not None})
     missing = [t for t in tasks if not any(fnmatchcase(p, t) for p in present)]
     if missing:
-        raise ConfigError(f"data.holdout_tasks: no example has task {missing}; tasks present: {present}.")
+        raise ConfigError(f"{key}: no example has task {missing}; tasks present: {present}.")
     kept, held = [], []
     for ex in examples:
         is_held = ex.task is not None and any(fnmatchcase(ex.task, t) for t in tasks)
