@@ -22,7 +22,7 @@ from tuneforge.models.resolve import resolve_model
 from tuneforge.train.loop import TrainResult, train
 
 DEMO_MODEL = "smollm2-135m"
-DEMO_TRAIN = {"lr": 1e-3, "max_steps": 120, "batch_size": 4, "warmup_steps": 10, "log_every": 1, "seed": 0}
+DEMO_TRAIN = {"lr": 5e-4, "max_steps": 120, "batch_size": 2, "warmup_steps": 10, "eval_every": 30, "seed": 0}
 N_TEST_PER_TASK = 5
 
 
