@@ -8,22 +8,15 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from lora_helpers import make_adapter
 from tuneforge.adapters.combine import combine_adapters, fro_norm
-from tuneforge.adapters.peft_format import load_adapter, save_adapter
+from tuneforge.adapters.peft_format import load_adapter
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import apply_lora, lora_layers
+from tuneforge.methods.lora import lora_layers
 
 WEIGHTS = [0.7, -0.3]
 
 
-def make_adapter(base: nn.Module, out, targets, r: int, seed: int, rslora: bool = False):
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    apply_lora(model, r=r, alpha=3 * r, target_modules=targets, use_rslora=rslora)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.2)
-    return save_adapter(model, out)
 
 
 def deltas(base: nn.Module, adapter_dir) -> dict[str, torch.Tensor]:
@@ -43,14 +36,14 @@ def weighted_sum(base, dirs, weights) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def mixed(tiny_model, tmp_path):
     """Two adapters with different ranks, targets (overlapping) and scaling rules."""
-    return [make_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 1),
-            make_adapter(tiny_model, tmp_path / "b", ["v_proj", "down_proj"], 2, 2, rslora=True)]
+    return [make_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 1, alpha_per_r=3),
+            make_adapter(tiny_model, tmp_path / "b", ["v_proj", "down_proj"], 2, 2, rslora=True, alpha_per_r=3)]
 
 
 @pytest.fixture
 def same(tiny_model, tmp_path):
-    return [make_adapter(tiny_model, tmp_path / "c", ["q_proj", "o_proj"], 4, 3),
-            make_adapter(tiny_model, tmp_path / "d", ["q_proj", "o_proj"], 4, 4)]
+    return [make_adapter(tiny_model, tmp_path / "c", ["q_proj", "o_proj"], 4, 3, alpha_per_r=3),
+            make_adapter(tiny_model, tmp_path / "d", ["q_proj", "o_proj"], 4, 4, alpha_per_r=3)]
 
 
 def test_cat_is_exact_with_different_ranks_and_targets(tiny_model, mixed, tmp_path):
@@ -121,7 +114,7 @@ def test_errors(tiny_model, mixed, same, tmp_path):
         combine_adapters(mixed, WEIGHTS, tmp_path / "x", method="ties")
     config = copy.deepcopy(tiny_model.config)
     config.hidden_size, config.intermediate_size = 32, 48
-    other = make_adapter(LlamaForCausalLM(config), tmp_path / "other", ["q_proj"], 4, 5)
+    other = make_adapter(LlamaForCausalLM(config), tmp_path / "other", ["q_proj"], 4, 5, alpha_per_r=3)
     with pytest.raises(ModelError, match="different base models: module model.layers.0.self_attn.q_proj"):
         combine_adapters([same[0], other], None, tmp_path / "x")
     with pytest.raises(ModelError, match="does not exist"):

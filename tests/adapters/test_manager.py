@@ -7,21 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from lora_helpers import make_adapter
 from tuneforge.adapters.manager import AdapterSet, adapter_info, normalize_spec, scan_adapters
-from tuneforge.adapters.peft_format import load_adapter, save_adapter
+from tuneforge.adapters.peft_format import load_adapter
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import apply_lora, lora_layers
-
-
-def make_adapter(base: nn.Module, out, targets, r: int, seed: int):
-    """Save an adapter of a copy of ``base`` with random non-zero B; return the path."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    apply_lora(model, r=r, alpha=2 * r, target_modules=targets)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.2)
-    return save_adapter(model, out, base_model_name_or_path="tiny")
+from tuneforge.methods.lora import lora_layers
 
 
 def logits(model: nn.Module) -> torch.Tensor:
@@ -39,8 +29,8 @@ def alone(base: nn.Module, adapter_dir) -> torch.Tensor:
 @pytest.fixture
 def dirs(tiny_model, tmp_path):
     return {
-        "a": make_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 1),
-        "b": make_adapter(tiny_model, tmp_path / "b", "all-linear", 2, 2),
+        "a": make_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 1, base_name="tiny"),
+        "b": make_adapter(tiny_model, tmp_path / "b", "all-linear", 2, 2, base_name="tiny"),
     }
 
 

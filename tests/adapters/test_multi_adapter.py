@@ -4,26 +4,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
+from lora_helpers import make_adapter
 from tuneforge.adapters.manager import AdapterSet, generate_multi
-from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.errors import ModelError
-from tuneforge.methods.lora import apply_lora, lora_layers, row_adapters
+from tuneforge.methods.lora import lora_layers, row_adapters
 
 PROMPTS = ["Hello world.", "The quick brown fox jumps", "apple ->", "What is 2 + 3? The answer",
            "Classify the sentiment: I love it", "0123"]
 ROWS = ["a", None, "b", "c", "a", "b"]
 
 
-def make_adapter(base: nn.Module, out, targets, r: int, seed: int):
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    apply_lora(model, r=r, alpha=2 * r, target_modules=targets)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.5)
-    return save_adapter(model, out)
 
 
 @pytest.fixture
@@ -31,7 +22,7 @@ def aset(tiny_model, tiny_tokenizer, tmp_path):
     s = AdapterSet(copy.deepcopy(tiny_model), tiny_tokenizer)
     specs = {"a": (["q_proj", "v_proj"], 4), "b": ("all-linear", 2), "c": (["up_proj", "down_proj", "o_proj"], 8)}
     for i, (name, (targets, r)) in enumerate(specs.items()):
-        s.load(name, make_adapter(tiny_model, tmp_path / name, targets, r, seed=i + 1))
+        s.load(name, make_adapter(tiny_model, tmp_path / name, targets, r, seed=i + 1, std=0.5))
     return s
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from lora_helpers import randomize_b
 from tuneforge.adapters.peft_format import load_adapter, read_adapter_config, save_adapter
 from tuneforge.errors import ModelError
 from tuneforge.methods.lora import add_lora, apply_lora, lora_layers
@@ -17,12 +18,6 @@ from tuneforge.methods.lora import add_lora, apply_lora, lora_layers
 peft = pytest.importorskip("peft")
 
 
-def randomize_b(model: nn.Module, adapter: str = "default", seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model, adapter).values():
-            w = layer.lora_B[adapter].weight
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
 
 
 def logits(model: nn.Module, vocab: int = 400) -> torch.Tensor:

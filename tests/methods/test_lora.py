@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lora_helpers import randomize_b
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods.lora import (
     LoRALinear,
@@ -26,12 +27,6 @@ from tuneforge.methods.lora import (
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def randomize_b(model: nn.Module, adapter: str = "default", seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model, adapter).values():
-            w = layer.lora_B[adapter].weight
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
 
 
 def logits(model: nn.Module, vocab: int) -> torch.Tensor:

@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from lora_helpers import make_adapter
 from tuneforge.adapters.manager import AdapterSet
-from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.data.conversation import Message
-from tuneforge.methods.lora import apply_lora, lora_layers
 from tuneforge.serve import ServeOptions, Server
 from tuneforge.serve.batcher import Batcher, Job
 from tuneforge.serve.protocol import Sampling
@@ -35,28 +34,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_adapter(base, out, targets, r: int, seed: int):
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)
-    apply_lora(model, r=r, alpha=2 * r, target_modules=targets)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["default"].weight.normal_(0, 0.5)  # nonzero B: the adapter changes the output
-    return save_adapter(model, out)
 
 
 @pytest.fixture
 def adapters_dir(tmp_path, tiny_model):
     root = tmp_path / "adapters"
-    make_adapter(tiny_model, root / "alpha", ["q_proj", "v_proj"], 4, seed=1)
-    make_adapter(tiny_model, root / "beta", "all-linear", 2, seed=2)
+    make_adapter(tiny_model, root / "alpha", ["q_proj", "v_proj"], 4, seed=1, std=0.5)
+    make_adapter(tiny_model, root / "beta", "all-linear", 2, seed=2, std=0.5)
     return root
 
 
 @pytest.fixture
 def gamma(tmp_path, tiny_model):
     """A third adapter, outside the served directory."""
-    return make_adapter(tiny_model, tmp_path / "elsewhere" / "gamma", ["up_proj", "o_proj"], 8, seed=3)
+    return make_adapter(tiny_model, tmp_path / "elsewhere" / "gamma", ["up_proj", "o_proj"], 8, seed=3, std=0.5)
 
 
 @pytest.fixture
