@@ -29,8 +29,8 @@ CHECKS = {
     "even_odd": lambda f: ["even", "odd"][f["n"] % 2],
     "km_to_m": lambda f: str(f["n"] * 1000),
     "kg_to_g": lambda f: str(f["n"] * 1000),
-    "hours_to_minutes": lambda f: str(f["n"] * 60),
-    "minutes_to_seconds": lambda f: str(f["n"] * 60),
+    "m_to_cm": lambda f: str(f["n"] * 100),
+    "liters_to_ml": lambda f: str(f["n"] * 1000),
 }
 
 

@@ -19,6 +19,12 @@ def test_render_chat_adds_generation_prompt_and_system(tiny_tokenizer):
     assert "Sys." not in render_chat(tiny_tokenizer, CHATS[2], system_prompt="Sys.")
 
 
+def test_tokenizer_without_template_falls_back_to_chatml(tiny_tokenizer):
+    expected = render_chat(tiny_tokenizer, CHATS[0])  # the fixture's template is ChatML
+    tiny_tokenizer.chat_template = None
+    assert render_chat(tiny_tokenizer, CHATS[0]) == expected
+
+
 def test_plain_strings_are_not_templated(tiny_tokenizer):
     ids = encode_prompts(tiny_tokenizer, ["Hello world"])[0]
     assert tiny_tokenizer.decode(ids) == "Hello world"

@@ -88,17 +88,17 @@ def make_last_word(rng):
 
 
 def make_count_words(rng):
-    s = sentence(rng, 2, 8)
+    s = sentence(rng, 2, 5)
     return {"sentence": s}, str(len(s.split()))
 
 
 def make_repeat_word(rng):
-    w, n = rng.choice(WORDS), rng.randint(2, 4)
+    w, n = rng.choice(WORDS), rng.randint(2, 3)
     return {"word": w, "n": n}, " ".join([w] * n)
 
 
 def make_sort_words(rng):
-    words = rng.sample(WORDS, 3)
+    words = rng.sample(WORDS, 2)
     return {"words": ", ".join(words)}, ", ".join(sorted(words))
 
 
@@ -108,12 +108,13 @@ def make_join_hyphen(rng):
 
 
 def make_add(rng):
-    a, b = rng.randint(1, 50), rng.randint(1, 50)
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
     return {"a": a, "b": b}, str(a + b)
 
 
 def make_sub(rng):
-    a, b = rng.randint(10, 60), rng.randint(1, 9)
+    a = rng.randint(2, 20)
+    b = rng.randint(1, min(a - 1, 9))
     return {"a": a, "b": b}, str(a - b)
 
 
@@ -147,14 +148,14 @@ def make_kg_to_g(rng):
     return {"n": n}, str(n * 1000)
 
 
-def make_hours_to_minutes(rng):
-    n = rng.randint(1, 60)
-    return {"n": n, "unit": rng.choice(("hours", "hrs"))}, str(n * 60)
+def make_m_to_cm(rng):
+    n = rng.randint(1, 99)
+    return {"n": n, "unit": rng.choice(("m", "meters"))}, str(n * 100)
 
 
-def make_minutes_to_seconds(rng):
-    n = rng.randint(1, 60)
-    return {"n": n, "unit": rng.choice(("minutes", "mins"))}, str(n * 60)
+def make_liters_to_ml(rng):
+    n = rng.randint(1, 99)
+    return {"n": n, "unit": rng.choice(("L", "liters"))}, str(n * 1000)
 
 
 def make_extract_email(rng):
@@ -260,12 +261,10 @@ SPECS: dict[str, tuple[Callable, tuple[str, ...]]] = {
                                "{n} km is how many meters?")),
     "kg_to_g": (make_kg_to_g, ("How many grams are in {n} kg?", "Convert {n} kilograms to grams.",
                                "{n} kg is how many grams?")),
-    "hours_to_minutes": (make_hours_to_minutes, ("How many minutes are in {n} {unit}?",
-                                                 "Convert {n} {unit} to minutes.",
-                                                 "{n} {unit} is how many minutes?")),
-    "minutes_to_seconds": (make_minutes_to_seconds, ("How many seconds are in {n} {unit}?",
-                                                     "Convert {n} {unit} to seconds.",
-                                                     "{n} {unit} is how many seconds?")),
+    "m_to_cm": (make_m_to_cm, ("How many centimeters are in {n} {unit}?", "Convert {n} {unit} to centimeters.",
+                               "{n} {unit} is how many cm?")),
+    "liters_to_ml": (make_liters_to_ml, ("How many milliliters are in {n} {unit}?",
+                                         "Convert {n} {unit} to milliliters.", "{n} {unit} is how many ml?")),
     "extract_email": (make_extract_email, ("Extract the email address: {text}",
                                            "What email address appears in this text? {text}",
                                            "Find the email in: {text}")),
@@ -286,7 +285,7 @@ SPECS: dict[str, tuple[Callable, tuple[str, ...]]] = {
                                                "Answer {labels}: {item}")),
 }
 TASKS: dict[str, Task] = {name: Task(name, phr, make) for name, (make, phr) in SPECS.items()}
-HELD_OUT_TASKS: tuple[str, ...] = ("last_letter", "smaller", "minutes_to_seconds", "capitalize")
+HELD_OUT_TASKS: tuple[str, ...] = ("capitalize", "last_letter", "smaller", "liters_to_ml")
 
 
 @dataclass

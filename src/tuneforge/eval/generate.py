@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.conversation import Message
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+from tuneforge.data.template import CHATML_TEMPLATE, EOT_MARKERS
 
 
 def chat_template(tokenizer) -> str:
     """The tokenizer's chat template, or ChatML when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    from tuneforge.data.template import CHATML_TEMPLATE
-
-    return CHATML_TEMPLATE
+    return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
 
 
 def render_chat(tokenizer, messages: list[Message], system_prompt: str | None = None) -> str:
@@ -44,7 +39,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     """End-of-turn and end-of-sequence ids known to the tokenizer (and the model's config)."""
     ids = [tokenizer.eos_token_id]
     vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    ids += [vocab[t] for t in EOT_MARKERS if t in vocab]
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
     return sorted({i for i in ids if i is not None})
