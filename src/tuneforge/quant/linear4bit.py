@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
+from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
 
 
 def quantize_model(
@@ -87,13 +88,14 @@ class _Linear4bitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.q = q
-        return F.linear(x, dequantize_4bit(q, x.dtype), bias)
+        # On CUDA a single Triton kernel (same values as dequantize_4bit), else the reference.
+        return F.linear(x, dequantize_fast(q, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_4bit(ctx.q, grad_out.dtype)
+            grad_x = grad_out @ dequantize_fast(ctx.q, grad_out.dtype)
         if ctx.needs_input_grad[2]:  # only if the user unfroze the bias
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias

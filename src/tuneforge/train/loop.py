@@ -131,6 +131,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
     device = resolve_device(t.device)
+    if model is None and device.type == "cuda":  # refuse early, with the predicted split and advice
+        from tuneforge.train.plan import check_memory
+
+        check_memory(config, device)
     amp = autocast_dtype(config, device)
     run_dir = prepare_run_dir(config, resume, overwrite)
     save_config(config, run_dir / "config.yaml")

@@ -1,0 +1,569 @@
+"""Predict a run's peak GPU memory before loading anything, and say what to change if it won't fit.
+
+peak = weights + gradients + optimizer state + activations + overhead, each term following what
+tuneforge's own loop does rather than a rule of thumb:
+
+- weights: ``full``/``freeze``/``lora`` load the base in ``weight_dtype`` (fp32, as ``load_model``
+  does); ``qlora`` stores every decoder Linear in NF4 (half a byte per value plus 8-bit block
+  scales) and keeps embeddings, norms and the head in the compute dtype. LoRA A/B are fp32.
+- gradients and AdamW state: one and two fp32 copies of what trains.
+- activations: the tensors autograd saves in a Llama-style decoder layer under bf16 autocast,
+  counted tensor by tensor (norms upcast to fp32, attention saves q/k/v/out, the SwiGLU MLP saves
+  four intermediate tensors, LoRA saves its input, a 4-bit Linear saves nothing). With gradient
+  checkpointing only each layer's input is kept, plus one layer recomputed during backward. The
+  loss is the chunked one: only one chunk of fp32 logits ever exists.
+- overhead: CUDA context, library workspaces and allocator slack; a fixed term.
+
+The peak is the largest of the step's phases (end of forward, loss backward, the first layer's
+backward, end of backward with all gradients, optimizer step), and the split reports the terms at
+that moment, so the parts always add up to the peak.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from tuneforge.errors import ConfigError, TuneforgeError
+
+GIB = 1 << 30
+METHODS = ("full", "freeze", "lora", "qlora")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+# Memory the process needs that max_memory_allocated never shows: the CUDA context and library
+# handles (0.75 GiB measured on an H200, torch 2.11) and the caching allocator's slack (0.2-0.7 GiB).
+OVERHEAD_BYTES = int(1.25 * GIB)
+SKIP_ENV = "TUNEFORGE_SKIP_MEMORY_CHECK"
+
+# Built-in shapes (Hugging Face LlamaConfig keys) for planning and benchmarks without a checkpoint.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                     "tie_word_embeddings": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
+    "llama-3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                   "tie_word_embeddings": False, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
+    "llama-3-70b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+                    "tie_word_embeddings": False, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
+}
+
+
+def shape_config(name: str) -> dict[str, Any]:
+    """A copy of built-in shape ``name``'s config dict (``LlamaConfig(**d)`` without ``model_type``)."""
+    if name not in SHAPES:
+        raise ConfigError(f"unknown model shape {name!r}; built-in shapes: {', '.join(SHAPES)}")
+    return dict(SHAPES[name])
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """A ModelShape from a shape name, a model reference (local dir, builtin), an HF config or a dict."""
+    if isinstance(model_config, ModelShape):
+        return model_config
+    name = "model"
+    if isinstance(model_config, str):
+        name = model_config
+        if model_config in SHAPES:
+            model_config = SHAPES[model_config]
+        else:
+            model_config = _load_hf_config(model_config)
+    get_text = getattr(model_config, "get_text_config", None)
+    if callable(get_text):
+        model_config = get_text()
+    get = (model_config.get if isinstance(model_config, Mapping)
+           else lambda k, d=None: getattr(model_config, k, d))
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if get(k) is None]
+    if missing:
+        raise ConfigError(f"model {name!r}: its config has no {', '.join(missing)}; the planner knows "
+                          "Llama-style decoders (Llama, Mistral, Qwen2, SmolLM, ...)")
+    heads = int(get("num_attention_heads"))
+    return ModelShape(
+        name=name, vocab=int(get("vocab_size")), hidden=int(get("hidden_size")),
+        intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")), heads=heads,
+        kv_heads=int(get("num_key_value_heads") or heads),
+        head_dim=int(get("head_dim") or get("hidden_size") // heads),
+        tied=bool(get("tie_word_embeddings", False)),
+    )
+
+
+def _load_hf_config(ref: str) -> Any:
+    from transformers import AutoConfig
+
+    from tuneforge.errors import ModelError
+    from tuneforge.models.resolve import resolve_model
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(ref))
+    except OSError as e:
+        raise ModelError(f"could not read the config of model '{ref}': {e}\nPass a local Hugging Face "
+                         f"directory, a builtin model, or a shape: {', '.join(SHAPES)}") from e
+
+
+def plan_memory(
+    model_config: Any,
+    method: str = "lora",
+    seq: int = 2048,
+    batch: int = 1,
+    lora_r: int = 16,
+    targets: str | Sequence[str] = "all-linear",
+    gradient_checkpointing: bool = False,
+    dtype: str = "bf16",
+    optimizer: str = "adamw",
+    gpu_mem_gib: float | None = None,
+    *,
+    weight_dtype: str = "fp32",
+    lora_dropout: float = 0.0,
+    freeze_layers: int = 2,
+    loss_chunk_tokens: int = 1024,
+    attention_mask: bool = False,
+    offload_checkpoints: bool = False,
+    grad_accum: int = 1,
+    overhead_bytes: int = OVERHEAD_BYTES,
+    advise: bool = True,
+) -> MemoryPlan:
+    """Predict the peak GPU memory of one training step, split into its parts, with advice.
+
+    ``model_config``: a shape name (``llama-3-8b``), a model reference, an HF config or a dict.
+    ``dtype`` is the compute (autocast) dtype; ``weight_dtype`` the dtype non-quantized weights are
+    loaded in (tuneforge loads fp32). ``attention_mask``: the loop's dense block-causal mask (packed
+    rows), which takes SDPA off its flash kernel. ``offload_checkpoints``: checkpointed layer inputs
+    live in host memory. ``gpu_mem_gib`` None means the current CUDA device's size, if any.
+    """
+    if optimizer.lower() != "adamw":
+        raise ConfigError(f"optimizer {optimizer!r}: the planner models AdamW (what the loop uses)")
+    run = _resolve(model_config, method, seq, batch, lora_r, targets, gradient_checkpointing, dtype, weight_dtype,
+                   lora_dropout, freeze_layers, loss_chunk_tokens, attention_mask, offload_checkpoints, grad_accum)
+    plan = _plan(run, overhead_bytes)
+    plan.gpu_mem = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else _cuda_memory()
+    plan.settings = {"lora_r": lora_r, "targets": targets if isinstance(targets, str) else list(targets),
+                     "dtype": dtype, "weight_dtype": weight_dtype, "lora_dropout": lora_dropout,
+                     "loss_chunk_tokens": loss_chunk_tokens, "attention_mask": attention_mask,
+                     "offload_checkpoints": offload_checkpoints, "grad_accum": grad_accum}
+    if advise:
+        plan.advice = _advice(run, plan, overhead_bytes)
+    return plan
+
+
+def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, weight_dtype, dropout,
+             freeze_layers, chunk, mask, offload, grad_accum) -> _Run:
+    if method not in METHODS:
+        raise ConfigError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    for key, value in (("seq", seq), ("batch", batch), ("lora_r", lora_r), ("loss_chunk_tokens", chunk),
+                       ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    for key, value in (("dtype", dtype), ("weight_dtype", weight_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ConfigError(f"{key}={value!r}: choose one of bf16, fp16, fp32")
+    shape = model_shape(model_config)
+    cb = DTYPE_BYTES[dtype]
+    wb = cb if method == "qlora" else DTYPE_BYTES[weight_dtype]
+    lora = frozenset(_lora_targets(targets)) if method in ("lora", "qlora") else frozenset()
+    trained = {"full": shape.layers, "freeze": min(freeze_layers, shape.layers)}.get(method, 0)
+    pb = wb if method in ("full", "freeze") else 4  # LoRA adapters train in fp32 whatever the base
+    return _Run(shape=shape, method=method, batch=batch, seq=seq, ckpt=bool(ckpt), offload=bool(offload and ckpt),
+                rb=wb, cb=cb, wb=wb, pb=pb, lora=lora, r=lora_r, dropout=float(dropout), trained_layers=trained,
+                chunk=chunk, mask=bool(mask), grad_accum=grad_accum)
+
+
+def _lora_targets(targets: str | Sequence[str]) -> list[str]:
+    if targets == "all-linear":
+        return list(PROJECTIONS)
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    chosen = [p for p in PROJECTIONS if any(p == t or t.endswith(f".{p}") or t.endswith(p) for t in names)]
+    if not chosen:
+        raise ConfigError(f"targets={targets!r} names none of the decoder projections "
+                          f"({', '.join(PROJECTIONS)}) or 'all-linear'")
+    return chosen
+
+
+def _cuda_memory(device: Any = None) -> int | None:
+    """Total memory of a CUDA device (default: the current one); None without CUDA."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).total_memory
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+def _nf4_bytes(n: int, blocksize: int = 64) -> int:
+    """Packed codes + uint8 block scales + fp32 scales of the scales + the fp32 offset."""
+    blocks = -(-n // blocksize)
+    return (n + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4
+
+
+def _lora_params(run: _Run) -> int:
+    per_layer = sum(run.r * (a + b) for name, (a, b) in run.shape.projections().items() if name in run.lora)
+    return per_layer * run.shape.layers
+
+
+def _weights(run: _Run) -> tuple[int, int, int]:
+    """(weight bytes, trainable params, total params)."""
+    s = run.shape
+    if run.quantized:
+        linear = s.layers * sum(_nf4_bytes(a * b) for a, b in s.projections().values())
+        dense = (s.embed_params + s.head_params + s.norm_params) * run.cb
+        base = linear + dense
+    else:
+        base = s.params * run.wb
+    lora = _lora_params(run)
+    if run.method == "full":
+        trainable = s.params
+    elif run.method == "freeze":
+        trainable = run.trained_layers * (s.layer_linear_params + 2 * s.hidden)
+    else:
+        trainable = lora
+    return base + lora * 4, trainable, s.params + lora
+
+
+# --- activations --------------------------------------------------------------------------------
+
+def _linear_group(run: _Run, names: Sequence[str], n_in: int, x_bytes: int, trains: bool) -> int:
+    """Bytes saved by the Linears reading one input (T × n_in, ``x_bytes`` per value) and their LoRA."""
+    t, cb, proj = run.tokens, run.cb, run.shape.projections()
+    shared = False  # the input itself is saved (counted once however many layers keep it)
+    extra = 0
+    for name in names:
+        n_out = proj[name][1]
+        if trains:  # the weight's gradient needs the input in the compute dtype
+            if x_bytes == cb:
+                shared = True
+            else:
+                extra += t * n_in * cb  # autocast makes a new copy per Linear
+        elif not run.quantized and run.wb != cb:
+            extra += n_in * n_out * cb  # a frozen fp32 weight's bf16 cast, kept for the input gradient
+        if name in run.lora:
+            if run.dropout > 0:
+                extra += t * n_in * (cb + 1)  # dropout's output and its mask, per adapter
+            elif x_bytes == cb:
+                shared = True
+            else:
+                extra += t * n_in * cb
+            extra += t * run.r * cb  # A's output, kept for B's gradient
+    return extra + (t * n_in * x_bytes if shared else 0)
+
+
+def _layer_saved(run: _Run, trains: bool) -> int:
+    """Bytes autograd keeps for one decoder layer's backward."""
+    s, t, cb, rb = run.shape, run.tokens, run.cb, run.rb
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    kv_saved = q if run.mask else kv  # with a mask, HF repeats k/v to every head before SDPA
+    saved = 0
+    for i in range(2):  # RMSNorm upcasts to fp32 and keeps that copy; a trainable weight also keeps its input
+        input_is_checkpoint = i == 0 and run.ckpt and rb == 4
+        saved += 0 if input_is_checkpoint else t * s.hidden * 4
+        saved += t * s.hidden * rb if trains else 0
+    saved += _linear_group(run, ("q_proj", "k_proj", "v_proj"), s.hidden, rb, trains)
+    saved += t * cb * (2 * q + 2 * kv_saved) + t * s.heads * 4  # q, k, v, output, log-sum-exp
+    saved += run.batch * run.seq * run.seq * cb if run.mask else 0  # the mask as an additive bias
+    saved += _linear_group(run, ("o_proj",), q, cb, trains)
+    saved += _linear_group(run, ("gate_proj", "up_proj"), s.hidden, rb, trains)
+    saved += 3 * t * s.intermediate * cb  # gate (for SiLU), SiLU(gate) and up (for the product)
+    saved += _linear_group(run, ("down_proj",), s.intermediate, cb, trains)
+    return saved
+
+
+def _layer_backward_transient(run: _Run) -> int:
+    """What a layer's backward holds on top of its saved tensors: MLP gradients and a dequantized weight."""
+    s, t = run.shape, run.tokens
+    biggest = max(a * b for a, b in s.projections().values())
+    return 2 * t * s.intermediate * run.cb + 2 * t * s.hidden * run.rb + (biggest * run.cb if run.quantized else 0)
+
+
+def _weight_casts(run: _Run, layers: int) -> int:
+    """bf16 copies autocast caches of trainable fp32 weights (they live until the forward's autocast ends)."""
+    if run.method not in ("full", "freeze") or run.wb == run.cb:
+        return 0
+    return layers * run.shape.layer_linear_params * run.cb
+
+
+def _loss_phase(run: _Run) -> int:
+    """The chunked loss's backward: one chunk's fp32 logits, their gradient and log-softmax, plus inputs."""
+    s, t = run.shape, run.tokens
+    chunk = min(run.chunk, t)
+    logits = 3 * chunk * s.vocab * 4  # log-softmax output (saved), its gradient, the logits' gradient
+    head_cast = s.vocab * s.hidden * run.cb if run.wb != run.cb else 0
+    inputs = t * s.hidden * (run.rb + 4)  # the gathered hidden states and the final norm's fp32 copy
+    return logits + head_cast + inputs
+
+
+def _phases(run: _Run, grads: int) -> dict[str, tuple[int, int]]:
+    """(activation bytes, gradient bytes) at each candidate peak moment of a step."""
+    s, t = run.shape, run.tokens
+    layers = run.graph_layers
+    trained_layers = run.trained_layers if run.method in ("full", "freeze") else 0
+    resident_grads = grads if run.grad_accum > 1 else 0  # accumulation keeps them across micro-batches
+    per_layer_trainable = _layer_saved(run, True)
+    per_layer_frozen = _layer_saved(run, False)
+    transient = _layer_backward_transient(run)
+    layer_top = per_layer_trainable if trained_layers else per_layer_frozen
+    if run.ckpt:
+        inputs = 0 if run.offload else layers * t * s.hidden * run.rb
+        prefetch = 2 * t * s.hidden * run.rb if run.offload else 0  # the layer being recomputed and the next
+        forward_end = inputs + _weight_casts(run, trained_layers) + t * s.hidden * (run.rb + 4)
+        loss = inputs + _loss_phase(run)
+        first_layer = inputs + prefetch + layer_top + transient + _weight_casts(run, 1 if trained_layers else 0)
+        last_layer = (0 if run.offload else t * s.hidden * run.rb) + prefetch + layer_top + transient
+    else:
+        stack = trained_layers * per_layer_trainable + (layers - trained_layers) * per_layer_frozen
+        stack += _weight_casts(run, trained_layers)
+        forward_end = stack + t * s.hidden * (run.rb + 4)
+        loss = stack + _loss_phase(run)
+        first_layer = stack + transient
+        last_layer = layer_top + transient
+    return {
+        "end of forward": (forward_end, resident_grads),
+        "loss backward": (loss, resident_grads),
+        "top layer backward": (first_layer, resident_grads),
+        "end of backward": (last_layer, grads),
+        "optimizer step": (0, grads),
+    }
+
+
+def _plan(run: _Run, overhead: int) -> MemoryPlan:
+    weights, trainable, total = _weights(run)
+    grads = trainable * run.pb
+    optimizer = 2 * trainable * run.pb
+    phases = _phases(run, grads)
+    phase, (activations, gradients) = max(phases.items(), key=lambda kv: sum(kv[1]))
+    return MemoryPlan(model=run.shape.name, method=run.method, seq=run.seq, batch=run.batch,
+                      gradient_checkpointing=run.ckpt, weights=weights, gradients=gradients, optimizer=optimizer,
+                      activations=activations, overhead=overhead, trainable_params=trainable, total_params=total,
+                      phase=phase)
+
+
+# --- advice -------------------------------------------------------------------------------------
+
+def _as_qlora(run: _Run) -> _Run:
+    """The same run as QLoRA on all projections (what the advice compares against)."""
+    lora = run.lora or frozenset(PROJECTIONS)
+    return replace(run, method="qlora", wb=run.cb, rb=run.cb, pb=4, lora=lora, trained_layers=0)
+
+
+def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
+    """The least intrusive changes that make the run fit, each with its predicted peak (at most three)."""
+    if plan.gpu_mem is None:
+        return []
+    cap = plan.gpu_mem
+
+    def gib(x: int) -> str:
+        return f"{x / GIB:.1f} GiB"
+
+    if plan.fits:
+        return [f"fits with {gib(cap - plan.peak)} to spare"]
+    qlora = _as_qlora(run)
+    ckpt = "gradient checkpointing (train.gradient_checkpointing=true; ~1/3 more compute)"
+    use_qlora = "QLoRA, a 4-bit base with LoRA adapters (method.name=qlora)"
+    candidates: list[tuple[str, _Run]] = []
+    if not run.ckpt:
+        candidates.append((ckpt, replace(run, ckpt=True)))
+    if run.method != "qlora":
+        candidates.append((use_qlora, qlora))
+        if not run.ckpt:
+            candidates.append((f"{use_qlora} + {ckpt}", replace(qlora, ckpt=True)))
+    if run.chunk > 256:
+        candidates.append(("lower train.loss_chunk_tokens to 256", replace(run, chunk=256)))
+    for base, prefix in ((run, ""), (replace(run, ckpt=True), f"{ckpt} + "),
+                         (replace(qlora, ckpt=True), f"{use_qlora} + {ckpt} + ")):
+        if _plan(base, overhead).peak <= cap:
+            break  # fits at this batch already: listed above
+        b = run.batch // 2
+        while b >= 1 and _plan(replace(base, batch=b), overhead).peak > cap:
+            b //= 2
+        if b >= 1:
+            k = math.ceil(run.batch / b)
+            candidates.append((f"{prefix}train.batch_size={b} with train.grad_accum ×{k} (same effective batch)",
+                               replace(base, batch=b)))
+            break
+    out = []
+    for text, changed in candidates:
+        peak = _plan(changed, overhead).peak
+        if peak <= cap and len(out) < 3:
+            out.append(f"{text}: {gib(peak)}")
+    if not out:
+        best = _plan(replace(qlora, batch=1, ckpt=True), overhead).peak
+        out.append(f"does not fit one GPU of {gib(cap)} even as QLoRA with checkpointing at batch 1 "
+                   f"({gib(best)}); use a smaller model, a shorter data.max_seq_len or a GPU with more memory")
+    return out
+
+
+# --- the training loop's check ------------------------------------------------------------------
+
+def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any = None) -> MemoryPlan:
+    """The plan of a ``RunConfig`` as ``train`` would run it (on ``device``'s memory unless given)."""
+    if gpu_mem_gib is None and (mem := _cuda_memory(device)) is not None:
+        gpu_mem_gib = mem / GIB
+    m, t = config.method, config.train
+    freeze_layers = m.freeze.top_k_layers or 0
+    return plan_memory(
+        config.model, method=m.name, seq=config.data.max_seq_len, batch=t.batch_size, lora_r=m.lora.r,
+        targets=m.lora.target_modules, gradient_checkpointing=t.gradient_checkpointing,
+        dtype="fp32" if t.dtype == "fp32" else "bf16", gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
+        freeze_layers=freeze_layers, loss_chunk_tokens=t.loss_chunk_tokens, attention_mask=True,
+        grad_accum=t.grad_accum)
+
+
+def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = None) -> MemoryPlan | None:
+    """Raise TuneforgeError, with the predicted split and advice, when a run cannot fit the GPU.
+
+    Returns the plan, or None when the planner does not model this model or target list. Set
+    ``TUNEFORGE_SKIP_MEMORY_CHECK=1`` to try anyway.
+    """
+    try:
+        plan = plan_for_config(config, gpu_mem_gib, device)
+    except TuneforgeError:
+        return None  # an architecture or target list the planner does not model: loading will tell
+    if plan.fits is False and os.environ.get(SKIP_ENV) != "1":
+        raise TuneforgeError(
+            "this run is predicted not to fit in GPU memory; nothing was loaded.\n" + plan.table()
+            + f"\n(the prediction is usually within 15%; set {SKIP_ENV}=1 to try anyway)")
+    return plan
+
+
+# --- data classes ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide a Llama-style decoder's memory."""
+
+    name: str
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each decoder Linear."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.projections().values())
+
+    @property
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def norm_params(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_linear_params + self.embed_params + self.head_params + self.norm_params
+
+
+@dataclass
+class MemoryPlan:
+    """A predicted peak, split into its parts (bytes), with a verdict and advice."""
+
+    model: str
+    method: str
+    seq: int
+    batch: int
+    gradient_checkpointing: bool
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+    trainable_params: int
+    total_params: int
+    phase: str  # the moment of the step the peak falls on
+    gpu_mem: int | None = None
+    advice: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allocated(self) -> int:
+        """The peak of tensor memory: what ``torch.cuda.max_memory_allocated`` measures."""
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def peak(self) -> int:
+        """The memory the process needs on the GPU: tensors plus overhead."""
+        return self.allocated + self.overhead
+
+    @property
+    def fits(self) -> bool | None:
+        """None when the GPU size is unknown."""
+        return None if self.gpu_mem is None else self.peak <= self.gpu_mem
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(allocated=self.allocated, peak=self.peak, fits=self.fits)
+        return d
+
+    def table(self) -> str:
+        """A printable table: the split in GiB, the verdict and the advice."""
+        ckpt = "on" if self.gradient_checkpointing else "off"
+        head = (f"{self.model}  method={self.method}  batch={self.batch}×seq={self.seq}  checkpointing={ckpt}  "
+                f"trainable {self.trainable_params:,} of {self.total_params:,} params")
+        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                (f"activations ({self.phase})", self.activations), ("CUDA/allocator overhead", self.overhead)]
+        width = max(len(k) for k, _ in rows) + 2
+        lines = [head, "-" * (width + 12)]
+        lines += [f"{k:<{width}}{v / GIB:>9.2f} GiB" for k, v in rows]
+        lines.append("-" * (width + 12))
+        lines.append(f"{'predicted peak':<{width}}{self.peak / GIB:>9.2f} GiB")
+        if self.gpu_mem is None:
+            lines.append("fits: unknown (pass --gpu-mem GiB)")
+        else:
+            verdict = "yes" if self.fits else "NO"
+            lines.append(f"fits on {self.gpu_mem / GIB:.1f} GiB: {verdict}")
+        lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Everything the byte counting needs, resolved from plan_memory's arguments."""
+
+    shape: ModelShape
+    method: str
+    batch: int
+    seq: int
+    ckpt: bool
+    offload: bool
+    rb: int  # bytes per value of the residual stream (the embeddings' dtype)
+    cb: int  # compute (autocast) dtype bytes
+    wb: int  # bytes per weight of non-quantized layers
+    pb: int  # bytes per trainable parameter (and per gradient / Adam moment)
+    lora: frozenset[str]
+    r: int
+    dropout: float
+    trained_layers: int  # decoder layers whose weights train (full: all, freeze: top k)
+    chunk: int
+    mask: bool  # a dense block-causal mask: SDPA's masked kernel, k/v repeated to all heads
+    grad_accum: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def graph_layers(self) -> int:
+        """Decoder layers that take part in backward (frozen layers below all trainable ones do not)."""
+        return self.trained_layers if self.method == "freeze" else self.shape.layers
