@@ -115,3 +115,20 @@ def test_qlora_trains_lora_on_a_4bit_base_and_saves_a_peft_adapter(tiny_model_di
     weights = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert any("mlp.down_proj.lora_B" in k for k in weights)
     assert result.trainable < result.total
+
+
+def test_padded_rows_and_packed_rows_give_the_same_loss(tiny_model, tiny_tokenizer):
+    from tuneforge.data.conversation import Example, Message
+    from tuneforge.data.packing import collate, no_pack, pack
+    from tuneforge.data.template import encode
+    from tuneforge.train.loop import lm_loss
+
+    examples = [Example(messages=[Message("user", "word " * n), Message("assistant", "ok " * (n + 1))])
+                for n in (2, 5, 9)]
+    tok = [t for e in examples for t in encode(e, tiny_tokenizer, 64)]
+    pad = tiny_tokenizer.pad_token_id
+    with torch.no_grad():
+        padded, n1 = lm_loss(tiny_model, collate(no_pack(tok), pad), 1024, None)
+        packed, n2 = lm_loss(tiny_model, collate(pack(tok, 64), pad), 1024, None)
+    assert n1 == n2
+    torch.testing.assert_close(padded, packed, atol=1e-4, rtol=1e-5)

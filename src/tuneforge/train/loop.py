@@ -78,7 +78,12 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens
             amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
     """Summed loss and trained-token count of one batch of packed rows."""
     device = next(model.parameters()).device
-    mask = block_causal_mask(batch["seq_ids"]).to(device)
+    seq_ids = batch["seq_ids"]
+    if int(seq_ids.max()) <= 0:
+        # one example per row: a padding mask keeps attention on the fused causal kernels
+        mask = (seq_ids >= 0).long().to(device)
+    else:
+        mask = block_causal_mask(seq_ids).to(device)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                                   position_ids=batch["position_ids"].to(device),
