@@ -148,6 +148,130 @@ def add_adapter_commands(sub) -> None:
     p.set_defaults(func=cmd_adapters_combine)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tuneforge.eval.run import format_report, run_eval
+
+    report = run_eval(args.model, args.data, adapters=args.adapter or [], metrics=args.metric,
+                      output=args.output, pattern=args.pattern, schema_path=args.schema,
+                      refusal_detector=args.refusal_detector, limit=args.limit,
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      include_base=not args.no_base, system_prompt=args.system)
+    print(format_report(report))
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    from tuneforge.errors import ConfigError
+    from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise
+
+    try:
+        shots = tuple(int(k) for k in args.shots.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--shots {args.shots!r}: give comma-separated numbers, e.g. 1,3,5") from e
+    opts = AdviseOptions(data=args.data, model=args.model, shots=shots, prompt_file=args.prompt_file,
+                         metric=args.metric, n_test=args.n_test, train_steps=args.steps, lr=args.lr,
+                         lora_r=args.lora_r, price_per_1k_tokens=args.price_per_1k_tokens,
+                         output_price_per_1k_tokens=args.output_price_per_1k_tokens,
+                         finetuned_price_multiplier=args.finetuned_price_multiplier,
+                         gpu_hour_price=args.gpu_hour_price, expected_requests=args.expected_requests,
+                         output=args.output, seed=args.seed)
+    advice = run_advise(opts)
+    print(format_advice(advice))
+    print("\n".join(f"{k:<10} {v}" for k, v in advice.files.items()))
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    from tuneforge.report.lab import run_lab
+
+    result = run_lab(output=args.output, quick=args.quick, general_text=args.general_text, threads=args.threads)
+    print(f"lab ({result.mode}) finished in {result.seconds / 60:.1f} min")
+    print("\n".join(f"{k:<9} {v}" for k, v in result.files.items()))
+
+
+def add_eval_commands(sub) -> None:
+    """`tuneforge eval`, `tuneforge advise` and `tuneforge lab`."""
+    from tuneforge.eval.run import METRICS
+
+    p = sub.add_parser("eval", help="evaluate a model and adapters side by side: generation metrics, multiple "
+                                    "choice, loss/perplexity, refusal rate; per task; table + PNG")
+    p.add_argument("--model", default="smollm2-135m", help="base model reference")
+    p.add_argument("--adapter", action="append", help="a PEFT-format adapter directory (repeatable)")
+    p.add_argument("--data", required=True, help="evaluation file (any training format; see README) or "
+                                                 "builtin:tasks|refusal|probes")
+    p.add_argument("--metric", action="append", choices=METRICS, help="repeatable; default: what the data supports")
+    p.add_argument("--pattern", help="regular expression for --metric regex (else each record's 'pattern')")
+    p.add_argument("--schema", help="JSON Schema file for --metric json_schema (else each record's 'schema')")
+    p.add_argument("--refusal-detector", help="package.module:function replacing the default refusal detector")
+    p.add_argument("--limit", type=int, help="evaluate N records, evenly spread over the file")
+    p.add_argument("--max-new-tokens", type=int, help="default: the longest reference + 8")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--system", help="system prompt for every record")
+    p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model alone")
+    p.add_argument("--output", "-o", default="runs/eval", help="where results.json, predictions and PNGs go")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("advise", help="prompt or fine-tune? zero-/few-shot/your prompt vs a short LoRA fine-tune: "
+                                      "accuracy, tokens, latency, cost, break-even, recommendation")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", required=True, help="your task: records with prompts and reference answers")
+    p.add_argument("--shots", default="1,3,5", help="few-shot sizes k, comma-separated")
+    p.add_argument("--prompt-file", help="your better prompt: a system prompt, or a user template with {input}")
+    p.add_argument("--metric", default="normalized",
+                   choices=["exact", "normalized", "contains", "regex", "json", "json_schema"])
+    p.add_argument("--n-test", type=int, default=50, help="test records (at most half of the data)")
+    p.add_argument("--steps", type=int, default=60, help="LoRA fine-tuning steps")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--price-per-1k-tokens", type=float, default=0.0005, help="$ per 1k prompt tokens")
+    p.add_argument("--output-price-per-1k-tokens", type=float, help="$ per 1k output tokens (default: same)")
+    p.add_argument("--finetuned-price-multiplier", type=float, default=1.0,
+                   help="price factor of the fine-tuned model (hosted fine-tunes often cost 1.5-2x)")
+    p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per hour of the hardware that trains")
+    p.add_argument("--expected-requests", type=float, default=1_000_000, help="request volume you expect")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", default="runs/advise")
+    p.set_defaults(func=cmd_advise)
+
+    p = sub.add_parser("lab", help="measure each claim of the fine-tuning lesson on the builtin SmolLM2: "
+                                   "Markdown + HTML report with plots")
+    p.add_argument("--quick", action="store_true", help="the quick mode (about 10 min on 2 CPU cores; full: 45)")
+    p.add_argument("--output", "-o", default="runs/lab")
+    p.add_argument("--general-text", help="general text for perplexity (default: ../shared/data/general)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_lab)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from tuneforge.train.plan import plan_memory
+
+    plan = plan_memory(args.model, method=args.method, seq=args.seq, batch=args.batch, lora_r=args.lora_r,
+                       targets=args.targets, gradient_checkpointing=args.checkpointing, dtype=args.dtype,
+                       gpu_mem_gib=args.gpu_mem, lora_dropout=args.lora_dropout,
+                       loss_chunk_tokens=args.loss_chunk_tokens, attention_mask=not args.no_mask,
+                       grad_accum=args.grad_accum)
+    print(plan.table())
+
+
+def add_plan_command(sub) -> None:
+    """`tuneforge plan`: predicted peak GPU memory of a run, split, with advice (defaults mirror `train`)."""
+    p = sub.add_parser("plan", help="predict a run's peak GPU memory (weights, gradients, optimizer, activations)")
+    p.add_argument("--model", required=True,
+                   help="local HF dir, builtin model, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b")
+    p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], default="lora")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per row (data.max_seq_len)")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (train.batch_size)")
+    p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or q_proj,v_proj,...")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
+    p.add_argument("--loss-chunk-tokens", type=int, default=1024)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--no-mask", action="store_true",
+                   help="SDPA's causal kernel instead of the loop's block-causal mask (unpacked rows)")
+    p.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     add_adapter_commands(sub)
+    add_plan_command(sub)
+    add_eval_commands(sub)
     return parser
 
 

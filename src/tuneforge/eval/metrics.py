@@ -93,3 +93,48 @@ def evaluate_tasks(model, tokenizer, examples: list[Example], max_new_tokens: in
                 "ref": examples[i].messages[-1].content} for i in sample_indices(examples, n_samples)]
     return EvalResult(accuracy=s["exact_match"], per_task=s["per_task"], n=s["n"],
                       normalized_accuracy=s["normalized_match"], samples=samples)
+
+
+# --- format metrics (generation) -----------------------------------------------------------------
+
+
+def contains_match(pred: str, ref: str) -> bool:
+    """The normalized reference occurs in the normalized prediction (as whole words)."""
+    p, r = normalize(pred), normalize(ref)
+    return bool(r) and f" {r} " in f" {p} "
+
+
+def regex_match(pred: str, pattern: str) -> bool:
+    """The whole stripped prediction matches ``pattern`` (``re.fullmatch``, DOTALL)."""
+    return re.fullmatch(pattern, pred.strip(), flags=re.DOTALL) is not None
+
+
+def parse_json(text: str) -> tuple[bool, object]:
+    """(True, value) when the stripped text is one JSON document, else (False, None). No fences allowed:
+    a strict-format task that asks for JSON gets no credit for wrapping it in Markdown."""
+    import json
+
+    try:
+        return True, json.loads(text.strip())
+    except ValueError:
+        return False, None
+
+
+def json_valid(pred: str) -> bool:
+    """The prediction is valid JSON."""
+    return parse_json(pred)[0]
+
+
+def json_equal(pred: str, ref: str) -> bool:
+    """Prediction and reference parse to the same JSON value (key order and spacing ignored)."""
+    ok_p, p = parse_json(pred)
+    ok_r, r = parse_json(ref)
+    return ok_p and ok_r and p == r
+
+
+def json_schema_match(pred: str, schema: dict) -> bool:
+    """The prediction is valid JSON that validates against ``schema``."""
+    from tuneforge.eval.schema import matches_schema
+
+    ok, value = parse_json(pred)
+    return ok and matches_schema(value, schema)

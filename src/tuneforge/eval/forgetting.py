@@ -1,0 +1,275 @@
+"""Catastrophic forgetting: what a fine-tune costs the model outside its task, base vs tuned.
+
+Two measures, both cheap enough to run during training:
+
+- perplexity on general text the user gives (a prefix of ``max_tokens`` tokens, non-overlapping
+  windows; see :func:`tuneforge.eval.scoring.token_perplexity`);
+- the project's general-knowledge probes (:mod:`tuneforge.eval.probes`): 4-way accuracy by
+  log-likelihood and the mean NLL of the right answers.
+
+:class:`ForgettingCallback` plugs into ``train(callbacks=...)`` (it runs every
+``train.eval_every`` steps and at the end) and warns or stops when perplexity rises by more than
+``threshold_pct`` percent over the base model's, or probe accuracy falls by more than
+``probe_drop_points``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.eval.probes import Probe, sample_probes
+from tuneforge.eval.scoring import continuation_logprobs, read_text_prefix, text_token_ids, token_perplexity
+
+
+class StopTraining(TuneforgeError):  # noqa: N818 (a signal, not a failure of the user's)
+    """Raised by a training callback to end the run early; the message says why."""
+
+
+@dataclass
+class ProbeResult:
+    accuracy: float
+    answer_nll: float
+    n: int
+    per_category: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def score_probes(model: torch.nn.Module, tokenizer, probes: list[Probe], batch_size: int = 64) -> ProbeResult:
+    """4-way accuracy by summed log-likelihood on raw text, and the right answers' NLL per token."""
+    pairs, owner = [], []
+    for i, p in enumerate(probes):
+        ctx = tokenizer(p.cloze)["input_ids"]
+        for opt in p.options:
+            pairs.append((ctx, tokenizer(" " + opt, add_special_tokens=False)["input_ids"]))
+            owner.append(i)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = continuation_logprobs(model, pairs, pad_id=pad, batch_size=batch_size)
+    options: dict[int, list] = defaultdict(list)
+    for i, s in zip(owner, scores, strict=True):
+        options[i].append(s)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    nll, n_tok = 0.0, 0
+    for i, p in enumerate(probes):
+        right, *wrong = options[i]
+        hits[p.category].append(all(right.logprob > w.logprob for w in wrong))
+        nll, n_tok = nll - right.logprob, n_tok + right.n_tokens
+    flat = [h for hs in hits.values() for h in hs]
+    return ProbeResult(accuracy=sum(flat) / max(len(flat), 1), answer_nll=nll / max(n_tok, 1), n=len(flat),
+                       per_category={c: sum(h) / len(h) for c, h in sorted(hits.items())})
+
+
+@dataclass
+class ForgettingMeasure:
+    """General-text perplexity and probe scores of one model state (None: not measured)."""
+
+    general_ppl: float | None = None
+    general_nll: float | None = None
+    general_tokens: int = 0
+    probe_accuracy: float | None = None
+    probe_answer_nll: float | None = None
+    probe_n: int = 0
+    probe_per_category: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GeneralText:
+    """Token ids of a general-text prefix, tokenized once and reused at every measurement."""
+
+    def __init__(self, tokenizer, path: str | Path, max_tokens: int = 4096):
+        self.path = str(path)
+        self.ids = text_token_ids(tokenizer, read_text_prefix(path, 8 * max_tokens + 1024), max_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def measure_forgetting(model: torch.nn.Module, tokenizer, general_text: GeneralText | str | Path | None = None,
+                       probes: list[Probe] | None = None, max_tokens: int = 4096, window: int = 256,
+                       batch_size: int = 8) -> ForgettingMeasure:
+    """Perplexity on the general text (when given) and probe scores (when given)."""
+    out = ForgettingMeasure()
+    if general_text is not None:
+        text = general_text if isinstance(general_text, GeneralText) else GeneralText(tokenizer, general_text,
+                                                                                       max_tokens)
+        p = token_perplexity(model, text.ids, window=window, batch_size=batch_size, pad_id=text.pad_id)
+        out.general_ppl, out.general_nll, out.general_tokens = p.ppl, p.nll, p.n_tokens
+    if probes:
+        r = score_probes(model, tokenizer, probes, batch_size=8 * batch_size)
+        out.probe_accuracy, out.probe_answer_nll, out.probe_n = r.accuracy, r.answer_nll, r.n
+        out.probe_per_category = r.per_category
+    return out
+
+
+@dataclass
+class ForgettingDelta:
+    """Tuned relative to base: perplexity change in %, probe accuracy change in points."""
+
+    base: ForgettingMeasure
+    tuned: ForgettingMeasure
+
+    @property
+    def ppl_increase_pct(self) -> float | None:
+        if self.base.general_ppl is None or self.tuned.general_ppl is None:
+            return None
+        return 100.0 * (self.tuned.general_ppl / self.base.general_ppl - 1.0)
+
+    @property
+    def probe_change_points(self) -> float | None:
+        if self.base.probe_accuracy is None or self.tuned.probe_accuracy is None:
+            return None
+        return 100.0 * (self.tuned.probe_accuracy - self.base.probe_accuracy)
+
+    def summary(self) -> str:
+        parts = []
+        if self.ppl_increase_pct is not None:
+            parts.append(f"general-text perplexity {self.base.general_ppl:.2f} -> {self.tuned.general_ppl:.2f} "
+                         f"({self.ppl_increase_pct:+.1f}%)")
+        if self.probe_change_points is not None:
+            parts.append(f"knowledge probes {100 * self.base.probe_accuracy:.1f}% -> "
+                         f"{100 * self.tuned.probe_accuracy:.1f}% ({self.probe_change_points:+.1f} points, "
+                         f"n={self.tuned.probe_n})")
+        return "; ".join(parts) or "nothing measured"
+
+
+@contextmanager
+def lora_disabled(model: torch.nn.Module) -> Iterator[bool]:
+    """Run the base model alone inside the block (LoRA layers inactive); yields False if it cannot."""
+    from tuneforge.methods.lora import lora_layers
+
+    layers = list(lora_layers(model).values())
+    if not layers or any(layer.merged_adapters for layer in layers):
+        yield False
+        return
+    saved = [(layer.active_adapters, layer.adapter_weights) for layer in layers]
+    try:
+        for layer in layers:
+            layer.active_adapters, layer.adapter_weights = [], {}
+        yield True
+    finally:
+        for layer, (active, weights) in zip(layers, saved, strict=True):
+            layer.active_adapters, layer.adapter_weights = active, weights
+
+
+class ForgettingCallback:
+    """A ``train(callbacks=...)`` callback: forgetting metrics every ``train.eval_every`` steps.
+
+    The baseline is the model before training: pass ``baseline``, call :meth:`set_baseline` before
+    ``train``, or (LoRA only) let the first call measure it with the adapters switched off.
+    ``action="warn"`` emits a warning (once per crossing); ``"stop"`` raises :class:`StopTraining`.
+    Logged keys: ``forget/general_ppl``, ``forget/ppl_increase_pct``, ``forget/probe_acc``,
+    ``forget/probe_answer_nll``.
+    """
+
+    def __init__(self, tokenizer, general_text: str | Path | None = None, probes: list[Probe] | None = None,
+                 n_probes: int | None = 100, max_tokens: int = 2048, threshold_pct: float | None = 10.0,
+                 probe_drop_points: float | None = None, action: Literal["warn", "stop"] = "warn",
+                 baseline: ForgettingMeasure | None = None, log: Callable[[str], None] | None = None):
+        if action not in ("warn", "stop"):
+            raise ConfigError(f"forgetting action {action!r}: use 'warn' or 'stop'")
+        self.tokenizer = tokenizer
+        self.text = GeneralText(tokenizer, general_text, max_tokens) if general_text is not None else None
+        self.probes = probes if probes is not None else sample_probes(n_probes)
+        self.threshold_pct, self.probe_drop_points, self.action = threshold_pct, probe_drop_points, action
+        self.baseline = baseline
+        self.history: list[tuple[int, ForgettingMeasure]] = []
+        self.warnings: list[str] = []
+        self.log = log
+
+    def measure(self, model: torch.nn.Module) -> ForgettingMeasure:
+        return measure_forgetting(model, self.tokenizer, self.text, self.probes)
+
+    def set_baseline(self, model: torch.nn.Module) -> ForgettingMeasure:
+        self.baseline = self.measure(model)
+        return self.baseline
+
+    def _ensure_baseline(self, model: torch.nn.Module) -> ForgettingMeasure:
+        if self.baseline is None:
+            with lora_disabled(model) as ok:
+                if not ok:
+                    raise TuneforgeError("ForgettingCallback has no baseline: call set_baseline(model) before "
+                                         "train() (or pass baseline=) so changes can be measured")
+                self.baseline = self.measure(model)
+        return self.baseline
+
+    def __call__(self, step: int, model: torch.nn.Module) -> dict[str, float]:
+        base = self._ensure_baseline(model)
+        now = self.measure(model)
+        self.history.append((step, now))
+        delta = ForgettingDelta(base, now)
+        out: dict[str, float] = {}
+        if now.general_ppl is not None:
+            out["forget/general_ppl"] = round(now.general_ppl, 4)
+            out["forget/ppl_increase_pct"] = round(delta.ppl_increase_pct, 3)
+        if now.probe_accuracy is not None:
+            out["forget/probe_acc"] = round(now.probe_accuracy, 4)
+            out["forget/probe_answer_nll"] = round(now.probe_answer_nll, 4)
+        self._check(step, delta)
+        return out
+
+    def _check(self, step: int, delta: ForgettingDelta) -> None:
+        reasons = []
+        if self.threshold_pct is not None and (inc := delta.ppl_increase_pct) is not None and inc > self.threshold_pct:
+            reasons.append(f"general-text perplexity rose {inc:.1f}% (threshold {self.threshold_pct:g}%)")
+        if (self.probe_drop_points is not None and (chg := delta.probe_change_points) is not None
+                and -chg > self.probe_drop_points):
+            reasons.append(f"probe accuracy fell {-chg:.1f} points (threshold {self.probe_drop_points:g})")
+        if not reasons:
+            return
+        msg = (f"forgetting at step {step}: " + "; ".join(reasons) + ". Lower train.lr, train fewer steps, "
+               "mix general data into training (replay), or use LoRA with a smaller rank.")
+        self.warnings.append(msg)
+        if self.action == "stop":
+            raise StopTraining(msg)
+        if self.log:
+            self.log(f"[tuneforge] warning: {msg}")
+        else:
+            warnings.warn(msg, stacklevel=2)
+
+
+# --- replay: general data mixed into training ---------------------------------------------------
+
+
+def replay_rows(tokenizer, path: str | Path, n_rows: int, row_len: int, seed: int = 0, skip_tokens: int = 0):
+    """``n_rows`` rows of general text (``row_len`` tokens each, all trained) for replay.
+
+    Chunks come from the file after its first ``skip_tokens`` tokens (keep the prefix that measures
+    perplexity out of training), in a seeded order, so the same seed gives the same rows.
+    """
+    import random
+
+    from tuneforge.data.conversation import Tokenized
+    from tuneforge.data.packing import no_pack
+
+    if n_rows <= 0:
+        return []
+    budget = skip_tokens + row_len * n_rows * 4
+    ids = text_token_ids(tokenizer, read_text_prefix(path, max_chars=8 * budget + 4096), budget)[skip_tokens:]
+    starts = list(range(0, max(len(ids) - row_len, 1), row_len))
+    random.Random(f"replay/{seed}").shuffle(starts)
+    chunks = [ids[s:s + row_len] for s in starts[:n_rows]]
+    return no_pack([Tokenized(input_ids=c, labels=list(c), source=f"{path}#replay", task="replay")
+                    for c in chunks if len(c) >= 2])
+
+
+def with_replay(data, tokenizer, path: str | Path, ratio: float, row_len: int, seed: int = 0,
+                skip_tokens: int = 0):
+    """A copy of ``TrainData`` with general-text rows added: ``ratio`` replay rows per task row."""
+    import random
+    from dataclasses import replace
+
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"replay ratio {ratio}: give a share in (0, 1], e.g. 0.2 for one general row per 5")
+    extra = replay_rows(tokenizer, path, math.ceil(ratio * len(data.train_rows)), row_len, seed, skip_tokens)
+    rows = list(data.train_rows) + extra
+    random.Random(f"replay/order/{seed}").shuffle(rows)
+    return replace(data, train_rows=rows, per_source={**data.per_source, f"{path} (replay)": len(extra)})
