@@ -29,6 +29,14 @@ class DatasetSpec(Strict):
     tasks: list[str] | None = Field(None, description="keep only these tasks (names or globs)")
 
 
+class ReplaySpec(Strict):
+    """General text mixed into training against forgetting: ``ratio`` general rows per task row."""
+
+    path: str
+    ratio: float = Field(0.1, gt=0, le=1)
+    skip_tokens: int = Field(0, ge=0, description="keep a perplexity-measuring prefix out of training")
+
+
 class DataConfig(Strict):
     train: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec(path="builtin:tasks")])
     eval: list[DatasetSpec] = Field(default_factory=list)
@@ -38,6 +46,7 @@ class DataConfig(Strict):
     packing: bool = True
     train_on_prompt: bool = False
     skip_bad: bool = False
+    replay: ReplaySpec | None = None
 
     @field_validator("train", "eval", mode="before")
     @classmethod

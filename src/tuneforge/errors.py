@@ -18,3 +18,7 @@ class ConfigError(TuneforgeError):
 
 class ModelError(TuneforgeError):
     """A model reference that cannot be resolved or loaded."""
+
+
+class StopTraining(TuneforgeError):  # noqa: N818 (a signal, not a failure of the user's)
+    """Raised by a training callback to end the run early; the run saves what it has."""

@@ -29,3 +29,14 @@ def test_too_long_examples_stop_the_run_or_are_reported(alpaca_file, tiny_tokeni
     cfg.data.skip_bad = True
     with pytest.raises(DataError, match="no training examples are left"):
         build_training_data(cfg.data, tiny_tokenizer)
+
+
+def test_replay_mixes_general_text_rows_into_training(alpaca_file, tiny_tokenizer, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    base = load_config(overrides=[f"data.train=[{alpaca_file}]", "data.val_fraction=0", "data.max_seq_len=64"])
+    plain = build_training_data(base.data, tiny_tokenizer)
+    base.data.replay = {"path": str(general), "ratio": 0.5}
+    mixed = build_training_data(base.data, tiny_tokenizer)
+    assert len(mixed.train_rows) == len(plain.train_rows) + -(-len(plain.train_rows) // 2)
+    assert any("(replay)" in k for k in mixed.per_source)

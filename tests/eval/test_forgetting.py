@@ -10,7 +10,6 @@ from tuneforge.eval.forgetting import (
     ForgettingCallback,
     ForgettingDelta,
     ForgettingMeasure,
-    StopTraining,
     lora_disabled,
     measure_forgetting,
     replay_rows,
@@ -85,10 +84,12 @@ def test_callback_logs_and_warns_during_training(tiny_model_dir, alpaca_file, tm
 def test_callback_stops_training(tiny_model_dir, alpaca_file, tmp_path, tiny_tokenizer, general):
     cb = ForgettingCallback(tiny_tokenizer, general_text=general, probes=[], max_tokens=200, threshold_pct=-100.0,
                             action="stop")
-    with pytest.raises(StopTraining, match="perplexity rose"):
-        train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=6"), callbacks=(cb,),
-              quiet=True)
-    assert len(cb.history) == 1  # stopped at the first measurement (step 2)
+    result = train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=6"), callbacks=(cb,),
+                   quiet=True)
+    assert len(cb.history) == 1 and result.steps == 2  # stopped at the first measurement (step 2)
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "perplexity rose" in final["stopped_early"]
+    assert (tmp_path / "run" / "adapter").is_dir()  # what was trained is saved
 
 
 def test_full_fine_tune_needs_an_explicit_baseline(tiny_model, tiny_tokenizer, general):

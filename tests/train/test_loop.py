@@ -132,3 +132,19 @@ def test_padded_rows_and_packed_rows_give_the_same_loss(tiny_model, tiny_tokeniz
         packed, n2 = lm_loss(tiny_model, collate(pack(tok, 64), pad), 1024, None)
     assert n1 == n2
     torch.testing.assert_close(padded, packed, atol=1e-4, rtol=1e-5)
+
+
+def test_a_callback_can_stop_the_run_early_and_the_output_is_saved(tiny_model_dir, alpaca_file, tmp_path):
+    from tuneforge.errors import StopTraining
+
+    def stop_at_4(step, model):
+        if step == 4:
+            raise StopTraining("perplexity rose 50% over the base")
+        return {"probe": 1.0}
+
+    result = train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=10", "train.eval_every=2"),
+                   callbacks=(stop_at_4,), quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 4 and rows[-1]["stopped_early"].startswith("perplexity rose")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and rows[1]["probe"] == 1.0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

@@ -95,6 +95,12 @@ def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:
         raise DataError("no training examples are left after validation; check the data files "
                         f"({', '.join(s.path for s in cfg.train)})")
     val_tok = encode_all(val, tokenizer, cfg, skipped)
-    return TrainData(train_rows=rows_of(train_tok, cfg), val_rows=rows_of(val_tok, cfg),
+    data = TrainData(train_rows=rows_of(train_tok, cfg), val_rows=rows_of(val_tok, cfg),
                      n_train_examples=len(train_tok), n_val_examples=len(val_tok), held_out=held_out,
                      skipped=skipped, per_source=per_source)
+    if cfg.replay:
+        from tuneforge.eval.forgetting import with_replay
+
+        data = with_replay(data, tokenizer, cfg.replay.path, cfg.replay.ratio, cfg.max_seq_len, seed,
+                           cfg.replay.skip_tokens)
+    return data

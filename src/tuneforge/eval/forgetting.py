@@ -26,13 +26,9 @@ from typing import Literal
 
 import torch
 
-from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.errors import ConfigError, StopTraining, TuneforgeError
 from tuneforge.eval.probes import Probe, sample_probes
 from tuneforge.eval.scoring import continuation_logprobs, read_text_prefix, text_token_ids, token_perplexity
-
-
-class StopTraining(TuneforgeError):  # noqa: N818 (a signal, not a failure of the user's)
-    """Raised by a training callback to end the run early; the message says why."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import TrainData, build_training_data
 from tuneforge.data.packing import PackedRow, block_causal_mask, collate
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.methods.lora import count_parameters
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer
@@ -176,6 +176,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
         next(stream)  # data position: the resumed run sees the batches an uninterrupted one would
 
     records: list[dict[str, Any]] = []
+    stopped: str | None = None
     trained_tokens, t0, loss_value, val = 0, time.perf_counter(), float("nan"), None
     bar = tqdm(total=steps, initial=start, desc="train", disable=quiet, dynamic_ncols=True)
     with metrics_path.open("a") as log:
@@ -213,8 +214,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                 val = validation_loss(model, data.val_rows, pad_id, t.batch_size, t.loss_chunk_tokens, amp)
                 if val is not None:
                     rec["val_loss"] = round(val, 5)
-                for cb in callbacks:
-                    rec.update(cb(step + 1, model))
+                stopped = run_callbacks(callbacks, step + 1, model, rec)
             records.append(rec)
             if (step + 1) % t.log_every == 0 or "val_loss" in rec:
                 log.write(json.dumps(rec) + "\n")
@@ -223,13 +223,19 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             bar.update(1)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < steps:
                 save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, {"loss": loss_value})
+            if stopped:
+                say(f"\n[tuneforge] stopping early at step {step + 1}: {stopped}")
+                steps = step + 1
+                break
         bar.close()
         val = validation_loss(model, data.val_rows, pad_id, t.batch_size, t.loss_chunk_tokens, amp)
-        final = {"step": steps, "final": True}
+        final: dict[str, Any] = {"step": steps, "final": True}
         if val is not None:
             final["val_loss"] = round(val, 5)
-        for cb in callbacks:
-            final.update(cb(steps, model))
+        if stopped:
+            final["stopped_early"] = stopped
+        else:
+            run_callbacks(callbacks, steps, model, final)
         log.write(json.dumps(final) + "\n")
 
     ensure_finite(model)
@@ -243,6 +249,17 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                          loss_png=plot_loss(metrics_path, run_dir / "plots" / "loss.png"), metrics=records)
     say(summary_table(result))
     return result
+
+
+def run_callbacks(callbacks: tuple[EvalCallback, ...], step: int, model: torch.nn.Module,
+                  record: dict[str, Any]) -> str | None:
+    """Add each callback's metrics to ``record``; the reason when one asks to stop (StopTraining)."""
+    for cb in callbacks:
+        try:
+            record.update(cb(step, model))
+        except StopTraining as e:
+            return str(e)
+    return None
 
 
 def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
