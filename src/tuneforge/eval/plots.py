@@ -6,17 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneforge.report.plots import pyplot, save_figure
+
 if TYPE_CHECKING:
     from tuneforge.eval.run import EvalReport
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def grouped_bars(ax, groups: list[str], series: dict[str, list[float]], percent: bool = True) -> None:
@@ -46,7 +39,7 @@ def plot_eval(report: EvalReport, out_png: Path) -> Path | None:
     has_loss = "loss" in report.columns
     if not rates and not has_loss:
         return None
-    plt = _plt()
+    plt = pyplot()
     panels = (1 if rates else 0) + (1 if has_loss else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4 + 1.2 * len(rates) + 3 * has_loss, 4),
                              gridspec_kw={"width_ratios": ([max(len(rates), 1)] if rates else []) + ([1] if has_loss
@@ -63,11 +56,7 @@ def plot_eval(report: EvalReport, out_png: Path) -> Path | None:
                      percent=False)
         ax.set_ylabel("loss per reference token (lower is better)")
     fig.suptitle(f"{Path(report.data).name}: n={report.n}", fontsize=10)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def primary_column(report: EvalReport) -> str | None:
@@ -85,25 +74,21 @@ def plot_per_task(report: EvalReport, out_png: Path) -> Path | None:
     tasks = sorted({t for v in report.variants for t in v.per_task.get(col, {})})
     if len(tasks) < 2:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tasks) * max(len(report.variants), 1) + 2), 4.5))
     percent = col != "loss"
     grouped_bars(ax, tasks, {v.name: [v.per_task.get(col, {}).get(t, float("nan")) for t in tasks]
                              for v in report.variants}, percent=percent)
     ax.set_ylabel(f"{col} (%)" if percent else col)
     ax.set_title(f"{col} by task", fontsize=10)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def plot_crossover(advice, out_png: Path) -> Path | None:
     """Total cost against request volume: each prompt strategy from 0, the fine-tune from its training cost."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     be = advice.break_even_requests
     top = max(1e7, 10 * be) if be else 1e7
     volume = np.logspace(2, math.log10(top), 200)
@@ -131,8 +116,4 @@ def plot_crossover(advice, out_png: Path) -> Path | None:
     ax3.set_ylabel("prompt tokens per request", color="tab:orange")
     ax2.tick_params(axis="x", rotation=30)
     fig.suptitle(f"prompt or fine-tune: recommendation {advice.recommendation}", fontsize=10)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

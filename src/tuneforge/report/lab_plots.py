@@ -5,30 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneforge.report.plots import pyplot, save_figure
+
 if TYPE_CHECKING:
     from tuneforge.report.lab import LabResult
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
-
-
 def plot_loss_curves(r: LabResult, path: Path) -> Path:
     """Training loss per step: pre-trained vs random init (same recipe), plus the learning-rate variants."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = {"full": ("pre-trained, lr {lr:g}", "-", 2.0), "random": ("random init, lr {lr:g}", "-", 2.0),
               "full_high_lr": ("pre-trained, lr {lr:g} (too high)", "--", 1.0),
@@ -43,7 +28,7 @@ def plot_loss_curves(r: LabResult, path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     ax.set_title("full fine-tuning on builtin:tasks", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bars(ax, labels: list[str], values: list[float], ylabel: str, fmt: str = "{:.0f}") -> None:
@@ -59,7 +44,7 @@ def _bars(ax, labels: list[str], values: list[float], ylabel: str, fmt: str = "{
 
 def plot_lr_sweep(r: LabResult, path: Path) -> Path:
     """Task accuracy, perplexity change and probe change for base and the three learning rates."""
-    plt = _plt()
+    plt = pyplot()
     names = [("full_low_lr", "too low"), ("full", "reference"), ("full_high_lr", "too high")]
     runs = [(label + f"\n{r.runs[n].lr:g}", r.runs[n].state) for n, label in names]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
@@ -72,12 +57,12 @@ def plot_lr_sweep(r: LabResult, path: Path) -> Path:
     _bars(axes[2], [n for n, _ in runs], [100 * (s.forget.probe_accuracy - r.base.forget.probe_accuracy)
                                          for _, s in runs], "knowledge-probe change (points)", "{:+.1f}")
     fig.suptitle("learning rate: task gain vs forgetting (full fine-tuning)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_instruction_tuning(r: LabResult, path: Path) -> Path:
     """Accuracy on held-out (never trained) task types: base, LoRA on the mixture, LoRA on one task."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     states = [("base", r.base), ("mixture", r.runs["lora"].state), ("one task", r.runs["lora_one_task"].state)]
     _bars(axes[0], [n for n, _ in states], [100 * s.unseen.accuracy for _, s in states],
@@ -85,12 +70,12 @@ def plot_instruction_tuning(r: LabResult, path: Path) -> Path:
     _bars(axes[1], [n for n, _ in states], [100 * s.seen.accuracy for _, s in states],
           "accuracy on trained task types (%)")
     fig.suptitle("instruction tuning (LoRA): task mixture vs the same steps on one task type", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_forgetting_vs_accuracy(r: LabResult, path: Path) -> Path:
     """Forgetting (perplexity change) against task accuracy along each run, full vs LoRA."""
-    plt = _plt()
+    plt = pyplot()
     from tuneforge.report.lab_report import trajectory
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -109,11 +94,11 @@ def plot_forgetting_vs_accuracy(r: LabResult, path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lora_vs_full(r: LabResult, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
     full, lora = r.runs["full"], r.runs["lora"]
     _bars(axes[0], ["base", "full", "LoRA"], [100 * r.base.seen.accuracy, 100 * full.state.seen.accuracy,
@@ -121,7 +106,7 @@ def plot_lora_vs_full(r: LabResult, path: Path) -> Path:
     _bars(axes[1], ["full", "LoRA"], [100 * full.trainable / full.total, 100 * lora.trainable / lora.total],
           "trainable parameters (%)", "{:.2f}")
     fig.suptitle("LoRA vs full fine-tuning (same data, steps and rows)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_lab_plots(r: LabResult, plots: Path) -> dict[str, Path]:

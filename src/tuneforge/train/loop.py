@@ -271,9 +271,9 @@ def keep_metrics_until(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the log has no duplicated steps."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [r for r in records if r.get("step", 0) <= step and not r.get("final")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def ensure_finite(model: torch.nn.Module) -> None:
