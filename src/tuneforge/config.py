@@ -84,6 +84,17 @@ class MethodConfig(Strict):
     freeze: FreezeSettings = Field(default_factory=lambda: FreezeSettings(top_k_layers=2))
 
 
+class ForgettingSettings(Strict):
+    """Track forgetting during training (every ``train.eval_every`` steps and at the end)."""
+
+    general_text: str | None = Field(None, description="perplexity on this text file; None: probes only")
+    n_probes: int = Field(100, ge=0, description="general-knowledge probes scored by log-likelihood")
+    max_tokens: int = Field(2048, gt=0, description="tokens of general text measured")
+    threshold_pct: float | None = Field(10.0, description="perplexity rise over the base that triggers action")
+    probe_drop_points: float | None = Field(None, gt=0, description="probe accuracy drop that triggers action")
+    action: Literal["warn", "stop"] = "warn"
+
+
 class TrainConfig(Strict):
     lr: float | None = Field(None, gt=0, description="None: the method's default (lora 2e-4, full 1e-5)")
     max_steps: int | None = Field(None, gt=0, description="None: run `epochs` over the data")
@@ -104,6 +115,7 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     log_every: int = Field(1, gt=0)
     threads: int | None = Field(None, gt=0)
+    forgetting: ForgettingSettings | None = None
 
 
 class RunConfig(Strict):

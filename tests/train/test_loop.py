@@ -148,3 +148,19 @@ def test_a_callback_can_stop_the_run_early_and_the_output_is_saved(tiny_model_di
     assert result.steps == 4 and rows[-1]["stopped_early"].startswith("perplexity rose")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and rows[1]["probe"] == 1.0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_forgetting_tracking_from_the_config_logs_and_can_stop(tiny_model_dir, alpaca_file, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    forgetting = f"train.forgetting={{general_text: {general}, n_probes: 4, max_tokens: 128, threshold_pct: 1000}}"
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "warn", "train.max_steps=4", "train.eval_every=2",
+                 forgetting), quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "warn" / "metrics.jsonl").read_text().splitlines()]
+    tracked = [r for r in rows if "forget/general_ppl" in r]
+    assert [r["step"] for r in tracked] == [2, 4] and "forget/probe_acc" in tracked[0]
+
+    stop = forgetting.replace("threshold_pct: 1000", "threshold_pct: -100, action: stop")
+    result = train(config(tiny_model_dir, alpaca_file, tmp_path / "stop", "train.max_steps=6", "train.eval_every=2",
+                          stop), quiet=True)
+    assert result.steps == 2

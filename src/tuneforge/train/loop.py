@@ -151,6 +151,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     model = model or load_model_for(config, device)
     model.to(device)
     say("[tuneforge] " + prepare_model(model, config.method))
+    callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -249,6 +250,21 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                          loss_png=plot_loss(metrics_path, run_dir / "plots" / "loss.png"), metrics=records)
     say(summary_table(result))
     return result
+
+
+def forgetting_callbacks(config: RunConfig, model: torch.nn.Module, tokenizer: Any,
+                         say: Callable[..., None]) -> tuple[EvalCallback, ...]:
+    """The forgetting tracker of ``train.forgetting``, its baseline measured before the first step."""
+    f = config.train.forgetting
+    if f is None:
+        return ()
+    from tuneforge.eval.forgetting import ForgettingCallback
+
+    cb = ForgettingCallback(tokenizer, general_text=f.general_text, n_probes=f.n_probes, max_tokens=f.max_tokens,
+                            threshold_pct=f.threshold_pct, probe_drop_points=f.probe_drop_points, action=f.action,
+                            log=say)
+    cb.set_baseline(model)  # before any step: LoRA's B is still zero, full/freeze weights untouched
+    return (cb,)
 
 
 def run_callbacks(callbacks: tuple[EvalCallback, ...], step: int, model: torch.nn.Module,
