@@ -7,7 +7,6 @@ types never seen in training, before and after the same short LoRA run, on the s
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 from tuneforge.config import RunConfig, validate
 from tuneforge.data.builtin_tasks import builtin_tasks
-from tuneforge.data.conversation import Example
+from tuneforge.data.mixture import first_per_task
 from tuneforge.eval.metrics import EvalResult, evaluate_tasks
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.resolve import resolve_model
@@ -46,17 +45,6 @@ def demo_config(output_dir: str, steps: int | None) -> RunConfig:
                      "data": {"train": ["builtin:tasks"], "max_seq_len": 256, "val_fraction": 0.05},
                      "method": {"name": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
                      "train": train_cfg}, source="demo")
-
-
-def first_per_task(examples: list[Example], n: int) -> list[Example]:
-    """The first ``n`` examples of each task, in order."""
-    counts: Counter[str | None] = Counter()
-    out = []
-    for e in examples:
-        if counts[e.task] < n:
-            out.append(e)
-            counts[e.task] += 1
-    return out
 
 
 def folder_bytes(path: Path, pattern: str = "*.safetensors") -> int:

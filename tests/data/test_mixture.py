@@ -106,3 +106,11 @@ def test_hold_out_unknown_task_lists_tasks_present():
     data = _data("a", 2, "trec") + _data("b", 2, "samsum")
     with pytest.raises(ConfigError, match=r"\['gigaword'\].*\['samsum', 'trec'\]"):
         hold_out_tasks(data, ["trec", "gigaword"])
+
+
+def test_first_per_task_keeps_order_and_caps_each_task():
+    from tuneforge.data.conversation import Example
+    from tuneforge.data.mixture import first_per_task
+
+    exs = [Example(text=str(i), task="ab"[i % 2]) for i in range(7)]
+    assert [e.text for e in first_per_task(exs, 2)] == ["0", "1", "2", "3"]

@@ -113,3 +113,14 @@ def hold_out_tasks(examples: list[Example], tasks: list[str],
 def _subsample(pool: list[Example], n: int, rng: random.Random) -> list[Example]:
     """``n`` distinct examples in their original order."""
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), n))]
+
+
+def first_per_task(examples: list[Example], n: int) -> list[Example]:
+    """The first ``n`` examples of each task, in their original order (an evaluation subset)."""
+    counts: dict[str | None, int] = {}
+    out = []
+    for e in examples:
+        if counts.get(e.task, 0) < n:
+            out.append(e)
+            counts[e.task] = counts.get(e.task, 0) + 1
+    return out

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tuneforge.data.mixture import first_per_task
 from tuneforge.eval.forgetting import ForgettingMeasure, GeneralText, measure_forgetting
 from tuneforge.eval.metrics import EvalResult, evaluate_tasks
 from tuneforge.eval.probes import Probe, sample_probes
@@ -100,16 +101,6 @@ class LabResult:
     model_ref: str = LAB_MODEL
     section_seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
-
-
-def first_per_task(examples: list, n: int) -> list:
-    counts: dict[str | None, int] = {}
-    out = []
-    for e in examples:
-        if counts.get(e.task, 0) < n:
-            out.append(e)
-            counts[e.task] = counts.get(e.task, 0) + 1
-    return out
 
 
 def general_text_source(path: str | Path | None, out: Path) -> Path:
