@@ -53,7 +53,6 @@ class Case:
     seq: int = 2048
     ckpt: bool = True
     offload: bool = False  # checkpointed layer inputs in pinned host memory (our checkpoint function)
-    reentrant: bool = False  # our checkpoint function with the inputs kept on the GPU
     mask: bool = False  # the training loop's dense block-causal mask instead of SDPA's causal flag
     warmup: int = 2
     steps: int = 5
@@ -66,7 +65,6 @@ CASES = [
     Case("ours-8b", "ours", "llama-3-8b"),
     Case("peer-8b", "peer", "llama-3-8b"),
     Case("ours-8b-offload", "ours", "llama-3-8b", offload=True),
-    Case("ours-8b-reentrant", "ours", "llama-3-8b", reentrant=True, optional=True),
     Case("ours-70b", "ours", "llama-3-70b", batch=1, warmup=1, steps=3, seconds=150),
     Case("ours-1b-full", "ours", "llama-3.2-1b", method="full", batch=8, seconds=60),
     Case("ours-1b-lora-nockpt", "ours", "llama-3.2-1b", method="lora", ckpt=False, seconds=60),
@@ -138,8 +136,8 @@ def build_ours(cfg: dict, method: str, device: torch.device):
     from tuneforge.quant.nf4 import quantize_4bit
 
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # full/lora load the base in fp32 (as load_model does) and train under autocast; qlora keeps the rest in bf16.
-    dense = compute if method == "qlora" else torch.float32
+    # as train loads them on a GPU: full fine-tuning keeps fp32 master weights, a frozen (LoRA) base bf16
+    dense = compute if method in ("qlora", "lora") else torch.float32
     model = skeleton(cfg, dense)
     materialize_dense(model, device, dense)
     nf4.CHUNK_VALUES = 1 << 26  # quantize in fewer, larger steps: same values, a faster build
@@ -184,90 +182,13 @@ def build_peer(cfg: dict, device: torch.device):
     return get_peft_model(model, config)
 
 
-# --- offloaded checkpoints (benchmark-side; not yet a train option) ---------------------------------
+# --- recomputation ------------------------------------------------------------------------------
 
-class _HostCopy:
-    """A GPU tensor copied to pinned host memory on a side stream, and back on demand (prefetchable)."""
+def enable_checkpointing(model, offload: bool) -> None:
+    """Checkpointing as ``train`` does it: HF's non-reentrant, or ours with the inputs offloaded to host."""
+    from tuneforge.train import recompute
 
-    stream: torch.cuda.Stream | None = None
-
-    offload = True
-
-    def __init__(self, t: torch.Tensor, prev: _HostCopy | None) -> None:
-        self.prev, self.device, self.gpu, self.loaded = prev, t.device, None, False
-        if not (t.is_cuda and self.offload):  # kept where it is (CPU smoke runs, or offload off)
-            self.gpu, self.host = t, None
-            return
-        if _HostCopy.stream is None:
-            _HostCopy.stream = torch.cuda.Stream(t.device)
-        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(self.stream):
-            self.host.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)  # its memory is not reused before the copy is done
-
-    def prefetch(self) -> None:
-        if self.gpu is None:
-            with torch.cuda.stream(self.stream):
-                self.gpu = self.host.to(self.device, non_blocking=True)
-
-    def load(self) -> torch.Tensor:
-        if self.host is None:
-            self.loaded = True
-            out, self.gpu = self.gpu, None
-            return out
-        self.prefetch()
-        main = torch.cuda.current_stream(self.device)
-        main.wait_stream(self.stream)
-        self.gpu.record_stream(main)
-        if self.prev is not None:
-            self.prev.prefetch()  # the layer below comes in while this one recomputes
-        self.loaded = True
-        out, self.gpu, self.host = self.gpu, None, None
-        return out
-
-
-_chain: list[_HostCopy] = []
-
-
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Checkpoint a decoder layer with its input kept in host memory rather than on the GPU."""
-
-    @staticmethod
-    def forward(ctx, run, hidden, _needs_grad, *args):
-        if _chain and _chain[-1].loaded:  # a new step: drop the last one's copies
-            _chain.clear()
-        _chain.append(_HostCopy(hidden, _chain[-1] if _chain else None))
-        ctx.copy, ctx.run, ctx.args = _chain[-1], run, args
-        ctx.amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        with torch.no_grad():
-            return run(hidden, *args)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden = ctx.copy.load().detach().requires_grad_(True)
-        enabled, dtype = ctx.amp
-        with torch.enable_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled):
-            out = ctx.run(hidden, *ctx.args)
-        torch.autograd.backward(out, grad)
-        return (None, hidden.grad, None) + (None,) * len(ctx.args)
-
-
-_NEEDS_GRAD = torch.empty(0, requires_grad=True)  # makes the output need grad even if the input does not
-
-
-def offloaded_checkpoint(run, hidden, *args, **_):
-    return _OffloadedCheckpoint.apply(run, hidden, _NEEDS_GRAD, *args)
-
-
-def enable_checkpointing(model, offload: bool, reentrant: bool = False) -> None:
-    """HF's non-reentrant checkpointing (what train uses), or ours with the inputs offloaded or kept."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _HostCopy.offload = offload
-    if offload or reentrant:  # no dropout in these runs, so the recompute needs no RNG state
-        for m in model.modules():
-            if getattr(m, "gradient_checkpointing", False):
-                m._gradient_checkpointing_func = offloaded_checkpoint
+    recompute.enable(model, "offload" if offload else "on")
 
 
 # --- steps ---------------------------------------------------------------------------------------
@@ -337,7 +258,7 @@ def run_training_case(case: Case, smoke: bool, layers: int | None, steps: int | 
         model = build_ours(cfg, case.method, device)
         loss_fn = partial(ours_loss, mask=case.mask)
     if case.ckpt:
-        enable_checkpointing(model, case.offload, case.reentrant)
+        enable_checkpointing(model, case.offload)
     model.train()
     sync(device)
     if device.type == "cuda":
@@ -543,7 +464,7 @@ def summary_line(rec: dict) -> str:
 def compare(cases: dict) -> dict:
     out = {}
     peer = cases.get("peer-8b", {})
-    for name in ("ours-8b", "ours-8b-offload", "ours-8b-reentrant"):
+    for name in ("ours-8b", "ours-8b-offload"):
         ours = cases.get(name, {})
         if "tokens_per_s" in ours and "tokens_per_s" in peer:
             out[f"{name}/peer-8b"] = {
@@ -569,7 +490,7 @@ def markdown(results: dict) -> str:
         c = rec["case"]
         if c["impl"] == "dequant":
             continue
-        style = "offloaded" if c["offload"] else "ours, on GPU" if c.get("reentrant") else "on"
+        style = "offloaded" if c["offload"] else "on"
         ckpt = style if c["ckpt"] else "off"
         method = c["method"] + (" (bnb+PEFT)" if c["impl"] == "peer" else "") + (" +mask" if c["mask"] else "")
         if "tokens_per_s" not in rec:
@@ -633,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.markdown_from).read_text())
         for rec in results["cases"].values():
             if rec["case"]["impl"] == "ours" and "peak_gib" in rec:
-                rec.update(replan(Case(**rec["case"]), rec))
+                known = {k: v for k, v in rec["case"].items() if k in Case.__dataclass_fields__}
+                rec.update(replan(Case(**known), rec))
         results["comparisons"] = compare(results["cases"])
         print(markdown(results))
         if args.save:

@@ -109,8 +109,13 @@ class TrainConfig(Strict):
     seed: int = 0
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto", "off", "on", "offload"] = Field(
+        "auto", description="auto: the planner decides on a GPU (off when it fits), off on the CPU; offload: "
+                            "checkpointed layer inputs kept in host memory (the memory-lean mode)")
     loss_chunk_tokens: int = Field(1024, gt=0)
+    kernels: Literal["auto", "torch", "liger"] = Field(
+        "auto", description="liger: Liger's RMSNorm/SwiGLU Triton kernels (GPU, pip install liger-kernel); "
+                            "auto: liger when on a GPU with it installed")
     eval_every: int | None = Field(None, gt=0)
     save_every: int | None = Field(None, gt=0)
     log_every: int = Field(1, gt=0)

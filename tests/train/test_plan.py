@@ -160,11 +160,11 @@ def _config(tmp_path, **train):
 
 def test_check_memory_refuses_with_the_split_and_advice(tmp_path, monkeypatch):
     with pytest.raises(TuneforgeError) as e:
-        check_memory(_config(tmp_path), gpu_mem_gib=24)
+        check_memory(_config(tmp_path, gradient_checkpointing=False), gpu_mem_gib=24)
     message = str(e.value)
     assert "predicted peak" in message and "activations" in message and "method.name=qlora" in message
     monkeypatch.setenv("TUNEFORGE_SKIP_MEMORY_CHECK", "1")
-    assert check_memory(_config(tmp_path), gpu_mem_gib=24).fits is False
+    assert check_memory(_config(tmp_path, gradient_checkpointing=False), gpu_mem_gib=24).fits is False
     monkeypatch.delenv("TUNEFORGE_SKIP_MEMORY_CHECK")
     assert check_memory(_config(tmp_path, gradient_checkpointing=True), gpu_mem_gib=80).fits
 
@@ -177,7 +177,7 @@ def test_check_memory_stays_out_of_the_way_of_what_it_cannot_model(tmp_path):
 
 def test_train_refuses_a_cuda_run_that_cannot_fit_before_loading_anything(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "resolve_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(plan_module, "_cuda_memory", lambda device=None: 24 * GIB)
+    monkeypatch.setattr(plan_module, "_cuda_memory", lambda device=None: 16 * GIB)  # not even offloaded
     with pytest.raises(TuneforgeError, match="predicted not to fit"):
         loop.train(_config(tmp_path))
     assert not (tmp_path / "run").exists()

@@ -424,6 +424,15 @@ class LoRALinear(nn.Module):
         b = self.lora_B[name].weight.to(x.dtype)
         return F.linear(F.linear(self.lora_dropout[name](x), a), b) * scale
 
+    def _add_lora(self, y: torch.Tensor, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """``y + scale · B(A(x))`` with the scale folded into B and the sum done by the second GEMM (addmm),
+        so no elementwise pass over the full-width output is needed."""
+        xa = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+        b = self.lora_B[name].weight * scale
+        xa = xa.reshape(-1, xa.shape[-1]).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.to(y.dtype).t())
+        return out.view(y.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.row_groups is not None:
@@ -431,8 +440,7 @@ class LoRALinear(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            delta = self._lora(name, x, self.scaling[name] * self.adapter_weights.get(name, 1.0))
-            y = y + delta.to(y.dtype)
+            y = self._add_lora(y, name, x, self.scaling[name] * self.adapter_weights.get(name, 1.0))
         return y
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import apply_lora, format_trainable
 from tuneforge.models.load import load_model
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
+from tuneforge.train.plan import gpu_weight_dtype
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -25,7 +26,9 @@ def load_model_for(config: RunConfig, device: torch.device) -> torch.nn.Module:
         return load_model_4bit(config.model, quant_type=q.quant_type, double_quant=q.double_quant,
                                compute_dtype=compute_dtype(device), device=device,
                                trust_remote_code=config.trust_remote_code)
-    return load_model(config.model, device=str(device), trust_remote_code=config.trust_remote_code)
+    # a frozen LoRA base needs no fp32 master copy on a GPU: bf16 halves its memory and its reads
+    dtype = torch.bfloat16 if device.type == "cuda" and gpu_weight_dtype(config) == "bf16" else torch.float32
+    return load_model(config.model, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
 
 
 def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:

@@ -44,15 +44,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, trainer: dict[str, Any]) -> Path:
     """Write ``checkpoints/step-<step>`` atomically and return its path."""
+    return write_checkpoint(run_dir, step, trainable_state(model), optimizer.state_dict(), scheduler.state_dict(),
+                            trainer)
+
+
+def write_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                     scheduler_state: dict[str, Any], trainer: dict[str, Any]) -> Path:
+    """Write already collected state as ``checkpoints/step-<step>`` (temporary name, then renamed)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "state.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}, tmp / "state.pt")
     (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

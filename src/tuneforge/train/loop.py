@@ -20,12 +20,17 @@ from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import TrainData, build_training_data
-from tuneforge.data.packing import PackedRow, block_causal_mask, collate
+from tuneforge.data.packing import PackedRow, collate
 from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.methods.lora import count_parameters
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer
-from tuneforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.train import distributed
+from tuneforge.train import recompute as recomputation
+from tuneforge.train.attention import attention_mask, use_document_attention
+from tuneforge.train.checkpoint import latest_checkpoint
+from tuneforge.train.distributed import load_checkpoint, save_checkpoint  # the one-process ones, or gathered
+from tuneforge.train.kernels import apply_kernels
 from tuneforge.train.loss import chunked_lm_loss
 from tuneforge.train.schedule import make_scheduler
 
@@ -78,12 +83,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens
             amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
     """Summed loss and trained-token count of one batch of packed rows."""
     device = next(model.parameters()).device
-    seq_ids = batch["seq_ids"]
-    if int(seq_ids.max()) <= 0:
-        # one example per row: a padding mask keeps attention on the fused causal kernels
-        mask = (seq_ids >= 0).long().to(device)
-    else:
-        mask = block_causal_mask(seq_ids).to(device)
+    mask = attention_mask(model, batch["seq_ids"], device)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                                   position_ids=batch["position_ids"].to(device),
@@ -135,26 +135,31 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = resolve_device(t.device)
+    device = distributed.init(config, resolve_device(t.device))  # cuda:LOCAL_RANK under torchrun
+    recompute = recomputation.choose_mode(config, device)
     if model is None and device.type == "cuda":  # refuse early, with the predicted split and advice
         from tuneforge.train.plan import check_memory
 
-        check_memory(config, device)
+        check_memory(config, device, recompute=recompute)
     amp = autocast_dtype(config, device)
-    run_dir = prepare_run_dir(config, resume, overwrite)
-    save_config(config, run_dir / "config.yaml")
-    say = (lambda *a: None) if quiet else print
+    run_dir = distributed.on_main(prepare_run_dir, config, resume, overwrite)  # rank 0 writes files, all wait
+    distributed.on_main(save_config, config, run_dir / "config.yaml")
+    say = (lambda *a: None) if quiet or not distributed.is_main() else print
 
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
     data = data or build_training_data(config.data, tokenizer, seed=t.seed)
     report_data(data, say)
     model = model or load_model_for(config, device)
     model.to(device)
-    say("[tuneforge] " + prepare_model(model, config.method))
+    trainable_summary = prepare_model(model, config.method)
     callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    recomputation.enable(model, recompute)
+    kernels = apply_kernels(model, t.kernels, device)
+    packed = any(max(row.seq_ids) > 0 for row in data.train_rows)
+    attention = "flex (document mask)" if packed and use_document_attention(model, device) else "sdpa"
+    say(f"[tuneforge] {trainable_summary}; recomputation {recompute}; kernels {kernels}; attention {attention}")
     model.train()
+    model = distributed.shard_model(model)  # FSDP2 under torchrun, before the optimizer sees the parameters
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
@@ -166,9 +171,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     metrics_path = run_dir / "metrics.jsonl"
     if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
-        keep_metrics_until(metrics_path, start)
+        distributed.on_main(keep_metrics_until, metrics_path, start)
         say(f"[tuneforge] resumed from {ckpt} (step {start})")
-    elif not resume:
+    elif not resume and distributed.is_main():
         metrics_path.unlink(missing_ok=True)
 
     pad_id = tokenizer.pad_token_id
@@ -179,20 +184,22 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     records: list[dict[str, Any]] = []
     stopped: str | None = None
     trained_tokens, t0, loss_value, val = 0, time.perf_counter(), float("nan"), None
-    bar = tqdm(total=steps, initial=start, desc="train", disable=quiet, dynamic_ncols=True)
-    with metrics_path.open("a") as log:
+    bar = tqdm(total=steps, initial=start, desc="train", disable=quiet or not distributed.is_main(),
+               dynamic_ncols=True)
+    with distributed.main_file(metrics_path).open("a") as log:
         for step in range(start, steps):
             step_t0 = time.perf_counter()
-            batches = [collate([data.train_rows[i] for i in next(stream)], pad_id)
+            # this rank's share of each global micro-batch (all of it on one process)
+            batches = [collate(distributed.local_rows([data.train_rows[i] for i in next(stream)]), pad_id)
                        for _ in range(t.grad_accum)]
             # normalize by the trained tokens of the whole accumulated batch, not per micro-batch
-            n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_total = distributed.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
             step_loss = 0.0
             for b in batches:
                 loss, _ = lm_loss(model, b, t.loss_chunk_tokens, amp)
                 (loss / max(n_total, 1)).backward()
                 step_loss += float(loss.detach())
-            loss_value = step_loss / max(n_total, 1)
+            loss_value = distributed.all_sum(step_loss) / max(n_total, 1)
             if not math.isfinite(loss_value):
                 raise TuneforgeError(
                     f"loss became {loss_value} at step {step + 1}; stopping without saving these "
@@ -205,10 +212,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            tokens = sum(int((b["seq_ids"] >= 0).sum()) for b in batches)
+            tokens = distributed.all_sum(sum(int((b["seq_ids"] >= 0).sum()) for b in batches))
             trained_tokens += n_total
             rec = {"step": step + 1, "loss": round(loss_value, 5), "lr": lr,
-                   "grad_norm": round(float(grad_norm), 4),
+                   "grad_norm": round(distributed.scalar(grad_norm), 4),
                    "tokens_per_s": round(tokens / (time.perf_counter() - step_t0), 1),
                    "trained_tokens": n_total}
             if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < steps:
@@ -239,15 +246,20 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             run_callbacks(callbacks, steps, model, final)
         log.write(json.dumps(final) + "\n")
 
-    ensure_finite(model)
-    output = save_output(model, tokenizer, config, run_dir)
-    trainable, total = count_parameters(model)
+    def finish() -> tuple[Path, int, int]:
+        ensure_finite(model)
+        return (save_output(model, tokenizer, config, run_dir), *count_parameters(model))
+
+    # under torchrun rank 0 runs finish() with the gathered full weights; every rank gets its result
+    output, trainable, total = distributed.with_full_weights(model, finish,
+                                                             config.method.name in ("full", "freeze"))
     from tuneforge.report.plots import plot_loss
 
     result = TrainResult(run_dir=run_dir, steps=steps, final_loss=loss_value, val_loss=val,
                          trained_tokens=trained_tokens, seconds=time.perf_counter() - t0,
                          trainable=trainable, total=total, output=output,
-                         loss_png=plot_loss(metrics_path, run_dir / "plots" / "loss.png"), metrics=records)
+                         loss_png=distributed.on_main(plot_loss, metrics_path, run_dir / "plots" / "loss.png"),
+                         metrics=records)
     say(summary_table(result))
     return result
 

@@ -1,21 +1,36 @@
-"""Causal-LM cross-entropy computed in chunks, only on trained positions.
+"""Causal-LM cross-entropy with the output head fused in: chunked, trained positions only, no recompute.
 
-Full-vocabulary fp32 logits for every token are the largest tensor of a fine-tuning step
-(tokens × vocab × 4 bytes). Here the output head runs only on positions whose next token is
-trained, a chunk at a time, and each chunk's logits are recomputed in backward instead of stored.
+Full-vocabulary logits for every token are the largest tensor of a fine-tuning step
+(tokens × vocab × 4 bytes in fp32). Here the output head runs only on positions whose next token is
+trained, a chunk of rows at a time, so at most one chunk's logits exist at once.
+
+The head and the cross-entropy are one ``torch.autograd.Function`` (the idea behind Liger's
+FusedLinearCrossEntropy and Unsloth's fused loss; this is our own code). While a chunk's logits
+are live, its forward computes the loss (fp32 logsumexp) and at once the gradient of the loss
+w.r.t. the logits, ``softmax - onehot``, and from it
+
+- the gradient w.r.t. the chunk's hidden states, ``dlogits @ W`` (kept, in hidden's dtype, for the
+  trained rows only), and
+- when the head is trainable, ``dlogits^T @ h`` added into one fp32 weight-gradient accumulator
+  (and the bias gradient likewise).
+
+The loss is a scalar, so backward only multiplies those stored gradients by ``grad_output``.
+Unlike checkpointing each chunk, this never runs the head a second time in backward (one
+tokens × hidden × vocab matmul saved per step), and unlike plain autograd it never keeps logits.
+
+The Function does the casting autocast would do for ``F.linear``: with autocast on for hidden's
+device, the matmuls run in the autocast dtype, else in hidden's dtype; the gradients it returns
+have the dtypes of the inputs.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+_AUTOCAST_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -25,25 +40,124 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run ``F.linear`` on ``hidden`` in."""
+    device_type = hidden.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        return hidden.dtype
+    if enabled and hidden.dtype in _AUTOCAST_CASTABLE:
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of a chunk; inputs already in the compute dtype, autocast off."""
+    return F.linear(h, weight, bias).float()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden[rows] @ weight.T + bias`` against ``targets``, grads made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, compute_dtype: torch.dtype,
+                need_h: bool, need_w: bool, need_b: bool) -> torch.Tensor:
+        h_all = hidden.reshape(-1, hidden.shape[-1])
+        n = rows.numel()
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            grad_h = h_all.new_empty((n, h_all.shape[-1])) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk_tokens):
+                end = min(start + chunk_tokens, n)
+                h = h_all.index_select(0, rows[start:end]).to(compute_dtype)
+                t = targets[start:end]
+                logits = _chunk_logits(h, w, b)
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                # d loss / d logits = softmax - onehot, built in place in the fp32 logits
+                dlogits = logits.sub_(lse[:, None]).exp_()
+                dlogits[torch.arange(end - start, device=t.device), t] -= 1.0
+                if grad_b is not None:
+                    grad_b += dlogits.sum(0)
+                dlogits = dlogits.to(compute_dtype)
+                if grad_h is not None:
+                    if compute_dtype == grad_h.dtype:
+                        torch.mm(dlogits, w, out=grad_h[start:end])
+                    else:
+                        grad_h[start:end] = dlogits @ w
+                if grad_w is not None:
+                    if compute_dtype == torch.float32:
+                        grad_w.addmm_(dlogits.t(), h)
+                    else:
+                        grad_w += dlogits.t() @ h
+                del logits, dlogits
+        ctx.hidden_shape = hidden.shape
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(rows, grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        rows, grad_h, grad_w, grad_b = ctx.saved_tensors
+        d_hidden = d_weight = d_bias = None
+        if grad_h is not None and ctx.needs_input_grad[0]:
+            d_hidden = grad_h.new_zeros((math.prod(ctx.hidden_shape[:-1]), grad_h.shape[-1]))
+            d_hidden.index_copy_(0, rows, grad_h)
+            d_hidden = d_hidden.mul_(grad_output).view(ctx.hidden_shape)  # scale applied in fp32, not rounded
+        if grad_w is not None and ctx.needs_input_grad[1]:
+            d_weight = (grad_w * grad_output).to(ctx.weight_dtype)
+        if grad_b is not None and ctx.needs_input_grad[2]:
+            d_bias = (grad_b * grad_output).to(ctx.bias_dtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def _plain_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        rows: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                        compute_dtype: torch.dtype) -> torch.Tensor:
+    h_all = hidden.reshape(-1, hidden.shape[-1])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        for start in range(0, rows.numel(), chunk_tokens):
+            h = h_all.index_select(0, rows[start:start + chunk_tokens]).to(compute_dtype)
+            total += F.cross_entropy(_chunk_logits(h, w, b), targets[start:start + chunk_tokens], reduction="sum")
+    return total
+
+
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear | torch.nn.Module, labels: torch.Tensor,
                     chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and their count.
 
     ``labels`` are aligned with the inputs (-100 = no loss); position i predicts labels[i + 1].
+    ``head`` is the output projection (anything with ``weight`` and optional ``bias``; it may be tied
+    to the input embeddings). The loss is fp32; see the module docstring for how gradients are made.
     """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     targets = shifted_targets(labels).reshape(-1)
     keep = targets != -100
     n = int(keep.sum())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    t = targets[keep]
+    rows = keep.nonzero().squeeze(1).to(hidden.device)
+    t = targets[keep].to(hidden.device)
     weight, bias = head.weight, getattr(head, "bias", None)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_tokens):
-        hs, ts = h[start:start + chunk_tokens], t[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss, hs, weight, bias, ts, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hs, weight, bias, ts)
+    compute_dtype = _compute_dtype(hidden)
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden.requires_grad
+    need_w = grad_on and weight.requires_grad
+    need_b = grad_on and bias is not None and bias.requires_grad
+    if not (need_h or need_w or need_b):
+        return _plain_chunked_loss(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype), n
+    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype,
+                                           need_h, need_w, need_b)
     return total, n

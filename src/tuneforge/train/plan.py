@@ -129,9 +129,10 @@ def plan_memory(
 
     ``model_config``: a shape name (``llama-3-8b``), a model reference, an HF config or a dict.
     ``dtype`` is the compute (autocast) dtype; ``weight_dtype`` the dtype non-quantized weights are
-    loaded in (tuneforge loads fp32). ``attention_mask``: the loop's dense block-causal mask (packed
-    rows), which takes SDPA off its flash kernel. ``offload_checkpoints``: checkpointed layer inputs
-    live in host memory. ``gpu_mem_gib`` None means the current CUDA device's size, if any.
+    loaded in (tuneforge: fp32; bf16 for a frozen LoRA base on a GPU). ``attention_mask``: a dense
+    block-causal mask (the CPU path for packed rows), which takes SDPA off its flash kernel.
+    ``offload_checkpoints``: checkpointed layer inputs live in host memory. ``gpu_mem_gib`` None means the
+    current CUDA device's size, if any.
     """
     if optimizer.lower() != "adamw":
         raise ConfigError(f"optimizer {optimizer!r}: the planner models AdamW (what the loop uses)")
@@ -286,13 +287,17 @@ def _weight_casts(run: _Run, layers: int) -> int:
 
 
 def _loss_phase(run: _Run) -> int:
-    """The chunked loss's backward: one chunk's fp32 logits, their gradient and log-softmax, plus inputs."""
+    """The fused loss's forward, where its gradients are made: one chunk's logits (compute dtype and fp32) and
+    their gradient, the stored gradient of the hidden states, the head's fp32 gradient when it trains, inputs."""
     s, t = run.shape, run.tokens
     chunk = min(run.chunk, t)
-    logits = 3 * chunk * s.vocab * 4  # log-softmax output (saved), its gradient, the logits' gradient
+    logits = chunk * s.vocab * (2 * run.cb + 4)
+    grad_hidden = t * s.hidden * run.rb
+    head_trains = run.method == "full"
+    head_grad = s.vocab * s.hidden * (4 + run.cb) if head_trains else 0  # fp32 sum and one chunk's product
     head_cast = s.vocab * s.hidden * run.cb if run.wb != run.cb else 0
     inputs = t * s.hidden * (run.rb + 4)  # the gathered hidden states and the final norm's fp32 copy
-    return logits + head_cast + inputs
+    return logits + grad_hidden + head_grad + head_cast + inputs
 
 
 def _phases(run: _Run, grads: int) -> dict[str, tuple[int, int]]:
@@ -397,28 +402,41 @@ def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
 
 # --- the training loop's check ------------------------------------------------------------------
 
-def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any = None) -> MemoryPlan:
-    """The plan of a ``RunConfig`` as ``train`` would run it (on ``device``'s memory unless given)."""
+def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any = None,
+                    recompute: str | None = None) -> MemoryPlan:
+    """The plan of a ``RunConfig`` as ``train`` would run it on a GPU (``device``'s memory unless given).
+
+    ``recompute`` (off/on/offload) overrides the config's ``gradient_checkpointing``; ``auto`` plans as ``on``.
+    """
+    from tuneforge.train.recompute import resolve_mode
+
     if gpu_mem_gib is None and (mem := _cuda_memory(device)) is not None:
         gpu_mem_gib = mem / GIB
     m, t = config.method, config.train
+    mode = recompute or resolve_mode(t.gradient_checkpointing)
     freeze_layers = m.freeze.top_k_layers or 0
     return plan_memory(
         config.model, method=m.name, seq=config.data.max_seq_len, batch=t.batch_size, lora_r=m.lora.r,
-        targets=m.lora.target_modules, gradient_checkpointing=t.gradient_checkpointing,
-        dtype="fp32" if t.dtype == "fp32" else "bf16", gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
-        freeze_layers=freeze_layers, loss_chunk_tokens=t.loss_chunk_tokens, attention_mask=True,
-        grad_accum=t.grad_accum)
+        targets=m.lora.target_modules, gradient_checkpointing=mode != "off",
+        offload_checkpoints=mode == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
+        weight_dtype=gpu_weight_dtype(config), gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
+        freeze_layers=freeze_layers, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum)
 
 
-def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = None) -> MemoryPlan | None:
+def gpu_weight_dtype(config: Any) -> str:
+    """The dtype ``train`` loads non-quantized weights in on a GPU: frozen LoRA bases in bf16, else fp32."""
+    return "bf16" if config.method.name == "lora" and config.train.dtype != "fp32" else "fp32"
+
+
+def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = None,
+                 recompute: str | None = None) -> MemoryPlan | None:
     """Raise TuneforgeError, with the predicted split and advice, when a run cannot fit the GPU.
 
     Returns the plan, or None when the planner does not model this model or target list. Set
     ``TUNEFORGE_SKIP_MEMORY_CHECK=1`` to try anyway.
     """
     try:
-        plan = plan_for_config(config, gpu_mem_gib, device)
+        plan = plan_for_config(config, gpu_mem_gib, device, recompute)
     except TuneforgeError:
         return None  # an architecture or target list the planner does not model: loading will tell
     if plan.fits is False and os.environ.get(SKIP_ENV) != "1":

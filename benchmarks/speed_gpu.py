@@ -1,0 +1,540 @@
+"""GPU training speed: tuneforge against HF transformers + PEFT (and + Liger kernels, + bitsandbytes), one call.
+
+    python benchmarks/speed_gpu.py --prepare       # once, where ../shared/data exists: tokenize the P3 workload
+    python benchmarks/speed_gpu.py                 # every case, one subprocess each, results under $OUT
+    python benchmarks/speed_gpu.py --smoke         # tiny shapes on a CPU: the script runs end to end
+    python benchmarks/speed_gpu.py --layers 2      # real widths, 2 layers: a quick check of every case
+
+Cases (random weights at the real Llama-3 shapes, the same seeded weights and batch for both sides):
+8B LoRA r=16 on all 7 projections 4×2048 (peers HF+PEFT and HF+PEFT+Liger, checkpointing on as their
+baseline runs it); the same with QLoRA (bitsandbytes NF4 + double quant, + Liger); 1B full fine-tuning 8×2048
+(HF, HF+Liger); and a real SFT workload: P3 examples tokenized by tuneforge's pipeline (their real lengths
+and response-only labels), the peer with per-batch dynamic padding, tuneforge with packing and document
+masks. tuneforge runs what ``train`` runs: its loss (``train.loop.lm_loss``), its attention choice, and the
+recomputation mode its planner picks (``auto``) unless the case names one. Tokens/s count real (non-pad)
+tokens; MFU is model FLOPs (4·params per token for a frozen base, 6· for full, plus causal attention) over
+989 TFLOP/s (H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from qlora_gpu import (  # noqa: E402
+    LORA_ALPHA,
+    LORA_R,
+    TINY,
+    build_ours,
+    build_peer,
+    decoder_weights,
+    environment,
+    gib,
+    materialize_dense,
+    skeleton,
+    sync,
+)
+
+from tuneforge.train.plan import PROJECTIONS, shape_config  # noqa: E402
+
+PEAK_FLOPS = 989e12
+WORKLOAD = ROOT / ".bench" / "p3_workload.json"
+P3_DIR = ROOT.parent / "shared" / "data" / "p3"
+LOSS_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    impl: str  # ours | peer
+    shape: str
+    method: str = "lora"  # lora | qlora | full
+    batch: int = 4
+    seq: int = 2048
+    recompute: str = "auto"  # ours: auto/off/on/offload; peer: on/off
+    liger: bool = False
+    workload: str = "fixed"  # fixed (random tokens, full rows) | p3 (real lengths)
+    warmup: int = 2
+    steps: int = 5
+    optional: bool = False
+    seconds: int = 45
+
+
+CASES = [
+    Case("peer-8b-lora", "peer", "llama-3-8b", recompute="on"),
+    Case("peer-8b-lora-liger", "peer", "llama-3-8b", recompute="on", liger=True),
+    Case("ours-8b-lora", "ours", "llama-3-8b"),
+    Case("ours-8b-lora-liger", "ours", "llama-3-8b", liger=True),
+    Case("ours-8b-lora-lean", "ours", "llama-3-8b", recompute="offload"),
+    Case("ours-8b-lora-lean-liger", "ours", "llama-3-8b", recompute="offload", liger=True),
+    Case("peer-8b-qlora", "peer", "llama-3-8b", method="qlora", recompute="on"),
+    Case("peer-8b-qlora-liger", "peer", "llama-3-8b", method="qlora", recompute="on", liger=True),
+    Case("ours-8b-qlora", "ours", "llama-3-8b", method="qlora", recompute="on"),
+    Case("ours-8b-qlora-liger", "ours", "llama-3-8b", method="qlora", recompute="on", liger=True),
+    Case("ours-8b-qlora-offload", "ours", "llama-3-8b", method="qlora", recompute="offload", liger=True),
+    Case("peer-1b-full", "peer", "llama-3.2-1b", method="full", batch=8, recompute="on"),
+    Case("peer-1b-full-liger", "peer", "llama-3.2-1b", method="full", batch=8, recompute="on", liger=True),
+    Case("ours-1b-full", "ours", "llama-3.2-1b", method="full", batch=8),
+    Case("ours-1b-full-liger", "ours", "llama-3.2-1b", method="full", batch=8, liger=True),
+    Case("peer-8b-p3", "peer", "llama-3-8b", recompute="off", workload="p3", batch=16, seconds=60),
+    Case("ours-8b-p3", "ours", "llama-3-8b", workload="p3", seconds=60),
+    Case("ours-8b-p3-dense", "ours", "llama-3-8b", workload="p3", optional=True, seconds=60),
+    Case("profile-ours-8b-lora", "ours", "llama-3-8b", warmup=2, steps=2, optional=True),
+]
+COMPARE = [("ours-8b-lora", "peer-8b-lora-liger"), ("ours-8b-lora", "peer-8b-lora"),
+           ("ours-8b-lora-liger", "peer-8b-lora-liger"), ("ours-8b-lora-lean", "peer-8b-lora-liger"),
+           ("ours-8b-lora-lean-liger", "peer-8b-lora-liger"),
+           ("ours-8b-qlora", "peer-8b-qlora-liger"), ("ours-8b-qlora-liger", "peer-8b-qlora-liger"),
+           ("ours-8b-qlora-offload", "peer-8b-qlora-liger"), ("ours-8b-qlora", "peer-8b-qlora"),
+           ("ours-1b-full", "peer-1b-full-liger"), ("ours-1b-full-liger", "peer-1b-full-liger"),
+           ("ours-1b-full", "peer-1b-full"), ("ours-8b-p3", "peer-8b-p3"), ("ours-8b-p3-dense", "peer-8b-p3")]
+
+
+# --- workload ------------------------------------------------------------------------------------
+
+def prepare_workload(n: int = 1024, seed: int = 0) -> Path:
+    """Tokenize ``n`` random P3 examples (all templates) with tuneforge's pipeline; save ids and labels."""
+    from tuneforge.config import DataConfig, DatasetSpec
+    from tuneforge.data.dataset import encode_all, read_spec
+    from tuneforge.errors import DataError
+    from tuneforge.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    cfg = DataConfig(max_seq_len=2048, skip_bad=True)
+    examples, skipped = [], []
+    for path in sorted(P3_DIR.glob("*.jsonl")):
+        try:
+            more, bad = read_spec(DatasetSpec(path=str(path)), True, seed)
+        except DataError as e:  # P3 ships a few empty templates
+            print(f"skipped: {e}")
+            continue
+        examples += more
+        skipped += bad
+    random.Random(seed).shuffle(examples)
+    tokenized = encode_all(examples[: n + n // 4], tokenizer, cfg, skipped)[:n]
+    WORKLOAD.parent.mkdir(exist_ok=True)
+    lengths = sorted(len(t.input_ids) for t in tokenized)
+    WORKLOAD.write_text(json.dumps({"source": f"{len(list(P3_DIR.glob('*.jsonl')))} P3 templates, seed {seed}",
+                                    "examples": [[t.input_ids, t.labels] for t in tokenized]}))
+    print(f"{len(tokenized)} examples, tokens {sum(lengths):,}, length p50 {lengths[len(lengths) // 2]}, "
+          f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]} -> {WORKLOAD}")
+    return WORKLOAD
+
+
+def load_workload(smoke: bool, vocab: int) -> list:
+    from tuneforge.data.conversation import Tokenized
+
+    if smoke and not WORKLOAD.exists():
+        g = random.Random(0)
+        lengths = [g.randint(5, 60) for _ in range(24)]
+        return [Tokenized([g.randrange(vocab) for _ in range(n)], [-100] * (n // 2) + [1] * (n - n // 2))
+                for n in lengths]
+    data = json.loads(WORKLOAD.read_text())
+    out = [Tokenized([i % vocab for i in ids], [-100 if x == -100 else x % vocab for x in labels])
+           for ids, labels in data["examples"]]
+    return [Tokenized(t.input_ids[:60], t.labels[:60]) for t in out[:48]] if smoke else out
+
+
+def peer_batches(examples: list, batch: int, pad_id: int = 0) -> list[dict]:
+    """HF-style dynamic padding: each batch padded (right) to its longest example."""
+    out = []
+    for i in range(0, len(examples), batch):
+        group = examples[i:i + batch]
+        n = max(len(e.input_ids) for e in group)
+        ids = torch.full((len(group), n), pad_id)
+        labels = torch.full((len(group), n), -100)
+        mask = torch.zeros((len(group), n), dtype=torch.long)
+        for b, e in enumerate(group):
+            k = len(e.input_ids)
+            ids[b, :k], labels[b, :k], mask[b, :k] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "real": int(mask.sum())})
+    return out
+
+
+def ours_batches(examples: list, rows_per_batch: int, seq: int, pad_id: int = 0) -> list[dict]:
+    """tuneforge's packing of the same examples into rows of ``seq`` tokens."""
+    from tuneforge.data.packing import collate, pack
+
+    rows = pack(examples, seq)
+    out = []
+    for i in range(0, len(rows), rows_per_batch):
+        b = collate(rows[i:i + rows_per_batch], pad_id)
+        b["real"] = int((b["seq_ids"] >= 0).sum())
+        out.append(b)
+    return out
+
+
+def fixed_batch(cfg: dict, batch: int, seq: int, impl: str) -> dict:
+    ids = torch.randint(0, cfg["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1234))
+    if impl == "peer":
+        return {"input_ids": ids, "labels": ids, "real": ids.numel()}
+    zeros = torch.zeros_like(ids)
+    return {"input_ids": ids, "labels": ids, "seq_ids": zeros, "real": ids.numel(),
+            "position_ids": torch.arange(seq).expand(batch, seq).contiguous()}
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def build_peer_dense(cfg: dict, method: str, device: torch.device):
+    """HF Llama in bf16 with PEFT LoRA on the 7 projections (lora) or all weights trainable (full)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.quant.linear4bit import set_submodule
+
+    model = skeleton(cfg, torch.bfloat16)
+    materialize_dense(model, device, torch.bfloat16)
+    for path, w in decoder_weights(model, device):
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        set_submodule(model, path, layer)
+    if method == "full":
+        return model.requires_grad_(True)
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(PROJECTIONS),
+                        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def build(case: Case, cfg: dict, device: torch.device):
+    if case.impl == "ours":
+        return build_ours(cfg, case.method, device)
+    if case.liger:  # before the model's classes are used: Liger patches them (loss included)
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    return build_peer(cfg, device) if case.method == "qlora" else build_peer_dense(cfg, case.method, device)
+
+
+def ours_recompute(case: Case, device: torch.device, batch: int, seq: int) -> str:
+    """The mode ``train`` would use: the planner's choice for ``auto``."""
+    from tuneforge.config import RunConfig
+    from tuneforge.train.recompute import choose_mode
+
+    config = RunConfig.model_validate({
+        "model": case.shape, "method": {"name": case.method, "lora": {"r": LORA_R, "alpha": LORA_ALPHA}},
+        "data": {"max_seq_len": seq}, "train": {"batch_size": batch, "gradient_checkpointing": case.recompute}})
+    return choose_mode(config, device)
+
+
+# --- steps ---------------------------------------------------------------------------------------
+
+def step_fn(case: Case, model, device: torch.device):
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    if case.impl == "ours":
+        from tuneforge.train.loop import lm_loss
+
+        def ours(batch):
+            total, n = lm_loss(model, batch, LOSS_CHUNK, amp)
+            return total / max(n, 1)
+        return ours
+
+    def peer(batch):
+        kw = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask") if k in batch}
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return model(**kw, use_cache=False).loss
+    return peer
+
+
+def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = dict(TINY) if smoke else shape_config(case.shape)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    batch, seq = (2, 64) if smoke else (case.batch, case.seq)
+    t0 = time.perf_counter()
+    model = build(case, cfg, device)
+    out: dict = {"build_s": time.perf_counter() - t0, "config": cfg}
+    recompute = case.recompute
+    if case.impl == "ours":
+        from tuneforge.train import recompute as recomputation
+        from tuneforge.train.attention import use_document_attention
+        from tuneforge.train.kernels import apply_kernels
+
+        recompute = "off" if smoke and recompute == "auto" else ours_recompute(case, device, batch, seq)
+        recomputation.enable(model, recompute)
+        if case.liger:
+            apply_kernels(model, "liger", device)
+        if case.workload == "p3" and not case.name.endswith("dense"):
+            out["attention"] = "flex" if use_document_attention(model, device) else "sdpa"
+    elif recompute == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out["recompute"] = recompute
+    model.train()
+    if case.workload == "p3":
+        examples = load_workload(smoke, cfg["vocab_size"])
+        batches = (ours_batches(examples, 4 if not smoke else 2, seq) if case.impl == "ours"
+                   else peer_batches(examples, case.batch if not smoke else 4))
+        out["workload"] = {"examples": len(examples), "batches": len(batches),
+                           "real_tokens": sum(b["real"] for b in batches),
+                           "padded_tokens": sum(b["input_ids"].numel() for b in batches)}
+        warm, timed = batches[:case.warmup], batches
+    else:
+        b = fixed_batch(cfg, batch, seq, case.impl)
+        warm, timed = [b] * (1 if smoke else case.warmup), [b] * (2 if smoke else case.steps)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        out["weights_gib"] = gib(device, "memory_allocated")
+        torch.cuda.reset_peak_memory_stats(device)
+    loss_of = step_fn(case, model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5 if case.method == "full" else 2e-4, fused=device.type == "cuda")
+
+    def step(b):
+        loss = loss_of(b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    losses = [step(b) for b in warm]
+    if case.name.startswith("profile"):
+        out.update(profile(step, timed, device))
+    sync(device)
+    t1 = time.perf_counter()
+    losses += [step(b) for b in timed]
+    sync(device)
+    seconds = time.perf_counter() - t1
+    real = sum(b["real"] for b in timed)
+    n_params = model_params(cfg)
+    attention = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * mean_context(timed)
+    flops_tok = (6 if case.method == "full" else 4) * n_params + attention
+    out.update(losses=losses, seconds=seconds, tokens_per_s=real / seconds, real_tokens=real,
+               trainable=sum(p.numel() for p in params), peak_gib=gib(device, "max_memory_allocated"),
+               reserved_gib=gib(device, "max_memory_reserved"),
+               mfu=real / seconds * flops_tok / PEAK_FLOPS if device.type == "cuda" else None,
+               limit_tokens_per_s=790e12 / ((6 if case.method == "full" else 4) * n_params))
+    return out
+
+
+def model_params(cfg: dict) -> int:
+    h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
+    emb = v * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return n * (2 * h * h + 2 * h * kv + 3 * h * i) + emb
+
+
+def mean_context(batches: list[dict]) -> float:
+    """Mean causal attention span per real token (half the example length, summed per example)."""
+    spans, tokens = 0.0, 0
+    for b in batches:
+        ids = b.get("seq_ids")
+        if ids is None:
+            mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
+            lengths = mask.sum(1).tolist()
+        else:
+            lengths = [int((row == s).sum()) for row in ids for s in row.unique().tolist() if s >= 0]
+        spans += sum(n * n / 2 for n in lengths)
+        tokens += sum(lengths)
+    return spans / max(tokens, 1)
+
+
+def profile(step, batches: list[dict], device: torch.device) -> dict:
+    """CUDA time by kernel family over two steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if device.type != "cuda":
+        return {}
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for b in batches[:2]:
+            step(b)
+        sync(device)
+    families: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        kernels.append((e.key, t / 1e3 / 2))
+        families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0.0) + t / 1e3 / 2
+    kernels.sort(key=lambda x: -x[1])
+    total = sum(families.values())
+    return {"profile_ms_per_step": total,
+            "profile_families": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda x: -x[1])},
+            "profile_top": [(k[:90], round(v, 2)) for k, v in kernels[:25]]}
+
+
+def kernel_family(name: str) -> str:
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "memcpy/memset"
+    if "flash" in n or "fmha" in n or "attention" in n or "flex" in n or "cudnn" in n and "sdpa" in n:
+        return "attention"
+    if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n:
+        return "matmul (GEMM)"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer"
+    if "triton" in n or "liger" in n:
+        return "triton (fused elementwise/norm)"
+    if "reduce" in n or "softmax" in n or "logsumexp" in n or "nll" in n:
+        return "reductions (norm, loss)"
+    return "elementwise/other"
+
+
+# --- orchestration -------------------------------------------------------------------------------
+
+def run_all(args: argparse.Namespace) -> dict:
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = args.cases.split(",") if args.cases else [c.name for c in CASES]
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    start = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="speed_gpu_"))
+    log_file = (out_dir / "speed_gpu.log").open("w")
+    env = environment()
+    try:
+        import importlib.metadata as md
+
+        env["liger_kernel"] = md.version("liger-kernel")
+    except Exception:  # noqa: BLE001 - not installed
+        env["liger_kernel"] = None
+    results: dict = {"env": env, "smoke": args.smoke, "layers": args.layers, "cases": {},
+                     "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]])}
+    for case in [c for c in CASES if c.name in wanted]:
+        left = args.budget - (time.perf_counter() - start)
+        if case.optional and left < case.seconds * 1.5 or left < 25:
+            results["cases"][case.name] = {"case": asdict(case), "skipped": f"time budget ({left:.0f} s left)"}
+            continue
+        path = scratch / f"{case.name}.json"
+        cmd = [sys.executable, __file__, "--run-case", case.name, "--json", str(path)]
+        cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--layers", str(args.layers)] if args.layers else []
+        t0 = time.perf_counter()
+        print(f"[bench] {case.name} ...", flush=True)
+        try:
+            proc = subprocess.run(cmd, timeout=max(10, left - 5), capture_output=True, text=True)
+            log = proc.stdout + proc.stderr
+            rec = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else {
+                "error": f"exit {proc.returncode}", "log_tail": log[-2500:]}
+        except subprocess.TimeoutExpired as e:
+            log = str(e.stdout or "") + str(e.stderr or "")
+            rec = {"error": "timeout", "log_tail": log[-2500:]}
+        rec["case"], rec["wall_s"] = asdict(case), time.perf_counter() - t0
+        log_file.write(f"=== {case.name}\n{log}\n")
+        log_file.flush()
+        results["cases"][case.name] = rec
+        print(f"[bench] {case.name}: {summary_line(rec)} ({rec['wall_s']:.0f} s)", flush=True)
+        if "error" in rec:
+            print(rec.get("log_tail", ""), flush=True)
+        (out_dir / "speed_gpu.json").write_text(json.dumps(results, indent=1))
+    results["comparisons"] = compare(results["cases"])
+    (out_dir / "speed_gpu.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "speed_gpu.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+def summary_line(rec: dict) -> str:
+    if "error" in rec:
+        return f"ERROR {rec['error']}"
+    peak = f"{rec['peak_gib']:.2f} GiB" if rec.get("peak_gib") is not None else "-"
+    return (f"{rec['tokens_per_s']:,.0f} tok/s, peak {peak}, recompute {rec.get('recompute')}, "
+            f"losses {rec['losses'][0]:.4f}..{rec['losses'][-1]:.4f}")
+
+
+def compare(cases: dict) -> dict:
+    out = {}
+    for ours, peer in COMPARE:
+        a, b = cases.get(ours, {}), cases.get(peer, {})
+        if "tokens_per_s" in a and "tokens_per_s" in b:
+            same_batch = a["case"]["workload"] == "fixed"
+            out[f"{ours} / {peer}"] = {
+                "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
+                "peak_ratio": a["peak_gib"] / b["peak_gib"] if b.get("peak_gib") else None,
+                "loss0": [a["losses"][0], b["losses"][0]] if same_batch else None}
+    return out
+
+
+def markdown(results: dict) -> str:
+    env = results["env"]
+    lines = [f"GPU training speed — {env['date']}, {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), "
+             f"transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, "
+             f"liger-kernel {env['liger_kernel']}, triton {env['triton']}"
+             + (" — SMOKE (tiny shapes)" if results["smoke"] else "")
+             + (f" — {results['layers']} layers only" if results["layers"] else ""), "",
+             f"Reproduce: `{results['command']}`", "",
+             "| case | method | tokens | recompute | kernels | tokens/s | peak GiB | MFU | of limit | first loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rec in results["cases"].items():
+        c = rec["case"]
+        tokens = (f"P3, {rec['workload']['examples']} ex." if rec.get("workload") else f"{c['batch']}×{c['seq']}")
+        kernels = ("Liger" if c["liger"] else "torch") + (" + flex" if rec.get("attention") == "flex" else "")
+        who = "HF+PEFT" if c["impl"] == "peer" and c["method"] != "full" else "HF" if c["impl"] == "peer" else "ours"
+        method = f"{c['method']} ({who})"
+        if "tokens_per_s" not in rec:
+            lines.append(f"| {name} | {method} | {tokens} | {c['recompute']} | {kernels} | "
+                         f"{rec.get('skipped') or rec.get('error')} | | | | |")
+            continue
+        mfu = f"{100 * rec['mfu']:.0f}%" if rec.get("mfu") else "-"
+        lines.append(f"| {name} | {method} | {tokens} | {rec['recompute']} | {kernels} | "
+                     f"{rec['tokens_per_s']:,.0f} | {_f(rec['peak_gib'])} | {mfu} | "
+                     f"{100 * rec['tokens_per_s'] / rec['limit_tokens_per_s']:.0f}% | {rec['losses'][0]:.4f} |")
+    comps = results.get("comparisons", {})
+    if comps:
+        lines += ["", "| tuneforge / peer (same call) | speed | peak memory | first loss (ours, peer) |",
+                  "|---|---|---|---|"]
+        for name, c in comps.items():
+            loss = f"{c['loss0'][0]:.4f}, {c['loss0'][1]:.4f}" if c["loss0"] else "different batches (real tokens)"
+            peak = f"{c['peak_ratio']:.2f}×" if c["peak_ratio"] else "-"
+            lines.append(f"| {name} | {c['speed_ratio']:.2f}× | {peak} | {loss} |")
+    for name, rec in results["cases"].items():
+        if rec.get("workload"):
+            w = rec["workload"]
+            share = 100 * w["real_tokens"] / w["padded_tokens"]
+            lines.append(f"\n{name}: {w['examples']} examples in {w['batches']} batches, {w['real_tokens']:,} real "
+                         f"tokens of {w['padded_tokens']:,} computed ({share:.0f}%)")
+        if rec.get("profile_families"):
+            lines += ["", f"Profile of {name} (CUDA ms per step by kernel family, "
+                          f"{rec['profile_ms_per_step']:.0f} ms total):", "",
+                      "| family | ms/step | share |", "|---|---|---|"]
+            for fam, ms in rec["profile_families"].items():
+                lines.append(f"| {fam} | {ms:.1f} | {100 * ms / rec['profile_ms_per_step']:.0f}% |")
+            lines += ["", "| kernel | ms/step |", "|---|---|"]
+            lines += [f"| `{k}` | {ms:.1f} |" for k, ms in rec["profile_top"][:15]]
+    return "\n".join(lines) + "\n"
+
+
+def _f(x, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prepare", action="store_true", help="tokenize the P3 workload from ../shared/data/p3")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script end to end (CPU is fine)")
+    p.add_argument("--layers", type=int, help="override the number of decoder layers (real widths)")
+    p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)}")
+    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
+    p.add_argument("--budget", type=float, default=560, help="seconds for all cases; optional ones are skipped")
+    p.add_argument("--run-case", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.prepare:
+        prepare_workload()
+        return 0
+    if args.run_case:
+        torch.set_num_threads(min(8, os.cpu_count() or 1))
+        case = next(c for c in CASES if c.name == args.run_case)
+        Path(args.json).write_text(json.dumps(run_case(case, args.smoke, args.layers), indent=1))
+        return 0
+    run_all(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The attention mask a training batch needs, and the attention kernel that reads it.
+
+Rows that hold one example each only need a padding mask, and SDPA keeps its fused causal kernel. Packed
+rows need each example to see only itself. On a GPU that is a FlexAttention document mask: a block-sparse
+mask that skips every tile lying between two examples, so attention costs what the examples cost, not what
+the row's length would. On the CPU, where FlexAttention has no fast kernel, it is a dense block-causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.data.packing import block_causal_mask
+
+FLEX = "flex_attention"
+
+
+def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool:
+    """Switch ``model`` to FlexAttention on a GPU (where packed rows then get block-sparse masks)."""
+    if device.type != "cuda" or getattr(model.config, "_attn_implementation", None) == FLEX:
+        return device.type == "cuda"
+    try:
+        model.set_attn_implementation(FLEX)
+    except (ValueError, ImportError, AttributeError):  # an architecture or version without it: keep SDPA
+        return False
+    return model.config._attn_implementation == FLEX
+
+
+def document_mask(seq_ids: torch.Tensor):
+    """A FlexAttention BlockMask from ``seq_ids`` [B, L]: a query sees earlier keys of its own example."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_example_causal(b, h, q, kv):
+        return (seq_ids[b, q] == seq_ids[b, kv]) & (q >= kv)
+
+    batch, length = seq_ids.shape
+    return create_block_mask(same_example_causal, batch, None, length, length, device=seq_ids.device)
+
+
+def attention_mask(model: torch.nn.Module, seq_ids: torch.Tensor, device: torch.device):
+    """The ``attention_mask`` to pass with a batch whose example ids are ``seq_ids`` (-1 = padding)."""
+    if getattr(model.config, "_attn_implementation", None) == FLEX:
+        return document_mask(seq_ids.to(device))
+    if int(seq_ids.max()) <= 0:
+        return (seq_ids >= 0).long().to(device)
+    return block_causal_mask(seq_ids).to(device)

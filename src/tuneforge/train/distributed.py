@@ -1,0 +1,348 @@
+"""Several processes under ``torchrun``: FSDP2 sharding, the global batch split over ranks, one checkpoint.
+
+``torchrun --nproc_per_node N -m tuneforge.cli train ...`` starts N copies of the same run; each finds its
+rank in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Started any other way (``WORLD_SIZE``
+unset or 1) every function here is a pass-through, so the loop has one code path.
+
+What a run means does not depend on the number of processes:
+
+- ``train.batch_size`` is the *global* rows per micro-batch. Every rank draws the same global order
+  (``micro_batches``) and keeps its share of each micro-batch (``local_rows``).
+- Each rank sums its loss; the trained-token count is summed over ranks, every rank divides by that global
+  count, and FSDP sums (not averages) the gradients: they equal the one-process gradients.
+- Parameters, gradients and optimizer state are sharded with FSDP2 (``fully_shard`` per decoder layer, then
+  the root). Frozen and trainable parameters share units. Buffers are not sharded: a QLoRA base keeps its
+  4-bit codes in buffers, so each GPU holds the whole 4-bit base (LoRA, norms, embeddings, head are sharded).
+- Checkpoints are gathered to rank 0 and written in the one-process format, so a run saved by N processes
+  resumes with M (any M, 1 included). Outputs (adapter/ or model/), metrics and plots are written by rank 0.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tuneforge.data.packing import IGNORE, PackedRow
+from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.train import checkpoint
+
+T = TypeVar("T")
+_DROPOUT_SEED_STRIDE = 1_000_003  # rank r > 0 draws dropout masks from seed + r·stride, not rank 0's stream
+
+
+def world_size() -> int:
+    """Processes in this run (1 unless launched by torchrun with several)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """True on the one process that prints and writes files (rank 0)."""
+    return rank() == 0
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def init(config: Any, device: torch.device) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); return this process's device.
+
+    On CUDA each process takes ``cuda:LOCAL_RANK``. Raises ConfigError when ``train.batch_size`` (global
+    rows per micro-batch) cannot be split evenly over the processes.
+    """
+    if not is_distributed():
+        return device
+    world, batch = world_size(), config.train.batch_size
+    if batch % world:
+        raise ConfigError(
+            f"train.batch_size={batch} is the global number of rows per micro-batch and must be divisible by "
+            f"the {world} processes (each takes batch_size/{world}); use e.g. train.batch_size="
+            f"{max(world, batch // world * world)} (and train.grad_accum for a larger batch)")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        atexit.register(_shutdown)
+    return device
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Where small tensors for collectives live: the current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one (``model.model.layers`` for HF decoders)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place with FSDP2: one unit per decoder layer, the rest in the root unit.
+
+    Call after LoRA/quantization/checkpointing are set up and before the optimizer is built (the optimizer
+    must see the sharded parameters). A no-op on one process.
+    """
+    if not is_distributed():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _run_root_hooks_on_base_model(model)
+    for module in _fsdp_modules(model):
+        # The loss is already divided by the global token count: gradients must be summed, not averaged.
+        set_factor = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
+        set_factor(1.0)
+        if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM (gloo has no PREMUL_SUM)
+            module.set_force_sum_reduction_for_comms(True)
+    if hasattr(model, "set_reduce_scatter_unused_params"):
+        # A rank whose share has no trained token (a shared row with fewer trained labels than sharers) gives
+        # the untied head no gradient; reduce zeros for it so every rank runs the same collectives.
+        model.set_reduce_scatter_unused_params(True)
+    if rank() > 0:  # same init on every rank (done above), different dropout masks from here on
+        torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
+    return model
+
+
+def _run_root_hooks_on_base_model(model: nn.Module) -> None:
+    """Make the root unit's FSDP hooks fire on the decoder stack rather than on ``model.forward``.
+
+    The loop calls ``model.base_model(...)`` and then reads the head's weight itself (the chunked loss), so
+    ``model.forward`` never runs. With the root's hooks on the base model, the root parameters (embeddings,
+    final norm, head) are gathered before the decoder runs and, as FSDP does for the root, stay gathered
+    until backward, so the loss reads the full head weight. ``model(...)`` still works: it calls the base.
+    """
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return
+    state = model._get_fsdp_state()
+    try:
+        state._pre_forward_hook_handle.remove()
+        state._post_forward_hook_handle.remove()
+    except AttributeError as e:  # a torch whose FSDP2 internals differ
+        raise RuntimeError(f"this torch version's FSDP2 cannot be hooked as tuneforge needs ({e})") from e
+    state._pre_forward_hook_handle = base.register_forward_pre_hook(state._pre_forward, prepend=True,
+                                                                    with_kwargs=True)
+    state._post_forward_hook_handle = base.register_forward_hook(state._post_forward, prepend=False)
+
+
+def _fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return (m for m in model.modules() if isinstance(m, FSDPModule))
+
+
+def _reshard(model: nn.Module) -> None:
+    """Back to sharded parameters (the root stays gathered after a forward with no backward, e.g. eval)."""
+    for module in _fsdp_modules(model):
+        module.reshard()
+
+
+# --- the global batch ----------------------------------------------------------------------------
+
+def local_rows(rows: list[PackedRow]) -> list[PackedRow]:
+    """This rank's share of one global micro-batch: ``rows[rank::world]``.
+
+    A micro-batch with fewer rows than processes (the last one of an epoch) is shared another way, because
+    every rank must run a forward and backward: ranks that share a row each train on every k-th of its
+    trained labels, so the summed loss and gradient are still those of the whole micro-batch.
+    """
+    world, r = world_size(), rank()
+    if world == 1 or not rows:
+        return rows
+    if len(rows) >= world:
+        return rows[r::world]
+    i = r % len(rows)
+    sharing = [q for q in range(world) if q % len(rows) == i]
+    j, k = sharing.index(r), len(sharing)
+    row = rows[i]
+    trained = [p for p in range(1, len(row.labels)) if row.labels[p] != IGNORE]
+    keep = set(trained[j::k])
+    labels = [lab if p == 0 or p in keep else IGNORE for p, lab in enumerate(row.labels)]
+    return [replace(row, labels=labels)]
+
+
+def all_sum(value: T) -> T:
+    """``value`` (an int or float) summed over all processes; unchanged on one process."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return type(value)(t.item()) if isinstance(value, int) else t.item()
+
+
+def scalar(t: torch.Tensor | float) -> float:
+    """A Python float of a tensor that may be a DTensor (e.g. the gradient norm of sharded gradients)."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if callable(full) else t)
+
+
+# --- rank 0 does, everyone learns the outcome ----------------------------------------------------
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error (so none waits forever)."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    box: list[Any] = [None]
+    if is_main():
+        try:
+            box[0] = (True, fn(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box[0] = (False, e if isinstance(e, TuneforgeError) else RuntimeError(f"rank 0: {e!r}"))
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def main_file(path: Path) -> Path:
+    """``path`` on rank 0, the null device elsewhere: for files only rank 0 writes (metrics.jsonl)."""
+    return path if is_main() else Path(os.devnull)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor | None:
+    """The whole of a sharded tensor, on the CPU of rank 0 (None elsewhere); every rank must call it."""
+    whole = t.full_tensor() if hasattr(t, "full_tensor") else t
+    out = whole.detach().cpu().contiguous() if is_main() else None
+    del whole
+    return out
+
+
+@contextmanager
+def _swapped(model: nn.Module, full: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Temporarily register the full tensors in ``full`` (by id of the sharded parameter) in the model."""
+    swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
+    made: dict[int, nn.Parameter] = {}
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) in full:
+                    new = made.setdefault(id(p), nn.Parameter(full[id(p)], requires_grad=p.requires_grad))
+                    swaps.append((module, name, p))
+                    module._parameters[name] = new
+        yield
+    finally:
+        for module, name, p in reversed(swaps):
+            module._parameters[name] = p
+
+
+def with_full_weights(model: nn.Module, fn: Callable[[], T], everything: bool = True) -> T:
+    """Run ``fn`` on rank 0 with the model's full (unsharded) weights in place; every rank gets its result.
+
+    ``everything=False`` gathers only the trainable parameters (enough to save a LoRA adapter); frozen ones
+    stay sharded and ``fn`` must not read them. On one process this is just ``fn()``.
+    """
+    if not is_distributed():
+        return fn()
+    _reshard(model)
+    full: dict[int, torch.Tensor] = {}
+    for _, p in model.named_parameters():  # the same order on every rank: one all-gather per tensor
+        if everything or p.requires_grad:
+            t = _full(p)
+            if t is not None:
+                full[id(p)] = t
+
+    def run() -> T:
+        with _swapped(model, full):
+            return fn()
+
+    return on_main(run)
+
+
+# --- checkpoints in the one-process format -------------------------------------------------------
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, trainer: dict[str, Any]) -> Path:
+    """``checkpoint.save_checkpoint``; under torchrun every rank calls it and rank 0 writes the full state."""
+    if not is_distributed():
+        return checkpoint.save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer)
+    _reshard(model)
+    weights = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+    osd = optimizer.state_dict()
+    osd["state"] = {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                    for i, s in sorted(osd["state"].items())}
+    return on_main(checkpoint.write_checkpoint, run_dir, step, weights, osd, scheduler.state_dict(), trainer)
+
+
+def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``full`` laid out as the sharded ``param`` (a DTensor sharded on dim 0)."""
+    from torch.distributed.tensor import Shard
+
+    if not hasattr(param, "to_local"):
+        return full.to(param.device, param.dtype)
+    if tuple(param.placements) != (Shard(0),):
+        raise RuntimeError(f"unexpected sharding {param.placements}")
+    out = torch.zeros_like(param)  # same placement, dtype, device
+    local = out.to_local()
+    step = -(-full.shape[0] // world_size())  # torch.chunk's split, as FSDP2 and DTensor use
+    start = min(rank() * step, full.shape[0])
+    local.copy_(full.narrow(0, start, local.shape[0]))
+    return out
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any) -> dict[str, Any]:
+    """``checkpoint.load_checkpoint``; under torchrun every rank reads the files and keeps its shard.
+
+    Works whatever number of processes wrote the checkpoint (the format is always the full one-process one).
+    """
+    if not is_distributed():
+        return checkpoint.load_checkpoint(path, model, optimizer, scheduler)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise TuneforgeError(f"checkpoint {path} does not match this model/method "
+                             f"(e.g. {unknown[0]}); resume with the config the run started with")
+    _reshard(model)
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(_shard_like(params[name], value))
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    osd = state["optimizer"]
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, s in osd["state"].items():
+        p = ordered[int(i)]
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:  # moments, not ``step``
+                s[k] = _shard_like(p, v)
+    optimizer.load_state_dict(osd)
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    if rank() > 0:
+        torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
+    return json.loads((path / "trainer.json").read_text())

@@ -1,0 +1,50 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneforge.data.packing import block_causal_mask
+from tuneforge.train.attention import FLEX, attention_mask, document_mask, use_document_attention
+
+
+def _seq_ids() -> torch.Tensor:
+    # row 0: three examples then padding; row 1: one example filling the row
+    return torch.tensor([[0] * 5 + [1] * 7 + [2] * 3 + [-1] * 1, [0] * 16])
+
+
+def test_document_mask_attends_like_the_dense_block_causal_mask():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    seq_ids = _seq_ids()
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(seq_ids))
+    flex = flex_attention(q, k, v, block_mask=document_mask(seq_ids))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_batches_get_a_padding_mask_or_a_dense_block_mask(tiny_model):
+    device = torch.device("cpu")
+    assert use_document_attention(tiny_model, device) is False
+    assert tiny_model.config._attn_implementation != FLEX
+    one_per_row = torch.tensor([[0, 0, 0, -1], [0, 0, 0, 0]])
+    assert attention_mask(tiny_model, one_per_row, device).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    packed = _seq_ids()
+    assert torch.equal(attention_mask(tiny_model, packed, device), block_causal_mask(packed))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fast path is for GPUs")
+def test_packed_loss_with_flex_equals_dense_mask_on_gpu(tiny_model):
+    from tuneforge.train.loop import lm_loss
+
+    device = torch.device("cuda")
+    model = tiny_model.to(device)
+    seq_ids = _seq_ids()
+    ids = torch.randint(0, model.config.vocab_size, seq_ids.shape)
+    positions = torch.cat([torch.arange(5), torch.arange(7), torch.arange(3), torch.arange(1)])
+    batch = {"input_ids": ids, "labels": ids.masked_fill(seq_ids < 0, -100), "seq_ids": seq_ids,
+             "position_ids": torch.stack([positions, torch.arange(16)])}
+    dense, n = lm_loss(model, batch, 1024, None)
+    assert use_document_attention(model, device)
+    flex, n_flex = lm_loss(model, batch, 1024, None)
+    assert n == n_flex
+    torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
