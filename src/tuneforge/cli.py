@@ -244,10 +244,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from tuneforge.train.plan import plan_memory
 
     plan = plan_memory(args.model, method=args.method, seq=args.seq, batch=args.batch, lora_r=args.lora_r,
-                       targets=args.targets, gradient_checkpointing=args.checkpointing, dtype=args.dtype,
+                       targets=args.targets, gradient_checkpointing=args.recompute != "off",
+                       offload_checkpoints=args.recompute == "offload", dtype=args.dtype,
+                       weight_dtype="bf16" if args.method == "lora" and args.dtype == "bf16" else "fp32",
                        gpu_mem_gib=args.gpu_mem, lora_dropout=args.lora_dropout,
-                       loss_chunk_tokens=args.loss_chunk_tokens, attention_mask=not args.no_mask,
-                       grad_accum=args.grad_accum)
+                       loss_chunk_tokens=args.loss_chunk_tokens, grad_accum=args.grad_accum, shards=args.gpus)
     print(plan.table())
 
 
@@ -258,17 +259,17 @@ def add_plan_command(sub) -> None:
                    help="local HF dir, builtin model, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b")
     p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], default="lora")
     p.add_argument("--seq", type=int, default=2048, help="tokens per row (data.max_seq_len)")
-    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch (train.batch_size)")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch per GPU")
+    p.add_argument("--gpus", type=int, default=1, help="FSDP processes the state is sharded over (torchrun)")
     p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--recompute", choices=["off", "on", "offload"], default="off",
+                   help="activation recomputation (train.gradient_checkpointing)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or q_proj,v_proj,...")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
     p.add_argument("--loss-chunk-tokens", type=int, default=1024)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--no-mask", action="store_true",
-                   help="SDPA's causal kernel instead of the loop's block-causal mask (unpacked rows)")
     p.set_defaults(func=cmd_plan)
 
 

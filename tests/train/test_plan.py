@@ -11,7 +11,16 @@ from tuneforge.config import validate
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.train import loop
 from tuneforge.train import plan as plan_module
-from tuneforge.train.plan import GIB, SHAPES, ModelShape, check_memory, model_shape, plan_memory, shape_config
+from tuneforge.train.plan import (
+    GIB,
+    SHAPES,
+    ModelShape,
+    check_memory,
+    model_shape,
+    plan_for_config,
+    plan_memory,
+    shape_config,
+)
 
 torch.set_num_threads(1)
 
@@ -185,7 +194,7 @@ def test_train_refuses_a_cuda_run_that_cannot_fit_before_loading_anything(tmp_pa
 
 def test_cli_plan_prints_the_table(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--method", "qlora", "--seq", "2048", "--batch", "4",
-                 "--checkpointing", "--gpu-mem", "24"]) == 0
+                 "--recompute", "on", "--gpu-mem", "24"]) == 0
     out = capsys.readouterr().out
     for part in ("weights", "gradients", "optimizer state", "activations", "overhead", "predicted peak",
                  "fits on 24.0 GiB: yes"):
@@ -195,3 +204,20 @@ def test_cli_plan_prints_the_table(capsys):
 def test_cli_plan_reports_a_bad_model_without_a_traceback(capsys):
     assert main(["plan", "--model", "no-such-shape-or-dir/x/y", "--method", "lora"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("method", "weight_dtype", "measured_gib"),
+                         [("lora", "bf16", 14.47), ("qlora", "bf16", 10.51), ("full", "fp32", 71.01)])
+def test_sharded_plan_matches_the_h200_pair(method, weight_dtype, measured_gib):
+    # per-GPU peaks measured by benchmarks/fsdp_gpu.py: 8B, 2 GPUs, 4x2048 per GPU, checkpointing on
+    plan = plan_memory("llama-3-8b", method, 2048, 4, gradient_checkpointing=True, weight_dtype=weight_dtype,
+                       shards=2, advise=False)
+    assert abs(plan.allocated / GIB / measured_gib - 1) < 0.06
+
+
+def test_plan_under_torchrun_is_per_process(tmp_path, monkeypatch):
+    one = plan_for_config(_config(tmp_path, gradient_checkpointing=True), gpu_mem_gib=141)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = plan_for_config(_config(tmp_path, gradient_checkpointing=True), gpu_mem_gib=141)
+    assert two.batch == one.batch // 2
+    assert two.weights < one.weights and two.activations < one.activations

@@ -122,6 +122,7 @@ def plan_memory(
     attention_mask: bool = False,
     offload_checkpoints: bool = False,
     grad_accum: int = 1,
+    shards: int = 1,
     overhead_bytes: int = OVERHEAD_BYTES,
     advise: bool = True,
 ) -> MemoryPlan:
@@ -132,25 +133,26 @@ def plan_memory(
     loaded in (tuneforge: fp32; bf16 for a frozen LoRA base on a GPU). ``attention_mask``: a dense
     block-causal mask (the CPU path for packed rows), which takes SDPA off its flash kernel.
     ``offload_checkpoints``: checkpointed layer inputs live in host memory. ``gpu_mem_gib`` None means the
-    current CUDA device's size, if any.
+    current CUDA device's size, if any. ``shards``: FSDP processes; ``batch`` is then per process.
     """
     if optimizer.lower() != "adamw":
         raise ConfigError(f"optimizer {optimizer!r}: the planner models AdamW (what the loop uses)")
     run = _resolve(model_config, method, seq, batch, lora_r, targets, gradient_checkpointing, dtype, weight_dtype,
-                   lora_dropout, freeze_layers, loss_chunk_tokens, attention_mask, offload_checkpoints, grad_accum)
+                   lora_dropout, freeze_layers, loss_chunk_tokens, attention_mask, offload_checkpoints, grad_accum,
+                   shards)
     plan = _plan(run, overhead_bytes)
     plan.gpu_mem = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else _cuda_memory()
     plan.settings = {"lora_r": lora_r, "targets": targets if isinstance(targets, str) else list(targets),
                      "dtype": dtype, "weight_dtype": weight_dtype, "lora_dropout": lora_dropout,
                      "loss_chunk_tokens": loss_chunk_tokens, "attention_mask": attention_mask,
-                     "offload_checkpoints": offload_checkpoints, "grad_accum": grad_accum}
+                     "offload_checkpoints": offload_checkpoints, "grad_accum": grad_accum, "shards": shards}
     if advise:
         plan.advice = _advice(run, plan, overhead_bytes)
     return plan
 
 
 def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, weight_dtype, dropout,
-             freeze_layers, chunk, mask, offload, grad_accum) -> _Run:
+             freeze_layers, chunk, mask, offload, grad_accum, shards=1) -> _Run:
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     for key, value in (("seq", seq), ("batch", batch), ("lora_r", lora_r), ("loss_chunk_tokens", chunk),
@@ -168,7 +170,7 @@ def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, wei
     pb = wb if method in ("full", "freeze") else 4  # LoRA adapters train in fp32 whatever the base
     return _Run(shape=shape, method=method, batch=batch, seq=seq, ckpt=bool(ckpt), offload=bool(offload and ckpt),
                 rb=wb, cb=cb, wb=wb, pb=pb, lora=lora, r=lora_r, dropout=float(dropout), trained_layers=trained,
-                chunk=chunk, mask=bool(mask), grad_accum=grad_accum)
+                chunk=chunk, mask=bool(mask), grad_accum=grad_accum, shards=max(1, int(shards)))
 
 
 def _lora_targets(targets: str | Sequence[str]) -> list[str]:
@@ -207,22 +209,34 @@ def _lora_params(run: _Run) -> int:
 
 
 def _weights(run: _Run) -> tuple[int, int, int]:
-    """(weight bytes, trainable params, total params)."""
+    """(weight bytes, trainable params, total params) per GPU.
+
+    Sharded (FSDP2): each process keeps 1/shards of every parameter, plus, gathered, the root's (embeddings,
+    head, final norm: kept through the step) and two decoder layers (the one running and the one prefetched).
+    4-bit codes are buffers, not parameters: every process holds all of them.
+    """
     s = run.shape
-    if run.quantized:
-        linear = s.layers * sum(_nf4_bytes(a * b) for a, b in s.projections().values())
-        dense = (s.embed_params + s.head_params + s.norm_params) * run.cb
-        base = linear + dense
-    else:
-        base = s.params * run.wb
     lora = _lora_params(run)
+    root = (s.embed_params + s.head_params + s.norm_params) * (run.cb if run.quantized else run.wb)
+    if run.quantized:
+        codes = s.layers * sum(_nf4_bytes(a * b) for a, b in s.projections().values())
+        layer = 0
+        base = codes + root
+    else:
+        layer = (s.layer_linear_params + 2 * s.hidden) * run.wb
+        base = s.params * run.wb
+    lora_layer = lora // s.layers * 4
+    if run.shards > 1:
+        sharded = base - (codes if run.quantized else 0) + lora * 4
+        base = (codes if run.quantized else 0) + sharded // run.shards + root + 2 * (layer + lora_layer)
+        lora = 0  # counted in the shards
     if run.method == "full":
         trainable = s.params
     elif run.method == "freeze":
         trainable = run.trained_layers * (s.layer_linear_params + 2 * s.hidden)
     else:
-        trainable = lora
-    return base + lora * 4, trainable, s.params + lora
+        trainable = _lora_params(run)
+    return base + lora * 4, trainable, s.params + _lora_params(run)
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -335,8 +349,8 @@ def _phases(run: _Run, grads: int) -> dict[str, tuple[int, int]]:
 
 def _plan(run: _Run, overhead: int) -> MemoryPlan:
     weights, trainable, total = _weights(run)
-    grads = trainable * run.pb
-    optimizer = 2 * trainable * run.pb
+    grads = trainable * run.pb // run.shards
+    optimizer = 2 * trainable * run.pb // run.shards
     phases = _phases(run, grads)
     phase, (activations, gradients) = max(phases.items(), key=lambda kv: sum(kv[1]))
     return MemoryPlan(model=run.shape.name, method=run.method, seq=run.seq, batch=run.batch,
@@ -407,7 +421,9 @@ def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any =
     """The plan of a ``RunConfig`` as ``train`` would run it on a GPU (``device``'s memory unless given).
 
     ``recompute`` (off/on/offload) overrides the config's ``gradient_checkpointing``; ``auto`` plans as ``on``.
+    Under torchrun the plan is per process: the batch and the FSDP-sharded state split over the processes.
     """
+    from tuneforge.train.distributed import world_size
     from tuneforge.train.recompute import resolve_mode
 
     if gpu_mem_gib is None and (mem := _cuda_memory(device)) is not None:
@@ -415,8 +431,10 @@ def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any =
     m, t = config.method, config.train
     mode = recompute or resolve_mode(t.gradient_checkpointing)
     freeze_layers = m.freeze.top_k_layers or 0
+    shards = world_size()  # under torchrun each process plans its own share
     return plan_memory(
-        config.model, method=m.name, seq=config.data.max_seq_len, batch=t.batch_size, lora_r=m.lora.r,
+        config.model, method=m.name, seq=config.data.max_seq_len, batch=max(1, t.batch_size // shards),
+        lora_r=m.lora.r, shards=shards,
         targets=m.lora.target_modules, gradient_checkpointing=mode != "off",
         offload_checkpoints=mode == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
         weight_dtype=gpu_weight_dtype(config), gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
@@ -572,6 +590,7 @@ class _Run:
     chunk: int
     mask: bool  # a dense block-causal mask: SDPA's masked kernel, k/v repeated to all heads
     grad_accum: int
+    shards: int = 1  # FSDP processes: parameters, gradients and Adam states are split this many ways
 
     @property
     def tokens(self) -> int:
