@@ -256,7 +256,9 @@ def build_document(r: LabResult, out: Path) -> Document:
                       f"mixed in (text after the measured prefix): perplexity change "
                       f"{ppl_change(rep.state, b):+.1f}% vs {ppl_change(mix.state, b):+.1f}% without, trained-task "
                       f"accuracy {pct(rep.state.seen.accuracy)} vs {pct(mix.state.seen.accuracy)}, probes "
-                      f"{probe_change(rep.state, b):+.1f} vs {probe_change(mix.state, b):+.1f} points.")
+                      f"{probe_change(rep.state, b):+.1f} vs {probe_change(mix.state, b):+.1f} points. The replayed "
+                      "text comes from the file perplexity is measured on (a disjoint part), so a fall in perplexity "
+                      "is partly adaptation to that text's domain; the probes are never trained on.")
     else:
         doc.paragraph("Mitigations: a lower learning rate (section 2), LoRA (this section) and replay (general text "
                       "mixed into training, `tuneforge.eval.forgetting.with_replay`; measured in the full mode).")
