@@ -11,6 +11,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return trainer.json."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return trainer.json.
+
+    ``place(param, saved)`` turns a saved full tensor into what ``param`` holds (this process's shard under
+    FSDP); by default the tensor as saved.
+    """
+    place = place or (lambda param, saved: saved)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = [k for k in weights if k not in params]
@@ -85,9 +91,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                              f"(e.g. {unknown[0]}); resume with the config the run started with")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+            params[name].copy_(place(params[name], value))
+    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    osd = state["optimizer"]
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, moments in osd["state"].items():
+        p = ordered[int(i)]
+        for k, v in moments.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:  # moments, not ``step``
+                moments[k] = place(p, v)
+    optimizer.load_state_dict(osd)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "trainer.json").read_text())

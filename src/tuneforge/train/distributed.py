@@ -20,7 +20,6 @@ What a run means does not depend on the number of processes:
 from __future__ import annotations
 
 import atexit
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -320,29 +319,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     if not is_distributed():
         return checkpoint.load_checkpoint(path, model, optimizer, scheduler)
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = [k for k in weights if k not in params]
-    if unknown:
-        raise TuneforgeError(f"checkpoint {path} does not match this model/method "
-                             f"(e.g. {unknown[0]}); resume with the config the run started with")
     _reshard(model)
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(_shard_like(params[name], value))
-    state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    osd = state["optimizer"]
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, s in osd["state"].items():
-        p = ordered[int(i)]
-        for k, v in s.items():
-            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:  # moments, not ``step``
-                s[k] = _shard_like(p, v)
-    optimizer.load_state_dict(osd)
-    scheduler.load_state_dict(state["scheduler"])
-    checkpoint.set_rng_state(state["rng"])
+    trainer = checkpoint.load_checkpoint(path, model, optimizer, scheduler, place=_shard_like)
     if rank() > 0:
         torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
-    return json.loads((path / "trainer.json").read_text())
+    return trainer
