@@ -22,14 +22,12 @@ fine-tuning keeps fp32 master weights and fp32 AdamW states (sharded) and comput
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import qlora_gpu  # noqa: E402  (random-weight builders at real shapes, environment())
+import bench_runner  # noqa: E402
+import qlora_gpu  # noqa: E402  (random-weight builders at real shapes)
 import torch  # noqa: E402
+from bench_runner import fmt, gib_text, heading, measured_pairs  # noqa: E402
+from qlora_gpu import LOSS_CHUNK  # noqa: E402
 
 from tuneforge.train.plan import GIB, shape_config  # noqa: E402
-
-LORA_R, LORA_ALPHA, LOSS_CHUNK = 16, 32, 1024
 
 
 @dataclass(frozen=True)
@@ -70,36 +69,13 @@ PAIRS = [("lora-8b-1gpu", "lora-8b-2gpu"), ("qlora-8b-1gpu", "qlora-8b-2gpu")]
 
 def build(cfg: dict, method: str, device: torch.device) -> torch.nn.Module:
     """Llama with seeded random weights: NF4 Linear4bit (qlora) or dense decoder Linears, our LoRA unless full."""
-    from tuneforge.methods.lora import apply_lora
-    from tuneforge.quant import nf4
-    from tuneforge.quant.linear4bit import Linear4bit, set_submodule
-    from tuneforge.quant.nf4 import quantize_4bit
     from tuneforge.train.plan import gpu_weight_dtype
 
     # The dtypes train uses on a GPU, also in the CPU smoke run (so it goes through the same mixed-dtype FSDP
     # units): bf16 compute; a frozen LoRA base and a 4-bit base's other weights in bf16; fp32 for full.
-    compute = torch.bfloat16
-    if method == "qlora":
-        dense = compute
-    else:
-        run = SimpleNamespace(method=SimpleNamespace(name=method), train=SimpleNamespace(dtype="auto"))
-        dense = torch.bfloat16 if gpu_weight_dtype(run) == "bf16" else torch.float32
-    model = qlora_gpu.skeleton(cfg, dense)
-    qlora_gpu.materialize_dense(model, device, dense)
-    nf4.CHUNK_VALUES = 1 << 26  # quantize in fewer, larger steps: same values, a faster build
-    for path, w in qlora_gpu.decoder_weights(model, device):
-        if method == "qlora":
-            layer = Linear4bit.from_quantized(quantize_4bit(w, 64, "nf4", True), None, compute)
-        else:
-            layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-            layer.weight = torch.nn.Parameter(w.to(dense), requires_grad=False)
-        del w
-        set_submodule(model, path, layer)
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        apply_lora(model, r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, target_modules="all-linear")
-    return model
+    run = SimpleNamespace(method=SimpleNamespace(name=method), train=SimpleNamespace(dtype="auto"))
+    dense = torch.bfloat16 if method == "qlora" or gpu_weight_dtype(run) == "bf16" else torch.float32
+    return qlora_gpu.build_ours(cfg, method, device, compute=torch.bfloat16, dense=dense)
 
 
 def sync(device: torch.device) -> None:
@@ -184,21 +160,14 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
 
 # --- orchestration -------------------------------------------------------------------------------
 
-def child_command(case: Case, args: argparse.Namespace, json_path: Path) -> list[str]:
-    tail = [__file__, "--run-case", case.name, "--json", str(json_path), "--batch", str(args.batch),
-            "--seq", str(args.seq)]
-    tail += ["--smoke"] if args.smoke else []
-    tail += ["--layers", str(args.layers)] if args.layers else []
-    tail += ["--steps", str(args.steps)] if args.steps else []
+def child_command(args: argparse.Namespace, case: Case, json_path: Path) -> list[str]:
+    tail = bench_runner.child_args(__file__, case, json_path, args, ("batch", "seq", "smoke", "layers", "steps"))
     if case.gpus == 1:
         return [sys.executable, *tail]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(case.gpus), *tail]
 
 
 def run_all(args: argparse.Namespace) -> dict:
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = args.cases.split(",") if args.cases else [c.name for c in CASES]
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off
@@ -206,82 +175,37 @@ def run_all(args: argparse.Namespace) -> dict:
     if args.smoke:
         env["CUDA_VISIBLE_DEVICES"] = ""  # CPU + gloo even on a GPU machine
     gpus = 0 if args.smoke else torch.cuda.device_count()
-    results: dict = {"env": {**qlora_gpu.environment(), "gpus": gpus,
-                             "nccl": _version(torch.cuda.nccl.version()) if gpus else None,
-                             "nvls": env["NCCL_NVLS_ENABLE"], "alloc_conf": env["PYTORCH_CUDA_ALLOC_CONF"]},
-                     "smoke": args.smoke, "layers": args.layers, "cases": {},
-                     "command": " ".join(["python", "benchmarks/fsdp_gpu.py", *sys.argv[1:]])}
-    scratch = Path(tempfile.mkdtemp(prefix="fsdp_gpu_"))
+    machine = {"gpus": gpus, "nccl": _version(torch.cuda.nccl.version()) if gpus else None,
+               "nvls": env["NCCL_NVLS_ENABLE"], "alloc_conf": env["PYTORCH_CUDA_ALLOC_CONF"]}
     start = time.perf_counter()
-    with (out_dir / "fsdp_gpu.log").open("w") as log_file:
-        for case in CASES:
-            if case.name not in wanted:
-                continue
-            left = args.budget - (time.perf_counter() - start)
-            if not args.smoke and gpus < case.gpus:
-                results["cases"][case.name] = {"case": asdict(case), "skipped": f"{gpus} GPU(s) here"}
-                continue
-            if left < 20:
-                results["cases"][case.name] = {"case": asdict(case), "skipped": f"time budget ({left:.0f} s left)"}
-                continue
-            path = scratch / f"{case.name}.json"
-            t0 = time.perf_counter()
-            print(f"[bench] {case.name} ...", flush=True)
-            try:
-                proc = subprocess.run(child_command(case, args, path), env=env, timeout=max(10, left - 5),
-                                      capture_output=True, text=True)
-                log = proc.stdout + proc.stderr
-                rec = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else {
-                    "error": f"exit {proc.returncode}", "log_tail": log[-3000:]}
-            except subprocess.TimeoutExpired as e:
-                log = str(e.stdout or "") + str(e.stderr or "")
-                rec = {"error": "timeout", "log_tail": log[-3000:]}
-            rec["case"], rec["wall_s"] = asdict(case), time.perf_counter() - t0
-            log_file.write(f"=== {case.name}\n{log}\n")
-            log_file.flush()
-            results["cases"][case.name] = rec
-            print(f"[bench] {case.name}: {summary_line(rec)}", flush=True)
-            if "error" in rec:
-                print(rec.get("log_tail", ""), flush=True)
-            (out_dir / "fsdp_gpu.json").write_text(json.dumps(results, indent=1))
-    results["scaling"] = scaling(results["cases"])
-    results["total_s"] = time.perf_counter() - start
-    (out_dir / "fsdp_gpu.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "fsdp_gpu.md").write_text(markdown(results))
-    print(markdown(results))
-    return results
+    return bench_runner.run_cases(
+        args, "fsdp_gpu.py", {**bench_runner.environment(), **machine}, bench_runner.selected(CASES, args.cases),
+        partial(child_command, args), summary_line, markdown,
+        lambda cases: {"scaling": scaling(cases), "total_s": time.perf_counter() - start}, env=env,
+        skip=lambda case: None if args.smoke or gpus >= case.gpus else f"{gpus} GPU(s) here")
 
 
 def summary_line(rec: dict) -> str:
-    if "error" in rec:
-        return f"ERROR {rec['error']}"
-    peak = f"{rec['peak_gib']:.2f} GiB" if rec.get("peak_gib") is not None else "-"
-    return (f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_gpu']:,.0f}/GPU), peak {peak}, "
-            f"loss {rec['losses'][0]:.4f} → {rec['losses'][-1]:.4f}, {rec['wall_s']:.0f} s")
+    return (f"{rec['tokens_per_s']:,.0f} tok/s ({rec['tokens_per_s_per_gpu']:,.0f}/GPU), "
+            f"peak {gib_text(rec.get('peak_gib'))}, loss {rec['losses'][0]:.4f} → {rec['losses'][-1]:.4f}")
 
 
 def scaling(cases: dict) -> dict:
     """Per-GPU throughput on 2 GPUs over the 1-GPU throughput, for each method measured both ways."""
-    out = {}
-    for one, two in PAIRS:
-        a, b = cases.get(one, {}), cases.get(two, {})
-        if "tokens_per_s" in a and "tokens_per_s" in b:
-            out[two] = {"vs": one, "efficiency": b["tokens_per_s_per_gpu"] / a["tokens_per_s"],
-                        "speedup": b["tokens_per_s"] / a["tokens_per_s"]}
-    return out
+    return {two: {"vs": one, "efficiency": b["tokens_per_s_per_gpu"] / a["tokens_per_s"],
+                  "speedup": b["tokens_per_s"] / a["tokens_per_s"]}
+            for one, two, a, b in measured_pairs(cases, PAIRS)}
 
 
 def markdown(results: dict) -> str:
     env = results["env"]
-    lines = [f"FSDP2 — {env['date']}, {env['gpus']}× {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}, "
+    title = (f"FSDP2 — {env['date']}, {env['gpus']}× {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}, "
              f"NCCL {env['nccl']}), transformers {env['transformers']}; `PYTORCH_CUDA_ALLOC_CONF={env['alloc_conf']}`,"
-             f" `NCCL_NVLS_ENABLE={env['nvls']}`"
-             + (" — SMOKE (tiny shapes, CPU + gloo)" if results["smoke"] else "")
-             + (f" — {results['layers']} layers only" if results["layers"] else ""), "",
-             f"Reproduce: `{results['command']}`.", "",
-             "| case | method | GPUs | batch×seq per GPU | checkpointing | tokens/s | tokens/s per GPU | "
-             "scaling efficiency | peak GiB per GPU (allocated, max over ranks) | reserved GiB | loss first → last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f" `NCCL_NVLS_ENABLE={env['nvls']}`")
+    lines = heading(results, title, ".", "tiny shapes, CPU + gloo") + [
+        "| case | method | GPUs | batch×seq per GPU | checkpointing | tokens/s | tokens/s per GPU | "
+        "scaling efficiency | peak GiB per GPU (allocated, max over ranks) | reserved GiB | loss first → last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     eff = results.get("scaling", {})
     for name, rec in results["cases"].items():
         c = rec["case"]
@@ -294,8 +218,8 @@ def markdown(results: dict) -> str:
         finite = "" if rec["loss_finite"] else " (NOT FINITE)"
         lines.append(
             f"| {name} | {c['method']} | {rec['world']} | {rec['batch_per_gpu']}×{rec['seq']} | {ckpt} | "
-            f"{rec['tokens_per_s']:,.0f} | {rec['tokens_per_s_per_gpu']:,.0f} | {e} | {_f(rec['peak_gib'])} | "
-            f"{_f(rec['reserved_gib'])} | {rec['losses'][0]:.4f} → {rec['losses'][-1]:.4f}{finite} |")
+            f"{rec['tokens_per_s']:,.0f} | {rec['tokens_per_s_per_gpu']:,.0f} | {e} | {fmt(rec['peak_gib'])} | "
+            f"{fmt(rec['reserved_gib'])} | {rec['losses'][0]:.4f} → {rec['losses'][-1]:.4f}{finite} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,29 +227,16 @@ def _version(v) -> str:
     return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-def _f(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU with gloo: the script end to end")
-    p.add_argument("--layers", type=int, help="override the number of decoder layers (real widths)")
-    p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)}")
+    p = bench_runner.parser(__doc__, CASES, budget=460, budget_help="seconds for all cases; later ones are skipped",
+                            smoke_help="tiny shapes on the CPU with gloo: the script end to end")
     p.add_argument("--batch", type=int, default=4, help="rows per GPU per step")
     p.add_argument("--seq", type=int, default=2048, help="tokens per row")
     p.add_argument("--steps", type=int, help="timed steps per case (default: each case's)")
-    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
-    p.add_argument("--budget", type=float, default=460, help="seconds for all cases; later ones are skipped")
-    p.add_argument("--run-case", help=argparse.SUPPRESS)
-    p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_case:
-        case = next(c for c in CASES if c.name == args.run_case)
-        rec = run_case(case, args.smoke, args.layers, args.batch, args.seq, args.steps)
-        if rec is not None:
-            Path(args.json).write_text(json.dumps(rec, indent=1))
-        return 0
+        return bench_runner.run_child(
+            args, CASES, lambda case: run_case(case, args.smoke, args.layers, args.batch, args.seq, args.steps))
     run_all(args)
     return 0
 

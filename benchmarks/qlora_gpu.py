@@ -16,24 +16,23 @@ for the peer), backward, gradient clipping, fused AdamW.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_runner  # noqa: E402
 import torch  # noqa: E402
+from bench_runner import fmt, gib_text, heading, measured_pairs, pct, ratios  # noqa: E402
 
 from tuneforge.train.plan import GIB, PROJECTIONS, plan_memory, shape_config  # noqa: E402
 
@@ -73,6 +72,7 @@ CASES = [
     Case("ours-70b-offload", "ours", "llama-3-70b", batch=1, offload=True, warmup=1, steps=3, optional=True,
          seconds=150),
 ]
+COMPARE = [("ours-8b", "peer-8b"), ("ours-8b-offload", "peer-8b")]
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -128,16 +128,20 @@ def decoder_weights(model, device: torch.device):
             yield path, seeded(path, (linear.out_features, linear.in_features), device, std)
 
 
-def build_ours(cfg: dict, method: str, device: torch.device):
-    """tuneforge's model: HF Llama with our Linear4bit (qlora) or dense weights, and our LoRA."""
+def build_ours(cfg: dict, method: str, device: torch.device, compute: torch.dtype | None = None,
+               dense: torch.dtype | None = None):
+    """tuneforge's model: HF Llama with our Linear4bit (qlora) or dense weights, and our LoRA.
+
+    ``compute`` and ``dense`` (the dtype of the weights that are not 4-bit) replace the defaults below.
+    """
     from tuneforge.methods.lora import apply_lora
     from tuneforge.quant import nf4
     from tuneforge.quant.linear4bit import Linear4bit, set_submodule
     from tuneforge.quant.nf4 import quantize_4bit
 
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute = compute or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # as train loads them on a GPU: full fine-tuning keeps fp32 master weights, a frozen (LoRA) base bf16
-    dense = compute if method in ("qlora", "lora") else torch.float32
+    dense = dense or (compute if method in ("qlora", "lora") else torch.float32)
     model = skeleton(cfg, dense)
     materialize_dense(model, device, dense)
     nf4.CHUNK_VALUES = 1 << 26  # quantize in fewer, larger steps: same values, a faster build
@@ -364,75 +368,18 @@ def _bench_ms(fn, reps: int = 20) -> float:
 
 # --- orchestration -------------------------------------------------------------------------------
 
-def environment() -> dict:
-    import importlib.metadata as md
-
-    def version(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
-           **{name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "triton")},
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
-    if torch.cuda.is_available():
-        env["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
-    return env
-
-
 def run_all(args: argparse.Namespace) -> dict:
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = args.cases.split(",") if args.cases else [c.name for c in CASES]
     # Both implementations get the allocator setting that keeps reserved memory close to allocated.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    start = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix="qlora_gpu_"))
-    log_file = (out_dir / "qlora_gpu.log").open("w")
-    results: dict = {"env": environment(), "smoke": args.smoke, "layers": args.layers, "cases": {},
-                     "command": " ".join(["python", "benchmarks/qlora_gpu.py", *sys.argv[1:]])}
-    env = dict(os.environ)
-    again = args.repeat_only.split(",") if args.repeat_only else wanted
-    rounds = [(r, c) for r in range(args.repeat) for c in CASES if c.name in wanted
-              and (r == 0 or c.impl != "dequant" and c.name in again)]
-    for r, case in rounds:
-        left = args.budget - (time.perf_counter() - start)
-        if r and case.name not in results["cases"] or r and "tokens_per_s" not in results["cases"][case.name]:
-            continue
-        if case.optional and left < case.seconds * 1.5 or left < 20:
-            if not r:
-                results["cases"][case.name] = {"case": asdict(case), "skipped": f"time budget ({left:.0f} s left)"}
-            continue
-        path = scratch / f"{case.name}.json"
-        cmd = [sys.executable, __file__, "--run-case", case.name, "--json", str(path)]
-        cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--layers", str(args.layers)] if args.layers else []
-        cmd += ["--steps", str(args.steps)] if args.steps else []
-        t0 = time.perf_counter()
-        print(f"[bench] {case.name} ...", flush=True)
-        try:
-            proc = subprocess.run(cmd, env=env, timeout=max(10, left - 5), capture_output=True, text=True)
-            log = proc.stdout + proc.stderr
-            rec = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else {
-                "error": f"exit {proc.returncode}", "log_tail": log[-3000:]}
-        except subprocess.TimeoutExpired as e:
-            log = str(e.stdout or "") + str(e.stderr or "")
-            rec = {"error": "timeout", "log_tail": log[-3000:]}
-        rec["case"], rec["wall_s"] = asdict(case), time.perf_counter() - t0
-        log_file.write(f"=== {case.name} (round {r + 1})\n{log}\n")
-        log_file.flush()
-        results["cases"][case.name] = merge_round(results["cases"].get(case.name), rec)
-        print(f"[bench] {case.name}: {summary_line(rec)}", flush=True)
-        if "error" in rec:
-            print(rec.get("log_tail", ""), flush=True)
-        (out_dir / "qlora_gpu.json").write_text(json.dumps(results, indent=1))
-    results["comparisons"] = compare(results["cases"])
-    (out_dir / "qlora_gpu.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "qlora_gpu.md").write_text(markdown(results))
-    print(markdown(results))
-    return results
+    chosen = bench_runner.selected(CASES, args.cases)
+    again = args.repeat_only.split(",") if args.repeat_only else [c.name for c in chosen]
+    rounds = [c for r in range(args.repeat) for c in chosen if r == 0 or c.impl != "dequant" and c.name in again]
+
+    def command(case: Case, path: Path) -> list[str]:
+        return [sys.executable, *bench_runner.child_args(__file__, case, path, args, ("smoke", "layers", "steps"))]
+
+    return bench_runner.run_cases(args, "qlora_gpu.py", bench_runner.environment(), rounds, command, summary_line,
+                                  markdown, lambda cases: {"comparisons": compare(cases)}, merge=merge_round)
 
 
 def merge_round(first: dict | None, rec: dict) -> dict:
@@ -452,40 +399,29 @@ def merge_round(first: dict | None, rec: dict) -> dict:
 
 
 def summary_line(rec: dict) -> str:
-    if "error" in rec:
-        return f"ERROR {rec['error']}"
     if "tokens_per_s" in rec:
-        peak = f"{rec['peak_gib']:.2f} GiB" if rec.get("peak_gib") is not None else "-"
         err = f", planner {rec['plan_error_pct']:+.1f}%" if "plan_error_pct" in rec else ""
-        return f"{rec['tokens_per_s']:,.0f} tok/s, peak {peak}, loss0 {rec['losses'][0]:.4f}{err}"
+        return (f"{rec['tokens_per_s']:,.0f} tok/s, peak {gib_text(rec.get('peak_gib'))}, "
+                f"loss0 {rec['losses'][0]:.4f}{err}")
     return json.dumps({k: v for k, v in rec.items() if k in ("all_equal", "fast_path")})
 
 
 def compare(cases: dict) -> dict:
-    out = {}
-    peer = cases.get("peer-8b", {})
-    for name in ("ours-8b", "ours-8b-offload"):
-        ours = cases.get(name, {})
-        if "tokens_per_s" in ours and "tokens_per_s" in peer:
-            out[f"{name}/peer-8b"] = {
-                "speed_ratio": ours["tokens_per_s"] / peer["tokens_per_s"],
-                "peak_ratio": (ours["peak_gib"] / peer["peak_gib"]) if peer.get("peak_gib") else None,
-                "loss0_ours": ours["losses"][0], "loss0_peer": peer["losses"][0],
-                "loss0_rel_diff": abs(ours["losses"][0] - peer["losses"][0]) / abs(peer["losses"][0])}
-    return out
+    return {f"{name}/{peer_name}": {
+        **ratios(ours, peer), "loss0_ours": ours["losses"][0], "loss0_peer": peer["losses"][0],
+        "loss0_rel_diff": abs(ours["losses"][0] - peer["losses"][0]) / abs(peer["losses"][0])}
+        for name, peer_name, ours, peer in measured_pairs(cases, COMPARE)}
 
 
 def markdown(results: dict) -> str:
     env = results["env"]
-    lines = [f"QLoRA on one GPU — {env['date']}, {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), "
+    title = (f"QLoRA on one GPU — {env['date']}, {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), "
              f"transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, "
-             f"triton {env['triton']}; `PYTORCH_CUDA_ALLOC_CONF={env['alloc_conf']}`"
-             + (" — SMOKE (tiny shapes)" if results["smoke"] else "")
-             + (f" — {results['layers']} layers only" if results["layers"] else ""), "",
-             f"Reproduce: `{results['command']}` (on the GPU machine; `--smoke` runs it on a CPU).", "",
-             "| case | method | batch×seq | checkpointing | tokens/s | peak GiB (allocated) | reserved GiB | "
-             "planner GiB | planner error | planner total vs used | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"triton {env['triton']}; `PYTORCH_CUDA_ALLOC_CONF={env['alloc_conf']}`")
+    lines = heading(results, title, " (on the GPU machine; `--smoke` runs it on a CPU).") + [
+        "| case | method | batch×seq | checkpointing | tokens/s | peak GiB (allocated) | reserved GiB | "
+        "planner GiB | planner error | planner total vs used | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in results["cases"].items():
         c = rec["case"]
         if c["impl"] == "dequant":
@@ -502,9 +438,9 @@ def markdown(results: dict) -> str:
         spread = f" ({speeds[0]:,.0f}–{speeds[-1]:,.0f})" if len(speeds) > 1 else ""
         lines.append(
             f"| {name} | {method} | {rec['batch']}×{rec['seq']} | {ckpt} | {rec['tokens_per_s']:,.0f}{spread} | "
-            f"{_f(rec['peak_gib'])} | {_f(rec['reserved_gib'])} | "
-            f"{_f(plan['allocated'] / GIB) if plan else '-'} | "
-            f"{_pct(rec.get('plan_error_pct'))} | {_pct(rec.get('plan_total_error_pct'))} | "
+            f"{fmt(rec['peak_gib'])} | {fmt(rec['reserved_gib'])} | "
+            f"{fmt(plan['allocated'] / GIB) if plan else '-'} | "
+            f"{pct(rec.get('plan_error_pct'))} | {pct(rec.get('plan_total_error_pct'))} | "
             f"{rec['losses'][0]:.4f} |")
     comps = results.get("comparisons", {})
     if comps:
@@ -520,33 +456,18 @@ def markdown(results: dict) -> str:
                   "Triton ms (GB/s) | reference ms | bnb ms |", "|---|---|---|---|---|---|"]
         for r in deq["shapes"]:
             lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['fast_equals_reference']} | "
-                         f"{r.get('codes_equal_bnb', '-')} | {_f(r.get('triton_ms'), 3)} "
-                         f"({_f(r.get('triton_gbps'), 0)}) | {_f(r.get('reference_ms'), 3)} | "
-                         f"{_f(r.get('bnb_ms'), 3)} |")
+                         f"{r.get('codes_equal_bnb', '-')} | {fmt(r.get('triton_ms'), 3)} "
+                         f"({fmt(r.get('triton_gbps'), 0)}) | {fmt(r.get('reference_ms'), 3)} | "
+                         f"{fmt(r.get('bnb_ms'), 3)} |")
     return "\n".join(lines) + "\n"
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:+.1f}%"
-
-
-def _f(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script end to end (CPU is fine)")
-    p.add_argument("--layers", type=int, help="override the number of decoder layers (real widths)")
-    p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)}")
-    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
-    p.add_argument("--budget", type=float, default=540, help="seconds for all cases; optional ones are skipped")
+    p = bench_runner.parser(__doc__, CASES, budget=540)
     p.add_argument("--steps", type=int, help="timed steps per training case (default: each case's)")
     p.add_argument("--repeat", type=int, default=1, help="run the training cases this many times, interleaved: "
                    "tokens/s is the median, peaks the maximum")
     p.add_argument("--repeat-only", help="comma-separated cases that --repeat repeats (default: all)")
-    p.add_argument("--run-case", help=argparse.SUPPRESS)
-    p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--markdown-from", help="re-render the table from a results JSON and exit")
     p.add_argument("--save", help="with --markdown-from: write the re-planned results JSON here")
     args = p.parse_args(argv)
@@ -563,11 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.run_case:
         torch.set_num_threads(min(8, os.cpu_count() or 1))
-        case = next(c for c in CASES if c.name == args.run_case)
-        rec = (run_dequant_case(args.smoke) if case.impl == "dequant"
-               else run_training_case(case, args.smoke, args.layers, args.steps))
-        Path(args.json).write_text(json.dumps(rec, indent=1))
-        return 0
+        return bench_runner.run_child(args, CASES, lambda case: run_dequant_case(args.smoke) if case.impl == "dequant"
+                                      else run_training_case(case, args.smoke, args.layers, args.steps))
     run_all(args)
     return 0
 

@@ -22,26 +22,26 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_runner  # noqa: E402
 import torch  # noqa: E402
+from bench_runner import fmt, gib_text, heading, measured_pairs, ratios  # noqa: E402
 from qlora_gpu import (  # noqa: E402
     LORA_ALPHA,
     LORA_R,
+    LOSS_CHUNK,
     TINY,
     build_ours,
     build_peer,
     decoder_weights,
-    environment,
     gib,
     materialize_dense,
     skeleton,
@@ -53,7 +53,6 @@ from tuneforge.train.plan import PROJECTIONS, shape_config  # noqa: E402
 PEAK_FLOPS = 989e12
 WORKLOAD = ROOT / ".bench" / "p3_workload.json"
 P3_DIR = ROOT.parent / "shared" / "data" / "p3"
-LOSS_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -389,87 +388,35 @@ def kernel_family(name: str) -> str:
 # --- orchestration -------------------------------------------------------------------------------
 
 def run_all(args: argparse.Namespace) -> dict:
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = args.cases.split(",") if args.cases else [c.name for c in CASES]
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    start = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix="speed_gpu_"))
-    log_file = (out_dir / "speed_gpu.log").open("w")
-    env = environment()
-    try:
-        import importlib.metadata as md
 
-        env["liger_kernel"] = md.version("liger-kernel")
-    except Exception:  # noqa: BLE001 - not installed
-        env["liger_kernel"] = None
-    results: dict = {"env": env, "smoke": args.smoke, "layers": args.layers, "cases": {},
-                     "command": " ".join(["python", "benchmarks/speed_gpu.py", *sys.argv[1:]])}
-    for case in [c for c in CASES if c.name in wanted]:
-        left = args.budget - (time.perf_counter() - start)
-        if case.optional and left < case.seconds * 1.5 or left < 25:
-            results["cases"][case.name] = {"case": asdict(case), "skipped": f"time budget ({left:.0f} s left)"}
-            continue
-        path = scratch / f"{case.name}.json"
-        cmd = [sys.executable, __file__, "--run-case", case.name, "--json", str(path)]
-        cmd += ["--smoke"] if args.smoke else []
-        cmd += ["--layers", str(args.layers)] if args.layers else []
-        t0 = time.perf_counter()
-        print(f"[bench] {case.name} ...", flush=True)
-        try:
-            proc = subprocess.run(cmd, timeout=max(10, left - 5), capture_output=True, text=True)
-            log = proc.stdout + proc.stderr
-            rec = json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else {
-                "error": f"exit {proc.returncode}", "log_tail": log[-2500:]}
-        except subprocess.TimeoutExpired as e:
-            log = str(e.stdout or "") + str(e.stderr or "")
-            rec = {"error": "timeout", "log_tail": log[-2500:]}
-        rec["case"], rec["wall_s"] = asdict(case), time.perf_counter() - t0
-        log_file.write(f"=== {case.name}\n{log}\n")
-        log_file.flush()
-        results["cases"][case.name] = rec
-        print(f"[bench] {case.name}: {summary_line(rec)} ({rec['wall_s']:.0f} s)", flush=True)
-        if "error" in rec:
-            print(rec.get("log_tail", ""), flush=True)
-        (out_dir / "speed_gpu.json").write_text(json.dumps(results, indent=1))
-    results["comparisons"] = compare(results["cases"])
-    (out_dir / "speed_gpu.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "speed_gpu.md").write_text(markdown(results))
-    print(markdown(results))
-    return results
+    def command(case: Case, path: Path) -> list[str]:
+        return [sys.executable, *bench_runner.child_args(__file__, case, path, args, ("smoke", "layers"))]
+
+    return bench_runner.run_cases(args, "speed_gpu.py", bench_runner.environment(["liger-kernel"]),
+                                  bench_runner.selected(CASES, args.cases), command, summary_line, markdown,
+                                  lambda cases: {"comparisons": compare(cases)}, reserve=25)
 
 
 def summary_line(rec: dict) -> str:
-    if "error" in rec:
-        return f"ERROR {rec['error']}"
-    peak = f"{rec['peak_gib']:.2f} GiB" if rec.get("peak_gib") is not None else "-"
-    return (f"{rec['tokens_per_s']:,.0f} tok/s, peak {peak}, recompute {rec.get('recompute')}, "
-            f"losses {rec['losses'][0]:.4f}..{rec['losses'][-1]:.4f}")
+    return (f"{rec['tokens_per_s']:,.0f} tok/s, peak {gib_text(rec.get('peak_gib'))}, "
+            f"recompute {rec.get('recompute')}, losses {rec['losses'][0]:.4f}..{rec['losses'][-1]:.4f}")
 
 
 def compare(cases: dict) -> dict:
-    out = {}
-    for ours, peer in COMPARE:
-        a, b = cases.get(ours, {}), cases.get(peer, {})
-        if "tokens_per_s" in a and "tokens_per_s" in b:
-            same_batch = a["case"]["workload"] == "fixed"
-            out[f"{ours} / {peer}"] = {
-                "speed_ratio": a["tokens_per_s"] / b["tokens_per_s"],
-                "peak_ratio": a["peak_gib"] / b["peak_gib"] if b.get("peak_gib") else None,
-                "loss0": [a["losses"][0], b["losses"][0]] if same_batch else None}
-    return out
+    return {f"{ours} / {peer}": {**ratios(a, b), "loss0": [a["losses"][0], b["losses"][0]]
+                                 if a["case"]["workload"] == "fixed" else None}  # else not the same batch
+            for ours, peer, a, b in measured_pairs(cases, COMPARE)}
 
 
 def markdown(results: dict) -> str:
     env = results["env"]
-    lines = [f"GPU training speed — {env['date']}, {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), "
+    title = (f"GPU training speed — {env['date']}, {env['gpu']}, torch {env['torch']} (CUDA {env['cuda']}), "
              f"transformers {env['transformers']}, peft {env['peft']}, bitsandbytes {env['bitsandbytes']}, "
-             f"liger-kernel {env['liger_kernel']}, triton {env['triton']}"
-             + (" — SMOKE (tiny shapes)" if results["smoke"] else "")
-             + (f" — {results['layers']} layers only" if results["layers"] else ""), "",
-             f"Reproduce: `{results['command']}`", "",
-             "| case | method | tokens | recompute | kernels | tokens/s | peak GiB | MFU | of limit | first loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"liger-kernel {env['liger_kernel']}, triton {env['triton']}")
+    lines = heading(results, title) + [
+        "| case | method | tokens | recompute | kernels | tokens/s | peak GiB | MFU | of limit | first loss |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in results["cases"].items():
         c = rec["case"]
         tokens = (f"P3, {rec['workload']['examples']} ex." if rec.get("workload") else f"{c['batch']}×{c['seq']}")
@@ -482,7 +429,7 @@ def markdown(results: dict) -> str:
             continue
         mfu = f"{100 * rec['mfu']:.0f}%" if rec.get("mfu") else "-"
         lines.append(f"| {name} | {method} | {tokens} | {rec['recompute']} | {kernels} | "
-                     f"{rec['tokens_per_s']:,.0f} | {_f(rec['peak_gib'])} | {mfu} | "
+                     f"{rec['tokens_per_s']:,.0f} | {fmt(rec['peak_gib'])} | {mfu} | "
                      f"{100 * rec['tokens_per_s'] / rec['limit_tokens_per_s']:.0f}% | {rec['losses'][0]:.4f} |")
     comps = results.get("comparisons", {})
     if comps:
@@ -509,29 +456,16 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _f(x, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_runner.parser(__doc__, CASES, budget=560)
     p.add_argument("--prepare", action="store_true", help="tokenize the P3 workload from ../shared/data/p3")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script end to end (CPU is fine)")
-    p.add_argument("--layers", type=int, help="override the number of decoder layers (real widths)")
-    p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)}")
-    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results")))
-    p.add_argument("--budget", type=float, default=560, help="seconds for all cases; optional ones are skipped")
-    p.add_argument("--run-case", help=argparse.SUPPRESS)
-    p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prepare:
         prepare_workload()
         return 0
     if args.run_case:
         torch.set_num_threads(min(8, os.cpu_count() or 1))
-        case = next(c for c in CASES if c.name == args.run_case)
-        Path(args.json).write_text(json.dumps(run_case(case, args.smoke, args.layers), indent=1))
-        return 0
+        return bench_runner.run_child(args, CASES, lambda case: run_case(case, args.smoke, args.layers))
     run_all(args)
     return 0
 

@@ -85,7 +85,10 @@ def init(config: Any, device: torch.device) -> torch.device:
 
 def _shutdown() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:  # every rank reaches here before any tears down: gloo aborts if a peer is already gone
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:
