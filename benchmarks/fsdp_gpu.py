@@ -69,12 +69,11 @@ PAIRS = [("lora-8b-1gpu", "lora-8b-2gpu"), ("qlora-8b-1gpu", "qlora-8b-2gpu")]
 
 def build(cfg: dict, method: str, device: torch.device) -> torch.nn.Module:
     """Llama with seeded random weights: NF4 Linear4bit (qlora) or dense decoder Linears, our LoRA unless full."""
-    from tuneforge.train.plan import gpu_weight_dtype
+    from tuneforge.methods.setup import gpu_weight_dtype
 
     # The dtypes train uses on a GPU, also in the CPU smoke run (so it goes through the same mixed-dtype FSDP
     # units): bf16 compute; a frozen LoRA base and a 4-bit base's other weights in bf16; fp32 for full.
-    run = SimpleNamespace(method=SimpleNamespace(name=method), train=SimpleNamespace(dtype="auto"))
-    dense = torch.bfloat16 if method == "qlora" or gpu_weight_dtype(run) == "bf16" else torch.float32
+    dense = torch.bfloat16 if method == "qlora" or gpu_weight_dtype(method) == "bf16" else torch.float32
     return qlora_gpu.build_ours(cfg, method, device, compute=torch.bfloat16, dense=dense)
 
 

@@ -241,15 +241,25 @@ def add_eval_commands(sub) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from tuneforge.train.plan import plan_memory
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods.setup import gpu_weight_dtype
+    from tuneforge.train.plan import choose_plan, plan_memory
 
-    plan = plan_memory(args.model, method=args.method, seq=args.seq, batch=args.batch, lora_r=args.lora_r,
-                       targets=args.targets, gradient_checkpointing=args.recompute != "off",
-                       offload_checkpoints=args.recompute == "offload", dtype=args.dtype,
-                       weight_dtype="bf16" if args.method == "lora" and args.dtype == "bf16" else "fp32",
-                       gpu_mem_gib=args.gpu_mem, lora_dropout=args.lora_dropout,
-                       loss_chunk_tokens=args.loss_chunk_tokens, grad_accum=args.grad_accum, shards=args.gpus)
-    print(plan.table())
+    if args.batch % args.gpus:
+        raise ConfigError(f"--batch {args.batch} is the global rows per micro-batch (train.batch_size) and must be "
+                          f"divisible by --gpus {args.gpus}")
+
+    def plan(recompute: str, advise: bool = True):
+        return plan_memory(args.model, method=args.method, seq=args.seq, batch=args.batch // args.gpus,
+                           lora_r=args.lora_r, targets=args.targets, gradient_checkpointing=recompute != "off",
+                           offload_checkpoints=recompute == "offload", dtype=args.dtype,
+                           weight_dtype=gpu_weight_dtype(args.method, args.dtype), gpu_mem_gib=args.gpu_mem,
+                           lora_dropout=args.lora_dropout, loss_chunk_tokens=args.loss_chunk_tokens,
+                           grad_accum=args.grad_accum, shards=args.gpus, advise=advise)
+
+    mode = choose_plan(lambda m: plan(m, advise=False)) if args.recompute == "auto" else args.recompute
+    print(f"recomputation: {mode}" + (" (chosen as train's auto would)" if args.recompute == "auto" else ""))
+    print(plan(mode).table())
 
 
 def add_plan_command(sub) -> None:
@@ -259,11 +269,11 @@ def add_plan_command(sub) -> None:
                    help="local HF dir, builtin model, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b")
     p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], default="lora")
     p.add_argument("--seq", type=int, default=2048, help="tokens per row (data.max_seq_len)")
-    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch per GPU")
-    p.add_argument("--gpus", type=int, default=1, help="FSDP processes the state is sharded over (torchrun)")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch, all GPUs together (train.batch_size)")
+    p.add_argument("--gpus", type=int, default=1, help="torchrun processes the batch and the state are split over")
     p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
-    p.add_argument("--recompute", choices=["off", "on", "offload"], default="off",
-                   help="activation recomputation (train.gradient_checkpointing)")
+    p.add_argument("--recompute", choices=["auto", "off", "on", "offload"], default="auto",
+                   help="activation recomputation (train.gradient_checkpointing; auto: what train would pick)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or q_proj,v_proj,...")

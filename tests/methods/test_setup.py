@@ -22,3 +22,20 @@ def test_full_and_freeze_set_what_trains(tiny_model):
     prepare_model(tiny_model, MethodConfig(name="freeze", freeze={"top_k_layers": 1}))
     assert not tiny_model.model.layers[0].mlp.up_proj.weight.requires_grad
     assert tiny_model.model.layers[1].mlp.up_proj.weight.requires_grad
+
+
+def test_lora_on_the_output_head_is_refused_with_the_fix(tiny_model):
+    import pytest
+
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output head"):
+        prepare_model(tiny_model, MethodConfig(name="lora", lora={"target_modules": ["q_proj", "lm_head"]}))
+
+
+def test_a_frozen_lora_base_loads_in_bf16_on_a_gpu_only_for_lora():
+    from tuneforge.methods.setup import gpu_weight_dtype
+
+    assert gpu_weight_dtype("lora") == "bf16"
+    assert gpu_weight_dtype("lora", "fp32") == "fp32"
+    assert gpu_weight_dtype("full") == gpu_weight_dtype("freeze") == "fp32"

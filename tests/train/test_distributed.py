@@ -143,6 +143,12 @@ def test_two_processes_end_with_the_weights_of_one(runs, name):
                                                                        .read_text().splitlines())]
 
     assert logged(f"two-{name}") == logged(f"one-{name}")
+
+    def val_losses(run: str) -> list[float]:  # validation is split over the processes and summed back
+        return [r["val_loss"] for r in map(json.loads, (root / run / "metrics.jsonl").read_text().splitlines())
+                if "val_loss" in r]
+
+    assert val_losses(f"two-{name}") == pytest.approx(val_losses(f"one-{name}"), abs=2e-5)
     assert (root / f"two-{name}" / "plots" / "loss.png").is_file()
 
 

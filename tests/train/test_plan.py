@@ -221,3 +221,12 @@ def test_plan_under_torchrun_is_per_process(tmp_path, monkeypatch):
     two = plan_for_config(_config(tmp_path, gradient_checkpointing=True), gpu_mem_gib=141)
     assert two.batch == one.batch // 2
     assert two.weights < one.weights and two.activations < one.activations
+
+
+def test_cli_plan_picks_recomputation_as_train_would(capsys):
+    assert main(["plan", "--model", "llama-3-8b", "--seq", "2048", "--batch", "4", "--gpu-mem", "141"]) == 0
+    assert "recomputation: off" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3-8b", "--seq", "2048", "--batch", "4", "--gpu-mem", "32"]) == 0
+    assert "recomputation: on" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3-8b", "--batch", "3", "--gpus", "2"]) == 2
+    assert "divisible by --gpus 2" in capsys.readouterr().err

@@ -5,16 +5,22 @@ from __future__ import annotations
 import torch
 
 from tuneforge.config import MethodConfig, RunConfig
+from tuneforge.errors import ConfigError
 from tuneforge.methods.freeze import apply_freeze
-from tuneforge.methods.lora import apply_lora, format_trainable
+from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
 from tuneforge.models.load import load_model
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
-from tuneforge.train.plan import gpu_weight_dtype
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU: the dtype 4-bit weights are dequantized to."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def gpu_weight_dtype(method: str, train_dtype: str = "auto") -> str:
+    """The dtype non-quantized weights load in on a GPU: ``bf16`` for a frozen LoRA base (it needs no fp32
+    master copy: half the memory and the reads), else ``fp32`` (master weights of what trains)."""
+    return "bf16" if method == "lora" and train_dtype != "fp32" else "fp32"
 
 
 def load_model_for(config: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -26,8 +32,8 @@ def load_model_for(config: RunConfig, device: torch.device) -> torch.nn.Module:
         return load_model_4bit(config.model, quant_type=q.quant_type, double_quant=q.double_quant,
                                compute_dtype=compute_dtype(device), device=device,
                                trust_remote_code=config.trust_remote_code)
-    # a frozen LoRA base needs no fp32 master copy on a GPU: bf16 halves its memory and its reads
-    dtype = torch.bfloat16 if device.type == "cuda" and gpu_weight_dtype(config) == "bf16" else torch.float32
+    bf16 = device.type == "cuda" and gpu_weight_dtype(config.method.name, config.train.dtype) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return load_model(config.model, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
 
 
@@ -47,4 +53,7 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         lo = method.lora
         apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
                    use_rslora=lo.use_rslora)
+        if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
+            raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
+                              "which training does not support; leave the head out (all-linear already does)")
     return format_trainable(model)

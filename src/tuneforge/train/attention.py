@@ -8,17 +8,27 @@ the row's length would. On the CPU, where FlexAttention has no fast kernel, it i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tuneforge.data.packing import block_causal_mask
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 FLEX = "flex_attention"
 
 
 def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool:
-    """Switch ``model`` to FlexAttention on a GPU (where packed rows then get block-sparse masks)."""
-    if device.type != "cuda" or getattr(model.config, "_attn_implementation", None) == FLEX:
-        return device.type == "cuda"
+    """Switch ``model`` to FlexAttention on a GPU (where packed rows then get block-sparse masks).
+
+    Models with attention dropout stay on SDPA (HF's FlexAttention path has no dropout).
+    """
+    if device.type != "cuda" or getattr(model.config, "attention_dropout", 0.0):
+        return False
+    if model.config._attn_implementation == FLEX:
+        return True
     try:
         model.set_attn_implementation(FLEX)
     except (ValueError, ImportError, AttributeError):  # an architecture or version without it: keep SDPA
@@ -26,7 +36,7 @@ def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool
     return model.config._attn_implementation == FLEX
 
 
-def document_mask(seq_ids: torch.Tensor):
+def document_mask(seq_ids: torch.Tensor) -> BlockMask:
     """A FlexAttention BlockMask from ``seq_ids`` [B, L]: a query sees earlier keys of its own example."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -37,7 +47,7 @@ def document_mask(seq_ids: torch.Tensor):
     return create_block_mask(same_example_causal, batch, None, length, length, device=seq_ids.device)
 
 
-def attention_mask(model: torch.nn.Module, seq_ids: torch.Tensor, device: torch.device):
+def attention_mask(model: torch.nn.Module, seq_ids: torch.Tensor, device: torch.device) -> torch.Tensor | BlockMask:
     """The ``attention_mask`` to pass with a batch whose example ids are ``seq_ids`` (-1 = padding)."""
     if getattr(model.config, "_attn_implementation", None) == FLEX:
         return document_mask(seq_ids.to(device))

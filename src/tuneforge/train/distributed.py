@@ -85,10 +85,13 @@ def init(config: Any, device: torch.device) -> torch.device:
 
 def _shutdown() -> None:
     if dist.is_initialized():
-        try:  # every rank reaches here before any tears down: gloo aborts if a peer is already gone
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process (gloo aborts a process whose peer has already torn down); no-op on one."""
+    if is_distributed() and dist.is_initialized():
+        dist.barrier()
 
 
 def _comm_device() -> torch.device:
@@ -128,10 +131,6 @@ def shard_model(model: nn.Module) -> nn.Module:
         set_factor(1.0)
         if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM (gloo has no PREMUL_SUM)
             module.set_force_sum_reduction_for_comms(True)
-    if hasattr(model, "set_reduce_scatter_unused_params"):
-        # A rank whose share has no trained token (a shared row with fewer trained labels than sharers) gives
-        # the untied head no gradient; reduce zeros for it so every rank runs the same collectives.
-        model.set_reduce_scatter_unused_params(True)
     if rank() > 0:  # same init on every rank (done above), different dropout masks from here on
         torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
     return model

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import TrainData, build_training_data
-from tuneforge.data.packing import PackedRow, collate
+from tuneforge.data.packing import IGNORE, PackedRow, collate
 from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.methods.lora import count_parameters
 from tuneforge.methods.setup import load_model_for, prepare_model
@@ -101,11 +101,11 @@ def validation_loss(model: torch.nn.Module, rows: list[PackedRow], pad_id: int, 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        loss, n = lm_loss(model, collate(rows[i:i + batch_size], pad_id), chunk_tokens, amp)
+    for i in range(0, len(rows), batch_size):  # under torchrun each process takes its share of each batch
+        loss, n = lm_loss(model, collate(distributed.local_rows(rows[i:i + batch_size]), pad_id), chunk_tokens, amp)
         total, count = total + float(loss), count + n
     model.train(was_training)
-    return total / max(count, 1)
+    return distributed.all_sum(total) / max(distributed.all_sum(count), 1)
 
 
 def total_steps(config: RunConfig, n_rows: int) -> int:
@@ -156,7 +156,10 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)
     packed = any(max(row.seq_ids) > 0 for row in data.train_rows)
-    attention = "flex (document mask)" if packed and use_document_attention(model, device) else "sdpa"
+    attention_before = model.config._attn_implementation
+    if packed:
+        use_document_attention(model, device)
+    attention = model.config._attn_implementation
     say(f"[tuneforge] {trainable_summary}; recomputation {recompute}; kernels {kernels}; attention {attention}")
     model.train()
     model = distributed.shard_model(model)  # FSDP2 under torchrun, before the optimizer sees the parameters
@@ -193,7 +196,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             batches = [collate(distributed.local_rows([data.train_rows[i] for i in next(stream)]), pad_id)
                        for _ in range(t.grad_accum)]
             # normalize by the trained tokens of the whole accumulated batch, not per micro-batch
-            n_total = distributed.all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+            n_total = distributed.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
             step_loss = 0.0
             for b in batches:
                 loss, _ = lm_loss(model, b, t.loss_chunk_tokens, amp)
@@ -246,6 +249,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
             run_callbacks(callbacks, steps, model, final)
         log.write(json.dumps(final) + "\n")
 
+    if model.config._attn_implementation != attention_before:  # generation after training is faster on SDPA
+        model.set_attn_implementation(attention_before)
+
     def finish() -> tuple[Path, int, int]:
         ensure_finite(model)
         return (save_output(model, tokenizer, config, run_dir), *count_parameters(model))
@@ -261,6 +267,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
                          loss_png=distributed.on_main(plot_loss, metrics_path, run_dir / "plots" / "loss.png"),
                          metrics=records)
     say(summary_table(result))
+    distributed.barrier()  # every process leaves together
     return result
 
 

@@ -110,7 +110,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         if grad_h is not None and ctx.needs_input_grad[0]:
             d_hidden = grad_h.new_zeros((math.prod(ctx.hidden_shape[:-1]), grad_h.shape[-1]))
             d_hidden.index_copy_(0, rows, grad_h)
-            d_hidden = d_hidden.mul_(grad_output).view(ctx.hidden_shape)  # scale applied in fp32, not rounded
+            d_hidden = d_hidden.mul_(grad_output).view(ctx.hidden_shape)  # in hidden's dtype (bf16 on a GPU)
         if grad_w is not None and ctx.needs_input_grad[1]:
             d_weight = (grad_w * grad_output).to(ctx.weight_dtype)
         if grad_b is not None and ctx.needs_input_grad[2]:
@@ -147,7 +147,13 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear | torch.nn.Modul
     keep = targets != -100
     n = int(keep.sum())
     if n == 0:
-        return hidden.sum() * 0.0, 0
+        # a zero that still reaches the hidden states and a trainable head: under FSDP every process must
+        # produce a gradient for every parameter, even one whose share of the batch has no trained token
+        zero = hidden.sum() * 0.0
+        for p in (head.weight, getattr(head, "bias", None)):
+            if p is not None and p.requires_grad:
+                zero = zero + p.sum() * 0.0
+        return zero, 0
     rows = keep.nonzero().squeeze(1).to(hidden.device)
     t = targets[keep].to(hidden.device)
     weight, bias = head.weight, getattr(head, "bias", None)

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tuneforge.errors import ConfigError, TuneforgeError
+
+HEADROOM = 0.85  # share of GPU memory a plan may use before recomputation is turned on
 
 GIB = 1 << 30
 METHODS = ("full", "freeze", "lora", "qlora")
@@ -423,6 +425,7 @@ def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any =
     ``recompute`` (off/on/offload) overrides the config's ``gradient_checkpointing``; ``auto`` plans as ``on``.
     Under torchrun the plan is per process: the batch and the FSDP-sharded state split over the processes.
     """
+    from tuneforge.methods.setup import gpu_weight_dtype
     from tuneforge.train.distributed import world_size
     from tuneforge.train.recompute import resolve_mode
 
@@ -437,13 +440,20 @@ def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any =
         lora_r=m.lora.r, shards=shards,
         targets=m.lora.target_modules, gradient_checkpointing=mode != "off",
         offload_checkpoints=mode == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
-        weight_dtype=gpu_weight_dtype(config), gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
+        weight_dtype=gpu_weight_dtype(m.name, t.dtype), gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
         freeze_layers=freeze_layers, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum)
 
 
-def gpu_weight_dtype(config: Any) -> str:
-    """The dtype ``train`` loads non-quantized weights in on a GPU: frozen LoRA bases in bf16, else fp32."""
-    return "bf16" if config.method.name == "lora" and config.train.dtype != "fp32" else "fp32"
+def choose_plan(plan_for: Callable[[str], MemoryPlan]) -> str:
+    """The least activation recomputation whose plan fits in ``HEADROOM`` of the GPU: off, on, else offload.
+
+    ``plan_for(mode)`` plans the run with that mode; with no GPU size known the answer is off.
+    """
+    for mode in ("off", "on"):
+        plan = plan_for(mode)
+        if plan.gpu_mem is None or plan.peak <= HEADROOM * plan.gpu_mem:
+            return mode
+    return "offload"
 
 
 def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = None,

@@ -14,9 +14,6 @@ from typing import Any
 
 import torch
 
-MODES = ("off", "on", "offload")
-HEADROOM = 0.85  # share of GPU memory a plan may use before auto turns recomputation on
-
 
 def resolve_mode(setting: bool | str) -> str:
     """The config value as one of auto/off/on/offload (booleans are off/on)."""
@@ -33,16 +30,12 @@ def choose_mode(config: Any, device: torch.device) -> str:
     if device.type != "cuda":
         return "off"
     from tuneforge.errors import TuneforgeError
-    from tuneforge.train.plan import plan_for_config
+    from tuneforge.train.plan import choose_plan, plan_for_config
 
     try:
-        for candidate in ("off", "on"):
-            plan = plan_for_config(config, device=device, recompute=candidate)
-            if plan.gpu_mem is None or plan.peak <= HEADROOM * plan.gpu_mem:
-                return candidate
+        return choose_plan(lambda candidate: plan_for_config(config, device=device, recompute=candidate))
     except TuneforgeError:  # a model the planner does not model: checkpointing is the safe choice
         return "on"
-    return "offload"
 
 
 def enable(model: torch.nn.Module, mode: str) -> None:
