@@ -451,7 +451,7 @@ class LoRALinear(nn.Module):
             )
         for name, rows in self.row_groups:
             if rows.numel() == x.shape[0]:  # every row: no gather/scatter needed
-                y = y + self._lora(name, x, self.scaling[name]).to(y.dtype)
+                y = self._add_lora(y, name, x, self.scaling[name])
             else:
                 delta = self._lora(name, x.index_select(0, rows), self.scaling[name])
                 y = y.index_add(0, rows, delta.to(y.dtype))

@@ -131,9 +131,14 @@ def shard_model(model: nn.Module) -> nn.Module:
         set_factor(1.0)
         if hasattr(module, "set_force_sum_reduction_for_comms"):  # plain SUM (gloo has no PREMUL_SUM)
             module.set_force_sum_reduction_for_comms(True)
-    if rank() > 0:  # same init on every rank (done above), different dropout masks from here on
-        torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
+    _seed_dropout_for_rank()  # same init on every rank (done above), different dropout masks from here on
     return model
+
+
+def _seed_dropout_for_rank() -> None:
+    """Ranks above 0 draw dropout masks from their own stream (rank 0 keeps the one-process stream)."""
+    if rank() > 0:
+        torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
 
 
 def _run_root_hooks_on_base_model(model: nn.Module) -> None:
@@ -323,6 +328,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         return checkpoint.load_checkpoint(path, model, optimizer, scheduler)
     _reshard(model)
     trainer = checkpoint.load_checkpoint(path, model, optimizer, scheduler, place=_shard_like)
-    if rank() > 0:
-        torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
+    _seed_dropout_for_rank()
     return trainer

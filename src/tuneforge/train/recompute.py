@@ -10,6 +10,7 @@ back, one layer ahead, during backward, so the GPU holds one layer's activations
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,6 +125,6 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 _NEEDS_GRAD = torch.empty(0, requires_grad=True)  # the output needs grad even when the input does not
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args, **_: Any) -> torch.Tensor:
+def offloaded_checkpoint(run: Callable[..., torch.Tensor], hidden: torch.Tensor, *args: Any, **_: Any) -> torch.Tensor:
     """Checkpoint ``run(hidden, *args)`` with ``hidden`` kept in host memory until backward."""
     return _OffloadedCheckpoint.apply(run, hidden, _NEEDS_GRAD, *args)
