@@ -104,7 +104,7 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     if case.ckpt:
         recompute.enable(model, "on")
     model.train()
-    model = distributed.shard_model(model)
+    model = distributed.shard_model(model, device)
     sync(device)
     build_s = time.perf_counter() - t0
     if cuda:

@@ -8,7 +8,7 @@ from tuneforge.config import MethodConfig, RunConfig
 from tuneforge.errors import ConfigError
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
-from tuneforge.models.load import load_model
+from tuneforge.models.load import empty_model, load_model
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
 
 
@@ -23,8 +23,13 @@ def gpu_weight_dtype(method: str, train_dtype: str = "auto") -> str:
     return "bf16" if method == "lora" and train_dtype != "fp32" else "fp32"
 
 
-def load_model_for(config: RunConfig, device: torch.device) -> torch.nn.Module:
-    """Load the model as the method needs it: ``qlora`` quantizes each linear weight as it is read."""
+def load_model_for(config: RunConfig, device: torch.device, placement: str = "device") -> torch.nn.Module:
+    """Load the model as the method needs it: ``qlora`` quantizes each linear weight as it is read.
+
+    ``placement``: ``device`` loads onto ``device``; ``host`` into CPU memory in the dtype it will have on
+    ``device``; ``meta`` builds the structure only, no weights (``host`` and ``meta`` are a sharded load's
+    rank 0 and other ranks; not for ``qlora``).
+    """
     if config.method.name == "qlora":
         from tuneforge.models.quantized_load import load_model_4bit
 
@@ -34,7 +39,10 @@ def load_model_for(config: RunConfig, device: torch.device) -> torch.nn.Module:
                                trust_remote_code=config.trust_remote_code)
     bf16 = device.type == "cuda" and gpu_weight_dtype(config.method.name, config.train.dtype) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return load_model(config.model, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+    if placement == "meta":
+        return empty_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    return load_model(config.model, dtype=dtype, device=str(device) if placement == "device" else "cpu",
+                      trust_remote_code=config.trust_remote_code)
 
 
 def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:

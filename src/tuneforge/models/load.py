@@ -36,6 +36,20 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
     return model.to(device)
 
 
+def empty_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM of a model reference on the meta device: its structure and shapes, no memory, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model(ref)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(offline_hint(ref, e)) from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code)
+
+
 def offline_hint(ref: str, error: Exception) -> str:
     """A message for a reference transformers could not load, saying why and what to do."""
     return (f"could not load model '{ref}': {error}\n"

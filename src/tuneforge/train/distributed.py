@@ -108,18 +108,50 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def shard_model(model: nn.Module) -> nn.Module:
-    """Shard ``model`` in place with FSDP2: one unit per decoder layer, the rest in the root unit.
+def load_placement(config: Any, model_given: bool) -> str:
+    """Where ``train`` loads the model: ``device`` on one process (or a model handed in, or QLoRA, whose 4-bit
+    codes every process holds anyway); under torchrun rank 0 loads it into host memory (``host``) and the
+    others build it on the meta device (``meta``), so no GPU ever holds the whole model."""
+    if not is_distributed() or model_given or config.method.name == "qlora":
+        return "device"
+    return "host" if is_main() else "meta"
+
+
+def host_weights(model: nn.Module, placement: str) -> dict[str, torch.Tensor] | None:
+    """Rank 0's loaded parameters (taken after LoRA is added, before sharding), for :func:`fill_from_rank0`."""
+    return {n: p.detach() for n, p in model.named_parameters()} if placement == "host" else None
+
+
+def fill_from_rank0(model: nn.Module, weights: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After :func:`shard_model` of a ``host``/``meta`` load: every rank's shards and buffers from rank 0's.
+
+    One parameter at a time is broadcast whole, so a process holds at most one full tensor beyond its shards.
+    """
+    if not is_main():
+        model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the same order on every rank
+            full = (weights[name].to(device) if is_main()
+                    else torch.empty(tuple(p.shape), dtype=p.dtype, device=device))
+            dist.broadcast(full, 0)
+            p.copy_(_shard_like(p, full))
+            del full
+        for b in model.buffers():  # rotary frequencies etc.: not parameters, never in a meta model
+            dist.broadcast(b, 0)
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 on ``device``: one unit per decoder layer, the rest in the root unit.
 
     Call after LoRA/quantization/checkpointing are set up and before the optimizer is built (the optimizer
-    must see the sharded parameters). A no-op on one process.
+    must see the sharded parameters). Parameters in host memory move to ``device`` shard by shard; meta ones
+    stay meta (see :func:`fill_from_rank0`). A no-op on one process.
     """
     if not is_distributed():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)

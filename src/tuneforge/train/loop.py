@@ -149,10 +149,13 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
     data = data or build_training_data(config.data, tokenizer, seed=t.seed)
     report_data(data, say)
-    model = model or load_model_for(config, device)
-    model.to(device)
+    placement = distributed.load_placement(config, model is not None)
+    if model is None:
+        model = load_model_for(config, device, placement)
+    if placement == "device":
+        model.to(device)
     trainable_summary = prepare_model(model, config.method)
-    callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
+    loaded = distributed.host_weights(model, placement)
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)
     packed = any(max(row.seq_ids) > 0 for row in data.train_rows)
@@ -162,7 +165,11 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     attention = model.config._attn_implementation
     say(f"[tuneforge] {trainable_summary}; recomputation {recompute}; kernels {kernels}; attention {attention}")
     model.train()
-    model = distributed.shard_model(model)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    model = distributed.shard_model(model, device)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    if placement != "device":
+        distributed.fill_from_rank0(model, loaded, device)
+        del loaded
+    callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
