@@ -234,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per case (default: each case's)")
     args = p.parse_args(argv)
     if args.run_case:
-        return bench_runner.run_child(
+        rc = bench_runner.run_child(
             args, CASES, lambda case: run_case(case, args.smoke, args.layers, args.batch, args.seq, args.steps))
+        from tuneforge.train import distributed
+
+        distributed.barrier()  # rank 0 has written the record: now every process may exit (as train ends)
+        return rc
     run_all(args)
     return 0
 

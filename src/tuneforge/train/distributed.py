@@ -20,6 +20,7 @@ What a run means does not depend on the number of processes:
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,9 @@ def init(config: Any, device: torch.device) -> torch.device:
 
 def _shutdown() -> None:
     if dist.is_initialized():
+        # Sharded models still waiting for the garbage collector hold the device mesh, whose process groups
+        # then die during interpreter teardown and gloo aborts the process: free them first.
+        gc.collect()
         dist.destroy_process_group()
 
 
