@@ -7,7 +7,7 @@
 One command runs every case, each in its own process(es) so its peak memory is its own: 1-GPU cases as a
 plain process (what ``tuneforge train`` is on one GPU), 2-GPU cases under ``torchrun --nproc_per_node 2``
 with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` and ``NCCL_NVLS_ENABLE=0`` (NVLink multicast off).
-What is measured is the library's own path: ``tuneforge.train.distributed`` shards the model (FSDP2, one unit
+What is measured is the library's own path: ``tuneforge.train.sharding`` shards the model (FSDP2, one unit
 per decoder layer + the root), splits the global batch, sums the token count over ranks; the step is the
 loop's (``lm_loss`` with the chunked loss, bf16 autocast, loss / global trained tokens, clipping, fused AdamW).
 
@@ -87,7 +87,7 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     import torch.distributed as dist
 
     from tuneforge.data.packing import PackedRow, collate
-    from tuneforge.train import distributed, recompute
+    from tuneforge.train import distributed, recompute, sharding
     from tuneforge.train.loop import lm_loss
 
     cuda = torch.cuda.is_available() and not smoke
@@ -104,7 +104,7 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     if case.ckpt:
         recompute.enable(model, "on")
     model.train()
-    model = distributed.shard_model(model, device)
+    model = sharding.shard_model(model, device)
     sync(device)
     build_s = time.perf_counter() - t0
     if cuda:

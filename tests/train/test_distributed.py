@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import build_tiny_model, build_tiny_tokenizer
 from tuneforge.config import load_config
 from tuneforge.data.packing import IGNORE, PackedRow
-from tuneforge.train import distributed
+from tuneforge.train import distributed, sharding
 from tuneforge.train.loop import train
 
 WORKER = """
@@ -210,17 +210,6 @@ def test_one_process_passes_everything_through(monkeypatch):
     model = torch.nn.Linear(2, 2)
     assert not distributed.is_distributed() and distributed.is_main()
     assert distributed.local_rows(rows) is rows
-    assert distributed.all_sum(3) == 3 and distributed.shard_model(model, torch.device("cpu")) is model
+    assert distributed.all_sum(3) == 3 and sharding.shard_model(model, torch.device("cpu")) is model
     assert distributed.on_main(lambda x: x + 1, 1) == 2
 
-
-def test_under_torchrun_only_rank_0_loads_weights(monkeypatch, tmp_path):
-    config = load_config(overrides=[f"output_dir={tmp_path}", "method.name=full"])
-    assert distributed.load_placement(config, model_given=False) == "device"  # one process
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.load_placement(config, model_given=False) == "host"
-    assert distributed.load_placement(config, model_given=True) == "device"
-    monkeypatch.setenv("RANK", "1")
-    assert distributed.load_placement(config, model_given=False) == "meta"
-    config.method.name = "qlora"  # every process holds the 4-bit codes anyway
-    assert distributed.load_placement(config, model_given=False) == "device"

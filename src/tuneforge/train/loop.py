@@ -25,14 +25,14 @@ from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.methods.lora import count_parameters
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer
-from tuneforge.train import distributed
+from tuneforge.train import distributed, sharding
 from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import attention_mask, use_document_attention
 from tuneforge.train.checkpoint import latest_checkpoint
-from tuneforge.train.distributed import load_checkpoint, save_checkpoint  # the one-process ones, or gathered
 from tuneforge.train.kernels import apply_kernels
 from tuneforge.train.loss import chunked_lm_loss
 from tuneforge.train.schedule import make_scheduler
+from tuneforge.train.sharding import load_checkpoint, save_checkpoint  # the one-process ones, or gathered
 
 EvalCallback = Callable[[int, torch.nn.Module], dict[str, float]]
 
@@ -149,13 +149,13 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
     data = data or build_training_data(config.data, tokenizer, seed=t.seed)
     report_data(data, say)
-    placement = distributed.load_placement(config, model is not None)
+    placement = sharding.load_placement(config, model is not None)
     if model is None:
         model = load_model_for(config, device, placement)
     if placement == "device":
         model.to(device)
     trainable_summary = prepare_model(model, config.method)
-    loaded = distributed.host_weights(model, placement)
+    loaded = sharding.host_weights(model, placement)
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)
     packed = any(max(row.seq_ids) > 0 for row in data.train_rows)
@@ -165,9 +165,9 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     attention = model.config._attn_implementation
     say(f"[tuneforge] {trainable_summary}; recomputation {recompute}; kernels {kernels}; attention {attention}")
     model.train()
-    model = distributed.shard_model(model, device)  # FSDP2 under torchrun, before the optimizer sees the parameters
+    model = sharding.shard_model(model, device)  # FSDP2 under torchrun, before the optimizer sees the parameters
     if placement != "device":
-        distributed.fill_from_rank0(model, loaded, device)
+        sharding.fill_from_rank0(model, loaded, device)
         del loaded
     callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -264,7 +264,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
         return (save_output(model, tokenizer, config, run_dir), *count_parameters(model))
 
     # under torchrun rank 0 runs finish() with the gathered full weights; every rank gets its result
-    output, trainable, total = distributed.with_full_weights(model, finish,
+    output, trainable, total = sharding.with_full_weights(model, finish,
                                                              config.method.name in ("full", "freeze"))
     from tuneforge.report.plots import plot_loss
 
