@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ModelError
-from tuneforge.models.load import offline_hint
+from tuneforge.models.load import empty_model
 from tuneforge.models.resolve import resolve_model
 from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, set_submodule
 from tuneforge.quant.nf4 import quantize_4bit
@@ -40,16 +40,8 @@ def load_model_4bit(
     ``tuneforge.quant.linear4bit`` for why). The result equals
     ``quantize_model(load_model(ref))`` for the same settings.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    model = empty_model(ref, dtype=compute_dtype, trust_remote_code=trust_remote_code)
     path = resolve_model(ref)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ModelError(offline_hint(ref, e)) from e
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype, attn_implementation="sdpa",
-                                                 trust_remote_code=trust_remote_code)
     tied = _tied_groups(model)
     targets = {f"{name}.weight" for name in quantization_targets(model, skip)}
     expected = set(model.state_dict())
