@@ -26,6 +26,7 @@ have the dtypes of the inputs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _chunks(h_all: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+            dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(start, end, hidden states in ``dtype``, targets) of each chunk of the trained rows."""
+    for start in range(0, rows.numel(), chunk_tokens):
+        end = min(start + chunk_tokens, rows.numel())
+        yield start, end, h_all.index_select(0, rows[start:end]).to(dtype), targets[start:end]
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 logits of a chunk; inputs already in the compute dtype, autocast off."""
     return F.linear(h, weight, bias).float()
@@ -73,10 +82,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            for start in range(0, n, chunk_tokens):
-                end = min(start + chunk_tokens, n)
-                h = h_all.index_select(0, rows[start:end]).to(compute_dtype)
-                t = targets[start:end]
+            for start, end, h, t in _chunks(h_all, rows, targets, chunk_tokens, compute_dtype):
                 logits = _chunk_logits(h, w, b)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -127,9 +133,8 @@ def _plain_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
-        for start in range(0, rows.numel(), chunk_tokens):
-            h = h_all.index_select(0, rows[start:start + chunk_tokens]).to(compute_dtype)
-            total += F.cross_entropy(_chunk_logits(h, w, b), targets[start:start + chunk_tokens], reduction="sum")
+        for _, _, h, t in _chunks(h_all, rows, targets, chunk_tokens, compute_dtype):
+            total += F.cross_entropy(_chunk_logits(h, w, b), t, reduction="sum")
     return total
 
 
