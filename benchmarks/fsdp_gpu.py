@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -69,12 +68,9 @@ PAIRS = [("lora-8b-1gpu", "lora-8b-2gpu"), ("qlora-8b-1gpu", "qlora-8b-2gpu")]
 
 def build(cfg: dict, method: str, device: torch.device) -> torch.nn.Module:
     """Llama with seeded random weights: NF4 Linear4bit (qlora) or dense decoder Linears, our LoRA unless full."""
-    from tuneforge.methods.setup import gpu_weight_dtype
-
     # The dtypes train uses on a GPU, also in the CPU smoke run (so it goes through the same mixed-dtype FSDP
     # units): bf16 compute; a frozen LoRA base and a 4-bit base's other weights in bf16; fp32 for full.
-    dense = torch.bfloat16 if method == "qlora" or gpu_weight_dtype(method) == "bf16" else torch.float32
-    return qlora_gpu.build_ours(cfg, method, device, compute=torch.bfloat16, dense=dense)
+    return qlora_gpu.build_ours(cfg, method, device, compute=torch.bfloat16)
 
 
 def sync(device: torch.device) -> None:
@@ -93,8 +89,7 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     cuda = torch.cuda.is_available() and not smoke
     world = distributed.world_size()
     batch, seq = (2, 64) if smoke else (batch, seq)
-    device = distributed.init(SimpleNamespace(train=SimpleNamespace(batch_size=batch * world)),
-                              torch.device("cuda" if cuda else "cpu"))
+    device = distributed.init(batch * world, torch.device("cuda" if cuda else "cpu"))
     cfg = dict(qlora_gpu.TINY) if smoke else shape_config("llama-3-8b")
     if layers:
         cfg["num_hidden_layers"] = layers

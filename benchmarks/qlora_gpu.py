@@ -128,20 +128,21 @@ def decoder_weights(model, device: torch.device):
             yield path, seeded(path, (linear.out_features, linear.in_features), device, std)
 
 
-def build_ours(cfg: dict, method: str, device: torch.device, compute: torch.dtype | None = None,
-               dense: torch.dtype | None = None):
+def build_ours(cfg: dict, method: str, device: torch.device, compute: torch.dtype | None = None):
     """tuneforge's model: HF Llama with our Linear4bit (qlora) or dense weights, and our LoRA.
 
-    ``compute`` and ``dense`` (the dtype of the weights that are not 4-bit) replace the defaults below.
+    ``compute`` replaces the device's compute dtype (bf16 on a GPU, fp32 on a CPU).
     """
     from tuneforge.methods.lora import apply_lora
+    from tuneforge.methods.setup import gpu_weight_dtype
     from tuneforge.quant import nf4
     from tuneforge.quant.linear4bit import Linear4bit, set_submodule
     from tuneforge.quant.nf4 import quantize_4bit
 
     compute = compute or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # as train loads them on a GPU: full fine-tuning keeps fp32 master weights, a frozen (LoRA) base bf16
-    dense = dense or (compute if method in ("qlora", "lora") else torch.float32)
+    # the weights that are not 4-bit, as train loads them on a GPU (a frozen LoRA base in the compute dtype,
+    # fp32 master weights for full fine-tuning)
+    dense = compute if method == "qlora" or gpu_weight_dtype(method) == "bf16" else torch.float32
     model = skeleton(cfg, dense)
     materialize_dense(model, device, dense)
     nf4.CHUNK_VALUES = 1 << 26  # quantize in fewer, larger steps: same values, a faster build

@@ -51,20 +51,20 @@ def is_main() -> bool:
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def init(config: Any, device: torch.device) -> torch.device:
+def init(batch_size: int, device: torch.device) -> torch.device:
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); return this process's device.
 
-    On CUDA each process takes ``cuda:LOCAL_RANK``. Raises ConfigError when ``train.batch_size`` (global
-    rows per micro-batch) cannot be split evenly over the processes.
+    On CUDA each process takes ``cuda:LOCAL_RANK``. Raises ConfigError when ``batch_size`` (``train.batch_size``,
+    global rows per micro-batch) cannot be split evenly over the processes.
     """
     if not is_distributed():
         return device
-    world, batch = world_size(), config.train.batch_size
-    if batch % world:
+    world = world_size()
+    if batch_size % world:
         raise ConfigError(
-            f"train.batch_size={batch} is the global number of rows per micro-batch and must be divisible by "
-            f"the {world} processes (each takes batch_size/{world}); use e.g. train.batch_size="
-            f"{max(world, batch // world * world)} (and train.grad_accum for a larger batch)")
+            f"train.batch_size={batch_size} is the global number of rows per micro-batch and must be divisible "
+            f"by the {world} processes (each takes batch_size/{world}); use e.g. train.batch_size="
+            f"{max(world, batch_size // world * world)} (and train.grad_accum for a larger batch)")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -135,7 +135,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
     if t.threads:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = distributed.init(config, resolve_device(t.device))  # cuda:LOCAL_RANK under torchrun
+    device = distributed.init(t.batch_size, resolve_device(t.device))  # cuda:LOCAL_RANK under torchrun
     recompute = recomputation.choose_mode(config, device)
     if model is None and device.type == "cuda":  # refuse early, with the predicted split and advice
         from tuneforge.train.plan import check_memory
