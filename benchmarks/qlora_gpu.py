@@ -199,7 +199,7 @@ def enable_checkpointing(model, offload: bool) -> None:
 # --- steps ---------------------------------------------------------------------------------------
 
 def ours_loss(model, ids: torch.Tensor, mask: bool) -> torch.Tensor:
-    from tuneforge.data.packing import block_causal_mask
+    from tuneforge.train.attention import block_causal_mask
     from tuneforge.train.loss import chunked_lm_loss
 
     kwargs = {}

@@ -9,13 +9,12 @@ from tuneforge.data.conversation import Tokenized
 from tuneforge.data.packing import (
     IGNORE,
     PAD_SEQ_ID,
-    block_causal_mask,
     collate,
-    model_inputs,
     no_pack,
     pack,
 )
 from tuneforge.errors import DataError
+from tuneforge.train.attention import block_causal_mask, model_inputs
 
 
 def _ex(n: int, start: int = 3, name: str = "x") -> Tokenized:

@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.data.packing import block_causal_mask
-from tuneforge.train.attention import FLEX, attention_mask, document_mask, use_document_attention
+from tuneforge.train.attention import FLEX, attention_mask, block_causal_mask, document_mask, use_document_attention
 
 
 def _seq_ids() -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Packing tokenized examples into rows, batching rows into tensors, and the block-causal mask.
+"""Packing tokenized examples into rows and batching rows into tensors.
 
 Packing is first-fit in input order: each example goes into the earliest row that still has room,
 else opens a new row. It is deterministic, never drops or splits an example, keeps the data order
@@ -6,10 +6,10 @@ roughly intact (rows come out in the order they were opened), and fills rows nea
 best-fit-decreasing on real length distributions. A segment tree over the rows' free space finds
 the first fitting row in O(log rows), so packing stays fast on large datasets.
 
-Inside a row, position ids restart at 0 for each example, the block-causal mask keeps attention
-inside each example, and the first label of each example is -100 so that no token is trained to
-predict across an example boundary. Computed that way, a packed example's logits equal its logits
-computed alone.
+Inside a row, position ids restart at 0 for each example, ``seq_ids`` let the attention mask
+(``tuneforge.train.attention``) keep attention inside each example, and the first label of each
+example is -100 so that no token is trained to predict across an example boundary. Computed that
+way, a packed example's logits equal its logits computed alone.
 """
 
 from __future__ import annotations
@@ -98,23 +98,6 @@ def collate(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
         batch["position_ids"][b] = torch.tensor(row.position_ids + list(range(pad)))
         batch["seq_ids"][b] = torch.tensor(row.seq_ids + [PAD_SEQ_ID] * pad)
     return batch
-
-
-def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask [B, 1, L, L] from ``seq_ids`` [B, L]: True where a query may attend a key.
-
-    A query attends keys of its own example at or before it. HF models take it as ``attention_mask``.
-    """
-    length = seq_ids.shape[-1]
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
-    return (same & causal)[:, None]
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyword arguments for an HF causal LM's forward: ids, position ids and the block-causal mask."""
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-            "attention_mask": block_causal_mask(batch["seq_ids"])}
 
 
 def _check_lengths(examples: list[Tokenized], max_len: int) -> None:

@@ -12,12 +12,27 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tuneforge.data.packing import block_causal_mask
-
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 FLEX = "flex_attention"
+
+
+def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, L, L] from ``seq_ids`` [B, L]: True where a query may attend a key.
+
+    A query attends keys of its own example at or before it. HF models take it as ``attention_mask``.
+    """
+    length = seq_ids.shape[-1]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keyword arguments for an HF causal LM's forward: ids, position ids and the block-causal mask."""
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "attention_mask": block_causal_mask(batch["seq_ids"])}
 
 
 def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool:
