@@ -58,8 +58,8 @@ def make_adapters(model_ref: str, root: Path, count: int) -> None:
     """``count`` LoRA adapters with small random B (different targets and ranks), saved in the PEFT format."""
     import torch
 
-    from tuneforge.adapters.peft_format import save_adapter
     from tuneforge.methods.lora import apply_lora, lora_layers
+    from tuneforge.methods.peft_format import save_adapter
     from tuneforge.models.load import load_model
 
     base = load_model(model_ref)

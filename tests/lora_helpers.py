@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.methods.lora import apply_lora, lora_layers
+from tuneforge.methods.peft_format import save_adapter
 
 
 def randomize_b(model: nn.Module, adapter: str = "default", seed: int = 1, std: float = 0.2) -> None:

@@ -10,9 +10,9 @@ from transformers import LlamaForCausalLM
 
 from lora_helpers import make_adapter
 from tuneforge.adapters.combine import combine_adapters, fro_norm
-from tuneforge.adapters.peft_format import load_adapter
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods.lora import lora_layers
+from tuneforge.methods.peft_format import load_adapter
 
 WEIGHTS = [0.7, -0.3]
 

@@ -8,9 +8,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from tuneforge.adapters.export import export_merged, merge_and_unload, merge_roundtrip_error
-from tuneforge.adapters.peft_format import load_adapter, save_adapter
 from tuneforge.errors import ModelError
 from tuneforge.methods.lora import apply_lora, lora_layers, merge_lora
+from tuneforge.methods.peft_format import load_adapter, save_adapter
 
 
 def randomize_b(model: nn.Module, seed: int = 1) -> None:

@@ -9,9 +9,9 @@ from torch import nn
 
 from lora_helpers import make_adapter
 from tuneforge.adapters.manager import AdapterSet, adapter_info, normalize_spec, scan_adapters
-from tuneforge.adapters.peft_format import load_adapter
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods.lora import lora_layers
+from tuneforge.methods.peft_format import load_adapter
 
 
 def logits(model: nn.Module) -> torch.Tensor:

@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from tuneforge.adapters.peft_format import load_adapter, save_adapter
 from tuneforge.cli import main
 from tuneforge.eval.items import load_items
 from tuneforge.eval.run import default_metrics, evaluate_model, format_table, run_eval
 from tuneforge.eval.scoring import examples_loss
 from tuneforge.methods.lora import apply_lora
+from tuneforge.methods.peft_format import load_adapter, save_adapter
 
 RECORDS = [
     {"prompt": "Upper-case the word: apple", "completion": "APPLE", "task": "upper"},

@@ -12,8 +12,6 @@ from tuneforge.eval.forgetting import (
     ForgettingMeasure,
     lora_disabled,
     measure_forgetting,
-    replay_rows,
-    with_replay,
 )
 from tuneforge.eval.probes import sample_probes
 from tuneforge.methods.lora import apply_lora
@@ -98,21 +96,3 @@ def test_full_fine_tune_needs_an_explicit_baseline(tiny_model, tiny_tokenizer, g
         cb(1, tiny_model)
     cb.set_baseline(tiny_model)
     assert cb(1, tiny_model)["forget/ppl_increase_pct"] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_replay_adds_general_rows(tiny_tokenizer, general):
-    from tuneforge.data.dataset import TrainData
-
-    rows = replay_rows(tiny_tokenizer, general, 3, 32)
-    assert len(rows) == 3 and all(len(r) == 32 for r in rows)
-    assert all(r.labels[1:] == r.input_ids[1:] for r in rows)  # general text is trained on throughout
-    # the prefix that measures perplexity stays out of training: every chunk starts after it
-    from tuneforge.eval.scoring import read_text_prefix, text_token_ids
-
-    ids = text_token_ids(tiny_tokenizer, read_text_prefix(general, 200_000), 20_000)
-    skipped = replay_rows(tiny_tokenizer, general, 5, 32, skip_tokens=1000)
-    starts = [next(i for i in range(len(ids)) if ids[i:i + 32] == r.input_ids) for r in skipped]
-    assert min(starts) >= 1000
-    data = TrainData(train_rows=rows * 4, val_rows=[], n_train_examples=12, n_val_examples=0)
-    mixed = with_replay(data, tiny_tokenizer, general, 0.25, 32)
-    assert len(mixed.train_rows) == 15 and len(data.train_rows) == 12

@@ -2,9 +2,9 @@ import pytest
 
 import tuneforge.eval.mc as mc
 from tuneforge.data.conversation import Message
-from tuneforge.eval.generate import render_chat
 from tuneforge.eval.items import EvalItem
 from tuneforge.eval.scoring import ContinuationScore, continuation_logprobs
+from tuneforge.models.generate import render_chat
 
 
 def item(choices, answer):

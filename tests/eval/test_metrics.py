@@ -1,6 +1,6 @@
 import pytest
 
-import tuneforge.eval.generate as gen
+import tuneforge.models.generate as gen
 from tuneforge.data.builtin_tasks import builtin_tasks
 from tuneforge.data.conversation import Example, Message
 from tuneforge.errors import DataError

@@ -11,9 +11,9 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from lora_helpers import randomize_b
-from tuneforge.adapters.peft_format import load_adapter, read_adapter_config, save_adapter
 from tuneforge.errors import ModelError
 from tuneforge.methods.lora import add_lora, apply_lora, lora_layers
+from tuneforge.methods.peft_format import load_adapter, read_adapter_config, save_adapter
 
 peft = pytest.importorskip("peft")
 

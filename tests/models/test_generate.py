@@ -1,7 +1,7 @@
 import torch
 
 from tuneforge.data.conversation import Message
-from tuneforge.eval.generate import encode_prompts, generate, left_pad, render_chat, stop_token_ids
+from tuneforge.models.generate import encode_prompts, generate, left_pad, render_chat, stop_token_ids
 
 CHATS = [
     [Message("user", "Hello world")],

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tuneforge.adapters.peft_format import (
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.methods.lora import lora_scaling
+from tuneforge.methods.peft_format import (
     CONFIG_NAME,
     KEY_PREFIX,
     WEIGHTS_NAME,
@@ -39,8 +41,6 @@ from tuneforge.adapters.peft_format import (
     _split_keys,
     read_adapter_config,
 )
-from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import lora_scaling
 
 METHODS = ("cat", "linear", "svd")
 

@@ -70,8 +70,8 @@ def export_merged(base_ref: str, adapter_dir: str | os.PathLike, out_dir: str | 
     The generation config stops at the end-of-turn token as well as eos. Written under a temporary
     name and renamed, so a failure never leaves a half-written model.
     """
-    from tuneforge.adapters.peft_format import load_adapter
-    from tuneforge.eval.generate import stop_token_ids
+    from tuneforge.methods.peft_format import load_adapter
+    from tuneforge.models.generate import stop_token_ids
     from tuneforge.models.load import load_model, load_tokenizer
 
     out = Path(out_dir)

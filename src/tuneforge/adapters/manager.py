@@ -18,7 +18,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tuneforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods.lora import (
     LoRALinear,
@@ -29,6 +28,7 @@ from tuneforge.methods.lora import (
     row_adapters,
     unmerge_lora,
 )
+from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
 
 # An adapter selection: a name, names (weight 1 each), {name: weight}, or (name, weight) pairs.
 AdapterSpec = str | Sequence[str] | Mapping[str, float] | Sequence[tuple[str, float]]
@@ -285,7 +285,7 @@ class AdapterSet:
 
     def generate(self, prompts, **kwargs) -> list[str]:
         """``eval.generate.generate`` with the active adapters."""
-        from tuneforge.eval.generate import generate
+        from tuneforge.models.generate import generate
 
         with self.lock:
             return generate(self.model, self._tokenizer(), prompts, **kwargs)
@@ -303,7 +303,7 @@ def generate_multi(adapter_set: AdapterSet, prompts, adapter_names: Sequence[str
     Each step is one forward pass over the whole batch (left-padded HF generate); only the LoRA
     updates are computed per adapter, on that adapter's rows. ``kwargs`` go to ``generate``.
     """
-    from tuneforge.eval.generate import generate
+    from tuneforge.models.generate import generate
 
     if len(prompts) != len(adapter_names):
         raise ConfigError(f"{len(prompts)} prompts but {len(adapter_names)} adapter names; give one per prompt")

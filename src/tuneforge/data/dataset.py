@@ -9,6 +9,7 @@ from tuneforge.data.conversation import Example, Tokenized
 from tuneforge.data.formats import load_examples
 from tuneforge.data.mixture import MixSource, hold_out_tasks, mix, split_validation
 from tuneforge.data.packing import PackedRow, no_pack, pack
+from tuneforge.data.replay import with_replay
 from tuneforge.data.template import encode
 from tuneforge.errors import DataError
 
@@ -99,8 +100,6 @@ def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:
                      n_train_examples=len(train_tok), n_val_examples=len(val_tok), held_out=held_out,
                      skipped=skipped, per_source=per_source)
     if cfg.replay:
-        from tuneforge.eval.forgetting import with_replay
-
         data = with_replay(data, tokenizer, cfg.replay.path, cfg.replay.ratio, cfg.max_seq_len, seed,
                            cfg.replay.skip_tokens)
     return data

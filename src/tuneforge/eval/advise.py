@@ -164,7 +164,7 @@ def measure_strategy(name: str, model, tokenizer, prompts: list[list[Message]], 
                      items: list[EvalItem], opts: AdviseOptions, max_new_tokens: int,
                      fine_tuned: bool = False) -> StrategyResult:
     """Accuracy (batched generation), tokens, latency (batch 1) and cost of one strategy."""
-    from tuneforge.eval.generate import encode_prompts, generate
+    from tuneforge.models.generate import encode_prompts, generate
 
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8, system_prompt=system)
     hits = [hit(opts.metric, p, it) for p, it in zip(preds, items, strict=True)]

@@ -15,7 +15,6 @@ Two measures, both cheap enough to run during training:
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -26,9 +25,10 @@ from typing import Literal
 
 import torch
 
+from tuneforge.data.replay import read_text_prefix, text_token_ids
 from tuneforge.errors import ConfigError, StopTraining, TuneforgeError
 from tuneforge.eval.probes import Probe, sample_probes
-from tuneforge.eval.scoring import continuation_logprobs, read_text_prefix, text_token_ids, token_perplexity
+from tuneforge.eval.scoring import continuation_logprobs, token_perplexity
 
 
 @dataclass
@@ -230,42 +230,3 @@ class ForgettingCallback:
             self.log(f"[tuneforge] warning: {msg}")
         else:
             warnings.warn(msg, stacklevel=2)
-
-
-# --- replay: general data mixed into training ---------------------------------------------------
-
-
-def replay_rows(tokenizer, path: str | Path, n_rows: int, row_len: int, seed: int = 0, skip_tokens: int = 0):
-    """``n_rows`` rows of general text (``row_len`` tokens each, all trained) for replay.
-
-    Chunks come from the file after its first ``skip_tokens`` tokens (keep the prefix that measures
-    perplexity out of training), in a seeded order, so the same seed gives the same rows.
-    """
-    import random
-
-    from tuneforge.data.conversation import Tokenized
-    from tuneforge.data.packing import no_pack
-
-    if n_rows <= 0:
-        return []
-    budget = skip_tokens + row_len * n_rows * 4
-    ids = text_token_ids(tokenizer, read_text_prefix(path, max_chars=8 * budget + 4096), budget)[skip_tokens:]
-    starts = list(range(0, max(len(ids) - row_len, 1), row_len))
-    random.Random(f"replay/{seed}").shuffle(starts)
-    chunks = [ids[s:s + row_len] for s in starts[:n_rows]]
-    return no_pack([Tokenized(input_ids=c, labels=list(c), source=f"{path}#replay", task="replay")
-                    for c in chunks if len(c) >= 2])
-
-
-def with_replay(data, tokenizer, path: str | Path, ratio: float, row_len: int, seed: int = 0,
-                skip_tokens: int = 0):
-    """A copy of ``TrainData`` with general-text rows added: ``ratio`` replay rows per task row."""
-    import random
-    from dataclasses import replace
-
-    if not 0 < ratio <= 1:
-        raise ConfigError(f"replay ratio {ratio}: give a share in (0, 1], e.g. 0.2 for one general row per 5")
-    extra = replay_rows(tokenizer, path, math.ceil(ratio * len(data.train_rows)), row_len, seed, skip_tokens)
-    rows = list(data.train_rows) + extra
-    random.Random(f"replay/order/{seed}").shuffle(rows)
-    return replace(data, train_rows=rows, per_source={**data.per_source, f"{path} (replay)": len(extra)})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tuneforge.data.conversation import Message
 from tuneforge.errors import DataError
-from tuneforge.eval.generate import generate
+from tuneforge.models.generate import generate
 from tuneforge.models.load import load_model, load_tokenizer
 
 
@@ -16,7 +16,7 @@ def load_with_adapter(model_ref: str, adapter: str | None):
     tokenizer = load_tokenizer(model_ref)
     model = load_model(model_ref).eval()
     if adapter:
-        from tuneforge.adapters.peft_format import load_adapter
+        from tuneforge.methods.peft_format import load_adapter
 
         load_adapter(model, adapter)
     return model, tokenizer

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tuneforge.eval.generate import encode_prompts
 from tuneforge.eval.items import EvalItem
 from tuneforge.eval.scoring import continuation_logprobs
+from tuneforge.models.generate import encode_prompts
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

@@ -84,7 +84,7 @@ class EvalResult:
 def evaluate_tasks(model, tokenizer, examples: list[Example], max_new_tokens: int = 32,
                    batch_size: int = 16, n_samples: int = 5) -> EvalResult:
     """Generate greedily from each example's prompt and compare with its assistant answer."""
-    from tuneforge.eval.generate import generate
+    from tuneforge.models.generate import generate
 
     prompts = [split_prompt(e)[0] for e in examples]
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -6,29 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneforge.report.plots import pyplot, save_figure
+from tuneforge.plotting import grouped_bars, pyplot, save_figure
 
 if TYPE_CHECKING:
     from tuneforge.eval.run import EvalReport
-
-
-def grouped_bars(ax, groups: list[str], series: dict[str, list[float]], percent: bool = True) -> None:
-    """Bars for each series (e.g. model variant) within each group (e.g. metric)."""
-    n = max(len(series), 1)
-    width = 0.8 / n
-    for k, (name, values) in enumerate(series.items()):
-        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
-        vals = [100 * v if percent else v for v in values]
-        bars = ax.bar(xs, vals, width, label=name)
-        for b, v in zip(bars, vals, strict=True):
-            if v == v:  # not NaN
-                ax.annotate(f"{v:.0f}" if percent else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v),
-                            ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels(groups, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center",
-                       fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def plot_eval(report: EvalReport, out_png: Path) -> Path | None:

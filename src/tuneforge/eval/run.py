@@ -143,7 +143,7 @@ def evaluate_model(model, tokenizer, items: list[EvalItem], metrics: Sequence[st
                    batch_size: int = 16, detector: Callable[[str], bool] | None = None,
                    system_prompt: str | None = None) -> ModelEval:
     """Every requested metric of one model (with whatever adapters are active) on ``items``."""
-    from tuneforge.eval.generate import generate
+    from tuneforge.models.generate import generate
 
     result = ModelEval(name=name, n=len(items), predictions=[None] * len(items))
     columns: dict[str, list[bool | None]] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.conversation import Example
+from tuneforge.data.replay import read_text_prefix, text_token_ids
 from tuneforge.errors import DataError
 from tuneforge.train.loss import chunked_lm_loss
 
@@ -87,23 +88,6 @@ def continuation_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], l
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
-
-
-def read_text_prefix(path: str | Path, max_chars: int) -> str:
-    """The first ``max_chars`` characters of a UTF-8 text file (a DataError names a missing file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"general text file '{path}' does not exist; give a plain-text file (.txt)")
-    with p.open(encoding="utf-8", errors="replace") as f:
-        text = f.read(max_chars)
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty; give general text to measure perplexity on")
-    return text
-
-
-def text_token_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """At most ``max_tokens`` token ids of ``text`` (tokenized without special tokens)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
 
 
 @torch.no_grad()

@@ -193,7 +193,7 @@ class Lab:
         rows = None
         if replay:
             from tuneforge.data.dataset import build_training_data
-            from tuneforge.eval.forgetting import with_replay
+            from tuneforge.data.replay import with_replay
 
             # general text after the prefix that measures perplexity, so replay never trains on the test text
             rows = with_replay(build_training_data(cfg.data, self.tokenizer, seed=0), self.tokenizer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneforge.report.plots import pyplot, save_figure
+from tuneforge.plotting import labelled_bars, pyplot, save_figure
 
 if TYPE_CHECKING:
     from tuneforge.report.lab import LabResult
@@ -31,30 +31,19 @@ def plot_loss_curves(r: LabResult, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _bars(ax, labels: list[str], values: list[float], ylabel: str, fmt: str = "{:.0f}") -> None:
-    bars = ax.bar(labels, values, color=["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"][:len(values)])
-    for b, v in zip(bars, values, strict=True):
-        ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, v), ha="center",
-                    va="bottom" if v >= 0 else "top", fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=9)
-    ax.tick_params(axis="x", labelsize=8, rotation=15)
-    ax.grid(axis="y", alpha=0.3)
-    ax.axhline(0, color="black", lw=0.6)
-
-
 def plot_lr_sweep(r: LabResult, path: Path) -> Path:
     """Task accuracy, perplexity change and probe change for base and the three learning rates."""
     plt = pyplot()
     names = [("full_low_lr", "too low"), ("full", "reference"), ("full_high_lr", "too high")]
     runs = [(label + f"\n{r.runs[n].lr:g}", r.runs[n].state) for n, label in names]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
-    _bars(axes[0], ["base"] + [n for n, _ in runs], [100 * r.base.seen.accuracy] + [100 * s.seen.accuracy
+    labelled_bars(axes[0], ["base"] + [n for n, _ in runs], [100 * r.base.seen.accuracy] + [100 * s.seen.accuracy
                                                                                   for _, s in runs],
           "task accuracy, trained types (%)")
     base_ppl = r.base.forget.general_ppl
-    _bars(axes[1], [n for n, _ in runs], [100 * (s.forget.general_ppl / base_ppl - 1) for _, s in runs],
+    labelled_bars(axes[1], [n for n, _ in runs], [100 * (s.forget.general_ppl / base_ppl - 1) for _, s in runs],
           "general-text perplexity change (%)", "{:+.1f}")
-    _bars(axes[2], [n for n, _ in runs], [100 * (s.forget.probe_accuracy - r.base.forget.probe_accuracy)
+    labelled_bars(axes[2], [n for n, _ in runs], [100 * (s.forget.probe_accuracy - r.base.forget.probe_accuracy)
                                          for _, s in runs], "knowledge-probe change (points)", "{:+.1f}")
     fig.suptitle("learning rate: task gain vs forgetting (full fine-tuning)", fontsize=10)
     return save_figure(fig, path)
@@ -65,9 +54,9 @@ def plot_instruction_tuning(r: LabResult, path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     states = [("base", r.base), ("mixture", r.runs["lora"].state), ("one task", r.runs["lora_one_task"].state)]
-    _bars(axes[0], [n for n, _ in states], [100 * s.unseen.accuracy for _, s in states],
+    labelled_bars(axes[0], [n for n, _ in states], [100 * s.unseen.accuracy for _, s in states],
           "accuracy on unseen task types (%)")
-    _bars(axes[1], [n for n, _ in states], [100 * s.seen.accuracy for _, s in states],
+    labelled_bars(axes[1], [n for n, _ in states], [100 * s.seen.accuracy for _, s in states],
           "accuracy on trained task types (%)")
     fig.suptitle("instruction tuning (LoRA): task mixture vs the same steps on one task type", fontsize=10)
     return save_figure(fig, path)
@@ -101,9 +90,9 @@ def plot_lora_vs_full(r: LabResult, path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.6))
     full, lora = r.runs["full"], r.runs["lora"]
-    _bars(axes[0], ["base", "full", "LoRA"], [100 * r.base.seen.accuracy, 100 * full.state.seen.accuracy,
+    labelled_bars(axes[0], ["base", "full", "LoRA"], [100 * r.base.seen.accuracy, 100 * full.state.seen.accuracy,
                                              100 * lora.state.seen.accuracy], "task accuracy, trained types (%)")
-    _bars(axes[1], ["full", "LoRA"], [100 * full.trainable / full.total, 100 * lora.trainable / lora.total],
+    labelled_bars(axes[1], ["full", "LoRA"], [100 * full.trainable / full.total, 100 * lora.trainable / lora.total],
           "trainable parameters (%)", "{:.2f}")
     fig.suptitle("LoRA vs full fine-tuning (same data, steps and rows)", fontsize=10)
     return save_figure(fig, path)

@@ -261,7 +261,7 @@ def build_document(r: LabResult, out: Path) -> Document:
                       "is partly adaptation to that text's domain; the probes are never trained on.")
     else:
         doc.paragraph("Mitigations: a lower learning rate (section 2), LoRA (this section) and replay (general text "
-                      "mixed into training, `tuneforge.eval.forgetting.with_replay`; measured in the full mode).")
+                      "mixed into training, `tuneforge.data.replay.with_replay`; measured in the full mode).")
 
     doc.heading("6. Prompting vs fine-tuning")
     v = note("6", "fine-tuning beats prompting and pays off at volume", verdict_advise(r.advice))

@@ -22,8 +22,8 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ModelError
-from tuneforge.eval.generate import encode_prompts, left_pad, stop_token_ids
 from tuneforge.methods.lora import row_adapters
+from tuneforge.models.generate import encode_prompts, left_pad, stop_token_ids
 from tuneforge.serve.protocol import APIError, Sampling
 
 log = logging.getLogger("tuneforge.serve")

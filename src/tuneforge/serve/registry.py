@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from tuneforge.adapters.manager import AdapterSet
-from tuneforge.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tuneforge.serve.protocol import APIError
 
 log = logging.getLogger("tuneforge.serve")
