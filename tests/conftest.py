@@ -1,14 +1,17 @@
-"""Shared fixtures: a tiny tokenizer and tiny random Llama models built in memory (seeded)."""
+"""Shared fixtures (a tiny tokenizer and tiny random Llama models built in memory, seeded) and the `gpu` marker."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GPU_REASON = re.compile(r"\b(cuda|gpus?)\b", re.IGNORECASE)
+GPU_SKIP = "needs a CUDA GPU: run `make test-gpu` on a GPU machine"
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -21,6 +24,24 @@ CORPUS = [
     "Classify the sentiment: I love it -> positive. I hate it -> negative.",
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:!?'\"()[]{}<>-_=+*/\\|@#$%^&~`",
 ]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m gpu` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark GPU-only tests `gpu` (so `pytest -m gpu` runs exactly them) and say how to run them when skipped.
+
+    A test is GPU-only when it is marked `gpu` or carries a skipif whose reason names CUDA or a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    for item in items:
+        gpu_skips = [m for m in item.iter_markers("skipif") if GPU_REASON.search(str(m.kwargs.get("reason", "")))]
+        if not gpu_skips and item.get_closest_marker("gpu") is None:
+            continue
+        item.add_marker(pytest.mark.gpu)
+        # a skipif that would not fire here (e.g. Triton's CPU interpreter) keeps the test running
+        would_skip = not gpu_skips or any(not m.args or isinstance(m.args[0], str) or m.args[0] for m in gpu_skips)
+        if not cuda and would_skip:
+            item.add_marker(pytest.mark.skipif(True, reason=GPU_SKIP), append=False)  # skipifs go first
 
 
 def build_tiny_tokenizer(chat_template: str | None = CHATML):

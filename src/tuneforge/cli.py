@@ -1,44 +1,213 @@
-"""The `tuneforge` command: parse arguments, build the config, call one library function."""
+"""The `tuneforge` command: parse arguments, build the command's config, call one library function.
+
+train, eval, advise, serve, lab and plan each have a pydantic model in ``tuneforge.config``, built the
+same way from an optional YAML ``--config``, ``--set key=value`` overrides and the named flags below.
+Library modules are imported inside the command functions so ``tuneforge --help`` starts fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
+from pydantic import BaseModel
+
+from tuneforge import config as cfg
 from tuneforge.errors import TuneforgeError
+from tuneforge.log import emit, set_quiet
+
+# A named flag: its option strings, the config key it sets, extra argparse settings (help, action, metavar).
+Flag = tuple[tuple[str, ...], str, dict[str, Any]]
+
+TRAIN_FLAGS: list[Flag] = [
+    (("--model",), "model", {}),
+    (("--data",), "data.train", {"action": "append", "help": "training data file or builtin:tasks (repeatable)"}),
+    (("--method",), "method.name", {"choices": ["full", "freeze", "lora", "qlora"]}),
+    (("--output", "-o"), "output_dir", {}),
+    (("--max-steps",), "train.max_steps", {}),
+    (("--lr",), "train.lr", {}),
+    (("--skip-bad",), "data.skip_bad", {"action": "store_true"}),
+]
+EVAL_FLAGS: list[Flag] = [
+    (("--model",), "model", {}),
+    (("--adapter",), "adapters", {"action": "append", "help": "a PEFT-format adapter directory (repeatable)"}),
+    (("--data",), "data", {}),
+    (("--format",), "format", {}),
+    (("--metric",), "metrics", {"action": "append", "help": "a metric (repeatable): exact, normalized, contains, "
+                                                            "regex, json, json_schema, mc, loss, refusal"}),
+    (("--pattern",), "pattern", {}),
+    (("--schema",), "schema_file", {}),
+    (("--refusal-detector",), "refusal_detector", {}),
+    (("--limit",), "limit", {}),
+    (("--max-new-tokens",), "max_new_tokens", {}),
+    (("--batch-size",), "batch_size", {}),
+    (("--system",), "system", {}),
+    (("--no-base",), "include_base", {"action": "store_false", "help": "only the adapters, not the base alone"}),
+    (("--output", "-o"), "output", {}),
+]
+ADVISE_FLAGS: list[Flag] = [
+    (("--model",), "model", {}),
+    (("--data",), "data", {}),
+    (("--shots",), "shots", {"help": "few-shot sizes k, comma-separated (default 1,3,5)"}),
+    (("--prompt-file",), "prompt_file", {}),
+    (("--metric",), "metric", {}),
+    (("--n-test",), "n_test", {}),
+    (("--steps",), "train_steps", {}),
+    (("--lr",), "lr", {}),
+    (("--lora-r",), "lora_r", {}),
+    (("--price-per-1k-tokens",), "price_per_1k_tokens", {}),
+    (("--output-price-per-1k-tokens",), "output_price_per_1k_tokens", {}),
+    (("--finetuned-price-multiplier",), "finetuned_price_multiplier", {}),
+    (("--gpu-hour-price",), "gpu_hour_price", {}),
+    (("--expected-requests",), "expected_requests", {}),
+    (("--seed",), "seed", {}),
+    (("--output", "-o"), "output", {}),
+]
+SERVE_FLAGS: list[Flag] = [
+    (("--model",), "model", {}),
+    (("--adapters",), "adapters", {}),
+    (("--host",), "host", {}),
+    (("--port",), "port", {}),
+    (("--api-key",), "api_key", {}),
+    (("--max-batch",), "max_batch", {}),
+    (("--max-tokens-limit",), "max_tokens_limit", {}),
+    (("--max-body-bytes",), "max_body_bytes", {}),
+    (("--dtype",), "dtype", {}),
+    (("--device",), "device", {}),
+]
+LAB_FLAGS: list[Flag] = [
+    (("--quick",), "quick", {"action": "store_true"}),
+    (("--output", "-o"), "output", {}),
+    (("--general-text",), "general_text", {}),
+    (("--threads",), "threads", {}),
+]
+PLAN_FLAGS: list[Flag] = [
+    (("--model",), "model", {"help": "a model reference, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b"}),
+    (("--method",), "method.name", {"choices": ["full", "freeze", "lora", "qlora"]}),
+    (("--seq",), "data.max_seq_len", {"help": "tokens per row"}),
+    (("--batch",), "train.batch_size", {"help": "rows per micro-batch, all GPUs together"}),
+    (("--gpus",), "gpus", {}),
+    (("--gpu-mem",), "gpu_mem", {}),
+    (("--recompute",), "train.gradient_checkpointing", {"choices": ["auto", "off", "on", "offload"],
+                                                         "help": "activation recomputation; auto: what train "
+                                                                 "would pick"}),
+    (("--lora-r",), "method.lora.r", {}),
+    (("--lora-dropout",), "method.lora.dropout", {}),
+    (("--targets",), "method.lora.target_modules", {"help": "LoRA targets: all-linear or q_proj,v_proj,..."}),
+    (("--dtype",), "train.dtype", {"choices": ["bf16", "fp32"]}),
+    (("--loss-chunk-tokens",), "train.loss_chunk_tokens", {}),
+    (("--grad-accum",), "train.grad_accum", {}),
+]
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML run config")
+def add_config_options(p: argparse.ArgumentParser, schema: type[BaseModel], flags: list[Flag]) -> None:
+    """``--config``, ``--set`` and the named flags of a command; each flag's help is its key's description."""
+    p.add_argument("--config", "-c", help=f"YAML file of {schema.__name__} keys (docs/configuration.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
-    p.add_argument("--model", help="model reference (sets model=)")
-    p.add_argument("--data", action="append", help="training data file or builtin:tasks (repeatable)")
-    p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], help="sets method.name=")
-    p.add_argument("--output", "-o", help="run directory (sets output_dir=)")
-    p.add_argument("--max-steps", type=int, help="sets train.max_steps=")
-    p.add_argument("--lr", type=float, help="sets train.lr=")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
+                   help="set any config key, e.g. --set train.lr=1e-4 (repeatable; the value is YAML)")
+    for options, key, extra in flags:
+        extra = dict(extra)
+        text = extra.pop("help", None) or field_description(schema, key)
+        p.add_argument(*options, dest=dest_of(key), default=None, help=f"{text} (sets {key})", **extra)
+    p.set_defaults(schema=schema, flags=flags)
 
 
-def overrides_of(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
-    named = {"model": args.model, "method.name": args.method, "output_dir": args.output,
-             "train.max_steps": args.max_steps, "train.lr": args.lr}
-    out += [f"{k}={v}" for k, v in named.items() if v is not None]
-    if args.data:
-        out.append("data.train=[" + ", ".join(f'"{d}"' for d in args.data) + "]")
-    if args.skip_bad:
-        out.append("data.skip_bad=true")
-    return out
+def dest_of(key: str) -> str:
+    return "key_" + key.replace(".", "__")
+
+
+def field_description(schema: type[BaseModel], key: str) -> str:
+    """The description of a dotted key of a config model."""
+    model: Any = schema
+    for part in key.split("."):
+        field = model.model_fields[part]
+        model = field.annotation
+    return field.description or ""
+
+
+def config_of(args: argparse.Namespace) -> Any:
+    """The command's config model: YAML ← --set ← named flags, errors naming the key and the flag."""
+    values, names = {}, {}
+    for options, key, _ in args.flags:
+        value = getattr(args, dest_of(key))
+        if value is not None:
+            values[key], names[key] = value, options[0]
+    return cfg.load_config(args.config, args.overrides, values, schema=args.schema, flag_names=names)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tuneforge.config import load_config
     from tuneforge.train.loop import train
 
-    train(load_config(args.config, overrides_of(args)), resume=args.resume, overwrite=args.overwrite)
+    config = config_of(args)
+    callbacks, tokenizer = [], None
+    if config.train.forgetting is not None:
+        from tuneforge.eval.forgetting import forgetting_callback
+        from tuneforge.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+        callbacks.append(forgetting_callback(config.train.forgetting, tokenizer))
+    train(config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks, tokenizer=tokenizer)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from tuneforge.eval.run import format_report, run_eval
+
+    c = config_of(args)
+    report = run_eval(c.model, c.data, adapters=c.adapters, metrics=c.metrics, output=c.output, pattern=c.pattern,
+                      schema_path=c.schema_file, refusal_detector=c.refusal_detector, limit=c.limit,
+                      max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, include_base=c.include_base,
+                      format=c.format, system_prompt=c.system)
+    emit(format_report(report))
+
+
+def cmd_advise(args: argparse.Namespace) -> None:
+    from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise
+
+    c = config_of(args)
+    advice = run_advise(AdviseOptions(**c.model_dump() | {"shots": tuple(c.shots)}))
+    emit(format_advice(advice))
+    emit("\n".join(f"{k:<10} {v}" for k, v in advice.files.items()))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from tuneforge.serve import ServeOptions, serve
+
+    c = config_of(args)
+    serve(ServeOptions(**c.model_dump() | {"api_key": c.api_key or os.environ.get("TUNEFORGE_API_KEY")}))
+
+
+def cmd_lab(args: argparse.Namespace) -> None:
+    from tuneforge.report.lab import run_lab
+
+    c = config_of(args)
+    result = run_lab(output=c.output, quick=c.quick, general_text=c.general_text, threads=c.threads)
+    emit(f"lab ({result.mode}) finished in {result.seconds / 60:.1f} min")
+    emit("\n".join(f"{k:<9} {v}" for k, v in result.files.items()))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from tuneforge.methods.setup import gpu_weight_dtype
+    from tuneforge.train.plan import choose_plan, plan_memory
+
+    c = config_of(args)
+    m, t = c.method, c.train
+
+    def plan(recompute: str, advise: bool = True):
+        return plan_memory(c.model, method=m.name, seq=c.data.max_seq_len, batch=t.batch_size // c.gpus,
+                           lora_r=m.lora.r, targets=m.lora.target_modules, gradient_checkpointing=recompute != "off",
+                           offload_checkpoints=recompute == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
+                           weight_dtype=gpu_weight_dtype(m.name, t.dtype), gpu_mem_gib=c.gpu_mem,
+                           lora_dropout=m.lora.dropout, loss_chunk_tokens=t.loss_chunk_tokens,
+                           grad_accum=t.grad_accum, shards=c.gpus, advise=advise)
+
+    auto, gc = t.gradient_checkpointing == "auto", t.gradient_checkpointing
+    mode = choose_plan(lambda r: plan(r, advise=False)) if auto else {True: "on", False: "off"}.get(gc, gc)
+    emit(f"recomputation: {mode}" + (" (chosen as train's auto would)" if auto else ""))
+    emit(plan(mode).table())
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -48,7 +217,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     fields = dict(kv.split("=", 1) for kv in args.field) if args.field else None
     report = inspect_data(args.files, load_tokenizer(args.model), args.max_seq_len, Path(args.out),
                           n_show=args.show, format=args.format, fields=fields)
-    print(format_report(report))
+    emit(format_report(report))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -57,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = load_prompts(args.prompt, args.file)
     for prompt, out in zip(prompts, run_generate(args.model, args.adapter, prompts, args.max_new_tokens,
                                                  args.temperature, args.top_p, args.batch_size), strict=True):
-        print(f">>> {prompt}\n{out}\n")
+        emit(f">>> {prompt}\n{out}\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -76,16 +245,13 @@ def cmd_adapters_list(args: argparse.Namespace) -> None:
     from tuneforge.adapters.manager import format_table, scan_adapters
 
     infos, errors = scan_adapters(args.dir)
-    if not infos and not errors:
-        print(f"no adapters in {args.dir}")
-        return
-    print(format_table(infos, errors))
+    emit(format_table(infos, errors) if infos or errors else f"no adapters in {args.dir}")
 
 
 def cmd_adapters_info(args: argparse.Namespace) -> None:
     from tuneforge.adapters.manager import adapter_info, format_info
 
-    print(format_info(adapter_info(args.adapter)))
+    emit(format_info(adapter_info(args.adapter)))
 
 
 def cmd_adapters_merge(args: argparse.Namespace) -> None:
@@ -95,7 +261,7 @@ def cmd_adapters_merge(args: argparse.Namespace) -> None:
 
     out = export_merged(args.model, args.adapter, args.out, dtype=getattr(torch, args.dtype),
                         overwrite=args.overwrite)
-    print(f"merged model written to {out}")
+    emit(f"merged model written to {out}")
 
 
 def cmd_adapters_combine(args: argparse.Namespace) -> None:
@@ -107,39 +273,61 @@ def cmd_adapters_combine(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise ConfigError(f"--weights {args.weights!r}: give comma-separated numbers, e.g. 0.5,0.5") from e
     result = combine_adapters(args.adapter, weights, args.out, method=args.method, rank=args.rank)
-    print(f"{result.method} combination written to {result.path}: rank {result.r}, "
-          f"relative Frobenius error {result.relative_error:.3g} (worst module {result.max_module_error:.3g})")
+    emit(f"{result.method} combination written to {result.path}: rank {result.r}, "
+         f"relative Frobenius error {result.relative_error:.3g} (worst module {result.max_module_error:.3g})")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
-    from tuneforge.serve import ServeOptions, serve
-
-    serve(ServeOptions(model=args.model, adapters=args.adapters, host=args.host, port=args.port,
-                       api_key=args.api_key or os.environ.get("TUNEFORGE_API_KEY"), max_batch=args.max_batch,
-                       max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                       dtype=args.dtype, device=args.device))
+def quiet_option() -> argparse.ArgumentParser:
+    """``--quiet``, shared by every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quiet", "-q", action="store_true", help="print only warnings, errors and the result")
+    return p
 
 
-def add_adapter_commands(sub) -> None:
+def add_configured_commands(sub, common: list[argparse.ArgumentParser]) -> None:
+    """The commands built from a config model: train, eval, advise, serve, lab, plan."""
+    p = sub.add_parser("train", parents=common, help="fine-tune a model (full, freeze, lora or qlora)")
+    add_config_options(p, cfg.RunConfig, TRAIN_FLAGS)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=cmd_train)
+
+    for name, schema, flags, func, text in (
+        ("eval", cfg.EvalConfig, EVAL_FLAGS, cmd_eval, "evaluate a model and adapters side by side: generation "
+         "metrics, multiple choice, loss/perplexity, refusal rate; per task; table + PNG"),
+        ("advise", cfg.AdviseConfig, ADVISE_FLAGS, cmd_advise, "prompt or fine-tune? zero-/few-shot/your prompt "
+         "vs a short LoRA fine-tune: accuracy, tokens, latency, cost, break-even, recommendation"),
+        ("serve", cfg.ServeConfig, SERVE_FLAGS, cmd_serve,
+         "OpenAI-compatible HTTP API: one base model, the adapters of a directory"),
+        ("lab", cfg.LabConfig, LAB_FLAGS, cmd_lab, "measure each claim of the fine-tuning lesson on the builtin "
+         "SmolLM2: Markdown + HTML report with plots"),
+        ("plan", cfg.PlanConfig, PLAN_FLAGS, cmd_plan,
+         "predict a run's peak GPU memory (weights, gradients, optimizer, activations)"),
+    ):
+        p = sub.add_parser(name, parents=common, help=text)
+        add_config_options(p, schema, flags)
+        p.set_defaults(func=func)
+
+
+def add_adapter_commands(sub, common: list[argparse.ArgumentParser]) -> None:
     """`tuneforge adapters list|info|merge|combine`."""
     adapters = sub.add_parser("adapters", help="inspect, merge and combine LoRA adapters (PEFT format)")
     cmds = adapters.add_subparsers(dest="adapters_command", required=True)
-    p = cmds.add_parser("list", help="the adapters in a directory: name, rank, alpha, targets, size")
+    p = cmds.add_parser("list", parents=common, help="the adapters in a directory: name, rank, alpha, targets, size")
     p.add_argument("dir")
     p.set_defaults(func=cmd_adapters_list)
-    p = cmds.add_parser("info", help="details of one adapter directory")
+    p = cmds.add_parser("info", parents=common, help="details of one adapter directory")
     p.add_argument("adapter")
     p.set_defaults(func=cmd_adapters_info)
-    p = cmds.add_parser("merge", help="merge an adapter into its base and save a Hugging Face model directory")
+    p = cmds.add_parser("merge", parents=common,
+                        help="merge an adapter into its base and save a Hugging Face model directory")
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_adapters_merge)
-    p = cmds.add_parser("combine", help="combine adapters into a new one (cat: exact; linear; svd)")
+    p = cmds.add_parser("combine", parents=common, help="combine adapters into a new one (cat: exact; linear; svd)")
     p.add_argument("--adapter", action="append", required=True, help="an adapter directory (repeatable)")
     p.add_argument("--weights", help="comma-separated, one per adapter (default 1 each)")
     p.add_argument("--method", choices=["cat", "linear", "svd"], default="cat")
@@ -148,153 +336,11 @@ def add_adapter_commands(sub) -> None:
     p.set_defaults(func=cmd_adapters_combine)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    from tuneforge.eval.run import format_report, run_eval
-
-    report = run_eval(args.model, args.data, adapters=args.adapter or [], metrics=args.metric,
-                      output=args.output, pattern=args.pattern, schema_path=args.schema,
-                      refusal_detector=args.refusal_detector, limit=args.limit,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      include_base=not args.no_base, system_prompt=args.system)
-    print(format_report(report))
-
-
-def cmd_advise(args: argparse.Namespace) -> None:
-    from tuneforge.errors import ConfigError
-    from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise
-
-    try:
-        shots = tuple(int(k) for k in args.shots.split(","))
-    except ValueError as e:
-        raise ConfigError(f"--shots {args.shots!r}: give comma-separated numbers, e.g. 1,3,5") from e
-    opts = AdviseOptions(data=args.data, model=args.model, shots=shots, prompt_file=args.prompt_file,
-                         metric=args.metric, n_test=args.n_test, train_steps=args.steps, lr=args.lr,
-                         lora_r=args.lora_r, price_per_1k_tokens=args.price_per_1k_tokens,
-                         output_price_per_1k_tokens=args.output_price_per_1k_tokens,
-                         finetuned_price_multiplier=args.finetuned_price_multiplier,
-                         gpu_hour_price=args.gpu_hour_price, expected_requests=args.expected_requests,
-                         output=args.output, seed=args.seed)
-    advice = run_advise(opts)
-    print(format_advice(advice))
-    print("\n".join(f"{k:<10} {v}" for k, v in advice.files.items()))
-
-
-def cmd_lab(args: argparse.Namespace) -> None:
-    from tuneforge.report.lab import run_lab
-
-    result = run_lab(output=args.output, quick=args.quick, general_text=args.general_text, threads=args.threads)
-    print(f"lab ({result.mode}) finished in {result.seconds / 60:.1f} min")
-    print("\n".join(f"{k:<9} {v}" for k, v in result.files.items()))
-
-
-def add_eval_commands(sub) -> None:
-    """`tuneforge eval`, `tuneforge advise` and `tuneforge lab`."""
-    from tuneforge.eval.run import METRICS
-
-    p = sub.add_parser("eval", help="evaluate a model and adapters side by side: generation metrics, multiple "
-                                    "choice, loss/perplexity, refusal rate; per task; table + PNG")
-    p.add_argument("--model", default="smollm2-135m", help="base model reference")
-    p.add_argument("--adapter", action="append", help="a PEFT-format adapter directory (repeatable)")
-    p.add_argument("--data", required=True, help="evaluation file (any training format; see README) or "
-                                                 "builtin:tasks|refusal|probes")
-    p.add_argument("--metric", action="append", choices=METRICS, help="repeatable; default: what the data supports")
-    p.add_argument("--pattern", help="regular expression for --metric regex (else each record's 'pattern')")
-    p.add_argument("--schema", help="JSON Schema file for --metric json_schema (else each record's 'schema')")
-    p.add_argument("--refusal-detector", help="package.module:function replacing the default refusal detector")
-    p.add_argument("--limit", type=int, help="evaluate N records, evenly spread over the file")
-    p.add_argument("--max-new-tokens", type=int, help="default: the longest reference + 8")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--system", help="system prompt for every record")
-    p.add_argument("--no-base", action="store_true", help="only the adapters, not the base model alone")
-    p.add_argument("--output", "-o", default="runs/eval", help="where results.json, predictions and PNGs go")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("advise", help="prompt or fine-tune? zero-/few-shot/your prompt vs a short LoRA fine-tune: "
-                                      "accuracy, tokens, latency, cost, break-even, recommendation")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", required=True, help="your task: records with prompts and reference answers")
-    p.add_argument("--shots", default="1,3,5", help="few-shot sizes k, comma-separated")
-    p.add_argument("--prompt-file", help="your better prompt: a system prompt, or a user template with {input}")
-    p.add_argument("--metric", default="normalized",
-                   choices=["exact", "normalized", "contains", "regex", "json", "json_schema"])
-    p.add_argument("--n-test", type=int, default=50, help="test records (at most half of the data)")
-    p.add_argument("--steps", type=int, default=60, help="LoRA fine-tuning steps")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--price-per-1k-tokens", type=float, default=0.0005, help="$ per 1k prompt tokens")
-    p.add_argument("--output-price-per-1k-tokens", type=float, help="$ per 1k output tokens (default: same)")
-    p.add_argument("--finetuned-price-multiplier", type=float, default=1.0,
-                   help="price factor of the fine-tuned model (hosted fine-tunes often cost 1.5-2x)")
-    p.add_argument("--gpu-hour-price", type=float, default=2.0, help="$ per hour of the hardware that trains")
-    p.add_argument("--expected-requests", type=float, default=1_000_000, help="request volume you expect")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "-o", default="runs/advise")
-    p.set_defaults(func=cmd_advise)
-
-    p = sub.add_parser("lab", help="measure each claim of the fine-tuning lesson on the builtin SmolLM2: "
-                                   "Markdown + HTML report with plots")
-    p.add_argument("--quick", action="store_true", help="the quick mode (about 10 min on 2 CPU cores; full: 45)")
-    p.add_argument("--output", "-o", default="runs/lab")
-    p.add_argument("--general-text", help="general text for perplexity (default: ../shared/data/general)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.set_defaults(func=cmd_lab)
-
-
-def cmd_plan(args: argparse.Namespace) -> None:
-    from tuneforge.errors import ConfigError
-    from tuneforge.methods.setup import gpu_weight_dtype
-    from tuneforge.train.plan import choose_plan, plan_memory
-
-    if args.batch % args.gpus:
-        raise ConfigError(f"--batch {args.batch} is the global rows per micro-batch (train.batch_size) and must be "
-                          f"divisible by --gpus {args.gpus}")
-
-    def plan(recompute: str, advise: bool = True):
-        return plan_memory(args.model, method=args.method, seq=args.seq, batch=args.batch // args.gpus,
-                           lora_r=args.lora_r, targets=args.targets, gradient_checkpointing=recompute != "off",
-                           offload_checkpoints=recompute == "offload", dtype=args.dtype,
-                           weight_dtype=gpu_weight_dtype(args.method, args.dtype), gpu_mem_gib=args.gpu_mem,
-                           lora_dropout=args.lora_dropout, loss_chunk_tokens=args.loss_chunk_tokens,
-                           grad_accum=args.grad_accum, shards=args.gpus, advise=advise)
-
-    mode = choose_plan(lambda m: plan(m, advise=False)) if args.recompute == "auto" else args.recompute
-    print(f"recomputation: {mode}" + (" (chosen as train's auto would)" if args.recompute == "auto" else ""))
-    print(plan(mode).table())
-
-
-def add_plan_command(sub) -> None:
-    """`tuneforge plan`: predicted peak GPU memory of a run, split, with advice (defaults mirror `train`)."""
-    p = sub.add_parser("plan", help="predict a run's peak GPU memory (weights, gradients, optimizer, activations)")
-    p.add_argument("--model", required=True,
-                   help="local HF dir, builtin model, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b")
-    p.add_argument("--method", choices=["full", "freeze", "lora", "qlora"], default="lora")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per row (data.max_seq_len)")
-    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch, all GPUs together (train.batch_size)")
-    p.add_argument("--gpus", type=int, default=1, help="torchrun processes the batch and the state are split over")
-    p.add_argument("--gpu-mem", type=float, help="GPU memory in GiB (default: this machine's GPU, if any)")
-    p.add_argument("--recompute", choices=["auto", "off", "on", "offload"], default="auto",
-                   help="activation recomputation (train.gradient_checkpointing; auto: what train would pick)")
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or q_proj,v_proj,...")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype")
-    p.add_argument("--loss-chunk-tokens", type=int, default=1024)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.set_defaults(func=cmd_plan)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="fine-tune a model (full, freeze or lora)")
-    add_run_options(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.set_defaults(func=cmd_train)
-
+def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
+    """`tuneforge data inspect`, `generate`, `chat` and `demo`."""
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("inspect", help="formats, counts, token lengths and the loss mask of data files")
+    p = data.add_parser("inspect", parents=common,
+                        help="formats, counts, token lengths and the loss mask of data files")
     p.add_argument("files", nargs="+")
     p.add_argument("--model", default="smollm2-135m", help="tokenizer and chat template to use")
     p.add_argument("--max-seq-len", type=int, default=512)
@@ -305,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     for name, helptext in (("generate", "generate completions for prompts"), ("chat", "interactive chat")):
-        p = sub.add_parser(name, help=helptext)
+        p = sub.add_parser(name, parents=common, help=helptext)
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory")
         p.add_argument("--max-new-tokens", type=int, default=128)
@@ -320,32 +366,26 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--system", help="system prompt")
             p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("demo", help="LoRA-fine-tune the builtin SmolLM2 on builtin:tasks, before/after")
+    p = sub.add_parser("demo", parents=common,
+                       help="LoRA-fine-tune the builtin SmolLM2 on builtin:tasks, before/after")
     p.add_argument("--output", default="runs/demo")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API: one base model, the adapters of a directory")
-    p.add_argument("--model", required=True, help="base model reference (HF dir, .gguf, smollm2-135m)")
-    p.add_argument("--adapters", required=True, help="folder of adapter folders; add or remove them while it runs")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNEFORGE_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests run together in one generate call")
-    p.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(func=cmd_serve)
 
-    add_adapter_commands(sub)
-    add_plan_command(sub)
-    add_eval_commands(sub)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = [quiet_option()]
+    add_configured_commands(sub, common)
+    add_tool_commands(sub, common)
+    add_adapter_commands(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_quiet(args.quiet)
     try:
         args.func(args)
     except TuneforgeError as e:
