@@ -9,7 +9,8 @@ plain process (what ``tuneforge train`` is on one GPU), 2-GPU cases under ``torc
 with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` and ``NCCL_NVLS_ENABLE=0`` (NVLink multicast off).
 What is measured is the library's own path: ``tuneforge.train.sharding`` shards the model (FSDP2, one unit
 per decoder layer + the root), splits the global batch, sums the token count over ranks; the step is the
-loop's (``lm_loss`` with the chunked loss, bf16 autocast, loss / global trained tokens, clipping, fused AdamW).
+loop's own (``train.step.train_step``: the chunked loss, bf16 autocast, loss / global trained tokens, clipping,
+fused AdamW), with the loss wrapper as the FSDP root.
 
 Weak scaling: every GPU gets the same rows per step (``--batch`` × ``--seq``), so the 2-GPU global batch is twice
 the 1-GPU one. Scaling efficiency = (tokens/s per GPU on 2 GPUs) / (tokens/s on 1 GPU). Peaks are
@@ -37,10 +38,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_runner  # noqa: E402
 import qlora_gpu  # noqa: E402  (random-weight builders at real shapes)
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from bench_runner import fmt, gib_text, heading, measured_pairs  # noqa: E402
 from qlora_gpu import LOSS_CHUNK  # noqa: E402
 
+from tuneforge.data.packing import PackedRow, collate  # noqa: E402
+from tuneforge.train import distributed, recompute, sharding  # noqa: E402
 from tuneforge.train.plan import GIB, shape_config  # noqa: E402
+from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,6 @@ def sync(device: torch.device) -> None:
 
 def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, steps: int | None) -> dict | None:
     """Build, shard (on 2+ processes), train warm-up + timed steps; rank 0 returns the record."""
-    import torch.distributed as dist
-
-    from tuneforge.data.packing import PackedRow, collate
-    from tuneforge.train import distributed, recompute, sharding
-    from tuneforge.train.loop import lm_loss
-
     cuda = torch.cuda.is_available() and not smoke
     world = distributed.world_size()
     batch, seq = (2, 64) if smoke else (batch, seq)
@@ -98,8 +97,10 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     model = build(cfg, case.method, device)
     if case.ckpt:
         recompute.enable(model, "on")
-    model.train()
-    model = sharding.shard_model(model, device)
+    # autocast as train on a GPU (CPU autocast in the smoke run)
+    loss_model = CausalLMLoss(model, LOSS_CHUNK, torch.bfloat16)
+    loss_model.train()
+    sharding.shard_model(loss_model, device)
     sync(device)
     build_s = time.perf_counter() - t0
     if cuda:
@@ -112,24 +113,16 @@ def run_case(case: Case, smoke: bool, layers: int | None, batch: int, seq: int, 
     rows = [PackedRow(input_ids=r.tolist(), labels=r.tolist(), position_ids=list(range(seq)), seq_ids=[0] * seq,
                       lengths=[seq]) for r in ids]
     local = collate(distributed.local_rows(rows), pad_id=0)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in loss_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-5 if case.method == "full" else 2e-4, fused=True)
-    amp = torch.bfloat16  # autocast as train on a GPU (CPU autocast in the smoke run)
     warmup, timed = (1, 2) if smoke else (case.warmup, steps or case.steps)
     losses, start = [], time.perf_counter()
     for step in range(warmup + timed):
         if step == warmup:
             sync(device)
-            if dist.is_initialized():
-                dist.barrier()
+            distributed.barrier()
             start = time.perf_counter()
-        n = distributed.all_sum(int((local["labels"][:, 1:] != -100).sum()))
-        loss, _ = lm_loss(model, local, LOSS_CHUNK, amp)
-        (loss / n).backward()
-        losses.append(distributed.all_sum(float(loss.detach())) / n)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        losses.append(train_step(loss_model, [local], opt, max_grad_norm=1.0, all_sum=distributed.all_sum).loss)
     sync(device)
     seconds = time.perf_counter() - start
     mine = {"peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
@@ -231,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_case:
         rc = bench_runner.run_child(
             args, CASES, lambda case: run_case(case, args.smoke, args.layers, args.batch, args.seq, args.steps))
-        from tuneforge.train import distributed
-
         distributed.barrier()  # rank 0 has written the record: now every process may exit (as train ends)
         return rc
     run_all(args)

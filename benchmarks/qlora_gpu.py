@@ -9,8 +9,8 @@ real Llama-3 shapes, built layer by layer: every decoder Linear is generated in 
 quantized at once, so no full-size 16-bit model ever exists. Both implementations quantize the same
 seeded tensors (ours with ``tuneforge.quant``, the peer with bitsandbytes), get the same random
 batch, and are timed after warm-up steps; peaks are ``torch.cuda.max_memory_allocated`` (reserved
-is reported too). The step is the training loop's: bf16 autocast, loss (chunked for tuneforge, HF's
-for the peer), backward, gradient clipping, fused AdamW.
+is reported too). tuneforge's step is ``train.step.train_step``, the training loop's own; the peer's is
+HF's loss under bf16 autocast, backward, gradient clipping, fused AdamW.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import resource
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,10 @@ import bench_runner  # noqa: E402
 import torch  # noqa: E402
 from bench_runner import fmt, gib_text, heading, measured_pairs, pct, ratios  # noqa: E402
 
-from tuneforge.train.plan import GIB, PROJECTIONS, plan_memory, shape_config  # noqa: E402
+from tuneforge.train import recompute  # noqa: E402
+from tuneforge.train.plan import GIB, PROJECTIONS, PlanInputs, plan_memory, shape_config  # noqa: E402
+from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
+from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
@@ -187,53 +190,62 @@ def build_peer(cfg: dict, device: torch.device):
     return get_peft_model(model, config)
 
 
-# --- recomputation ------------------------------------------------------------------------------
-
-def enable_checkpointing(model, offload: bool) -> None:
-    """Checkpointing as ``train`` does it: HF's non-reentrant, or ours with the inputs offloaded to host."""
-    from tuneforge.train import recompute
-
-    recompute.enable(model, "offload" if offload else "on")
-
-
 # --- steps ---------------------------------------------------------------------------------------
 
-def ours_loss(model, ids: torch.Tensor, mask: bool) -> torch.Tensor:
-    from tuneforge.train.attention import block_causal_mask
-    from tuneforge.train.loss import chunked_lm_loss
+def ours_step(model, case: Case, device: torch.device) -> Callable[[torch.Tensor], float]:
+    """``train``'s step (``train.step.train_step``) on rows of one example each; the loss of each step.
 
-    kwargs = {}
-    if mask:  # what train.loop.lm_loss passes for packed rows: one example per row here
-        kwargs["attention_mask"] = block_causal_mask(torch.zeros_like(ids))
-    hidden = model.model(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
-    total, n = chunked_lm_loss(hidden, model.lm_head, ids, LOSS_CHUNK)
-    return total / n
+    ``case.mask``: the rows hold two examples each, so the loss gets the dense block-causal mask train passes
+    for packed rows (SDPA's masked kernel) instead of SDPA's causal flag.
+    """
+    if case.ckpt:
+        recompute.enable(model, "offload" if case.offload else "on")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    loss_model = CausalLMLoss(model, LOSS_CHUNK, amp, OffloadedActivations() if case.offload else None)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=device.type == "cuda")
+
+    def step(ids: torch.Tensor) -> float:
+        batch, seq = ids.shape
+        seq_ids = torch.zeros_like(ids)
+        if case.mask:
+            seq_ids[:, seq // 2:] = 1
+        batch = {"input_ids": ids, "labels": ids, "seq_ids": seq_ids,
+                 "position_ids": torch.arange(seq, device=ids.device).expand(batch, seq)}
+        return train_step(loss_model, [batch], opt, max_grad_norm=1.0).loss
+    return step
 
 
-def peer_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-
-def train_steps(model, loss_fn, ids: torch.Tensor, warmup: int, steps: int, device: torch.device) -> dict:
+def peer_step(model, case: Case, device: torch.device) -> Callable[[torch.Tensor], float]:
+    """The peer's step: HF's loss under bf16 autocast, backward, clipping, fused AdamW."""
+    if case.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type == "cuda")
     amp = torch.bfloat16 if device.type == "cuda" else None
-    losses, t0 = [], None
-    for step in range(warmup + steps):
-        if step == warmup:
-            sync(device)
-            t0 = time.perf_counter()
+
+    def step(ids: torch.Tensor) -> float:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = loss_fn(model, ids)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        return float(loss.detach())
+    return step
+
+
+def timed_steps(model, step: Callable[[torch.Tensor], float], ids: torch.Tensor, warmup: int, steps: int,
+                device: torch.device) -> dict:
+    losses, t0 = [], None
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        losses.append(step(ids))
     sync(device)
     seconds = time.perf_counter() - t0
     return {"losses": losses, "seconds": seconds, "tokens_per_s": ids.numel() * steps / seconds,
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def sync(device: torch.device) -> None:
@@ -258,12 +270,10 @@ def run_training_case(case: Case, smoke: bool, layers: int | None, steps: int | 
     t0 = time.perf_counter()
     if case.impl == "peer":
         model = build_peer(cfg, device)
-        loss_fn = peer_loss
+        step = peer_step(model, case, device)
     else:
         model = build_ours(cfg, case.method, device)
-        loss_fn = partial(ours_loss, mask=case.mask)
-    if case.ckpt:
-        enable_checkpointing(model, case.offload)
+        step = ours_step(model, case, device)
     model.train()
     sync(device)
     if device.type == "cuda":
@@ -274,7 +284,7 @@ def run_training_case(case: Case, smoke: bool, layers: int | None, steps: int | 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     warmup, steps = (1, 2) if smoke else (case.warmup, steps or case.steps)
-    out.update(train_steps(model, loss_fn, ids, warmup, steps, device))
+    out.update(timed_steps(model, step, ids, warmup, steps, device))
     out.update(peak_gib=gib(device, "max_memory_allocated"), reserved_gib=gib(device, "max_memory_reserved"),
                host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20))
     if device.type == "cuda":
@@ -287,10 +297,10 @@ def run_training_case(case: Case, smoke: bool, layers: int | None, steps: int | 
 
 def replan(case: Case, rec: dict, device_type: str = "cuda") -> dict:
     """The planner's prediction for a measured case, and its error against the measured peak."""
-    plan = plan_memory(rec["config"], case.method, rec["seq"], rec["batch"], lora_r=LORA_R,
-                       gradient_checkpointing=case.ckpt, loss_chunk_tokens=LOSS_CHUNK, attention_mask=case.mask,
-                       offload_checkpoints=case.offload, dtype="bf16" if device_type == "cuda" else "fp32",
-                       advise=False)
+    recompute = ("offload" if case.offload else "on") if case.ckpt else "off"
+    plan = plan_memory(PlanInputs(rec["config"], case.method, rec["seq"], rec["batch"], lora_r=LORA_R,
+                                  recompute=recompute, loss_chunk_tokens=LOSS_CHUNK, attention_mask=case.mask,
+                                  dtype="bf16" if device_type == "cuda" else "fp32"), advise=False)
     out = {"plan": plan.to_dict()}
     if rec.get("peak_gib"):
         out["plan_error_pct"] = 100 * (plan.allocated / GIB - rec["peak_gib"]) / rec["peak_gib"]

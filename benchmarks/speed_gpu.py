@@ -10,7 +10,7 @@ Cases (random weights at the real Llama-3 shapes, the same seeded weights and ba
 baseline runs it); the same with QLoRA (bitsandbytes NF4 + double quant, + Liger); 1B full fine-tuning 8×2048
 (HF, HF+Liger); and a real SFT workload: P3 examples tokenized by tuneforge's pipeline (their real lengths
 and response-only labels), the peer with per-batch dynamic padding, tuneforge with packing and document
-masks. tuneforge runs what ``train`` runs: its loss (``train.loop.lm_loss``), its attention choice, and the
+masks. tuneforge runs what ``train`` runs: its step (``train.step.train_step``), its attention choice, and the
 recomputation mode its planner picks (``auto``) unless the case names one. Tokens/s count real (non-pad)
 tokens; MFU is model FLOPs (4·params per token for a frozen base, 6· for full, plus causal attention) over
 989 TFLOP/s (H200 dense bf16).
@@ -48,7 +48,13 @@ from qlora_gpu import (  # noqa: E402
     sync,
 )
 
-from tuneforge.train.plan import PROJECTIONS, shape_config  # noqa: E402
+from tuneforge.config import RunConfig  # noqa: E402
+from tuneforge.train import recompute as recomputation  # noqa: E402
+from tuneforge.train.attention import use_document_attention  # noqa: E402
+from tuneforge.train.kernels import apply_kernels  # noqa: E402
+from tuneforge.train.plan import PROJECTIONS, choose_recompute, shape_config  # noqa: E402
+from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
+from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
 PEAK_FLOPS = 989e12
 WORKLOAD = ROOT / ".bench" / "p3_workload.json"
@@ -218,31 +224,33 @@ def build(case: Case, cfg: dict, device: torch.device):
 
 def ours_recompute(case: Case, device: torch.device, batch: int, seq: int) -> str:
     """The mode ``train`` would use: the planner's choice for ``auto``."""
-    from tuneforge.config import RunConfig
-    from tuneforge.train.recompute import choose_mode
-
     config = RunConfig.model_validate({
         "model": case.shape, "method": {"name": case.method, "lora": {"r": LORA_R, "alpha": LORA_ALPHA}},
         "data": {"max_seq_len": seq}, "train": {"batch_size": batch, "gradient_checkpointing": case.recompute}})
-    return choose_mode(config, device)
+    return choose_recompute(config, device)
 
 
 # --- steps ---------------------------------------------------------------------------------------
 
-def step_fn(case: Case, model, device: torch.device):
+def step_fn(case: Case, model, device: torch.device, recompute: str):
+    """One optimizer step on a batch, returning its loss: ``train_step`` for ours, HF's loss for the peer."""
     amp = torch.bfloat16 if device.type == "cuda" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5 if case.method == "full" else 2e-4, fused=device.type == "cuda")
     if case.impl == "ours":
-        from tuneforge.train.loop import lm_loss
-
-        def ours(batch):
-            total, n = lm_loss(model, batch, LOSS_CHUNK, amp)
-            return total / max(n, 1)
-        return ours
+        offload = OffloadedActivations() if recompute == "offload" else None
+        loss_model = CausalLMLoss(model, LOSS_CHUNK, amp, offload)
+        return lambda batch: train_step(loss_model, [batch], opt, max_grad_norm=1.0).loss
 
     def peer(batch):
         kw = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask") if k in batch}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return model(**kw, use_cache=False).loss
+            loss = model(**kw, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
     return peer
 
 
@@ -258,10 +266,6 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     out: dict = {"build_s": time.perf_counter() - t0, "config": cfg}
     recompute = case.recompute
     if case.impl == "ours":
-        from tuneforge.train import recompute as recomputation
-        from tuneforge.train.attention import use_document_attention
-        from tuneforge.train.kernels import apply_kernels
-
         recompute = "off" if smoke and recompute == "auto" else ours_recompute(case, device, batch, seq)
         recomputation.enable(model, recompute)
         if case.liger:
@@ -288,18 +292,7 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         torch.cuda.empty_cache()
         out["weights_gib"] = gib(device, "memory_allocated")
         torch.cuda.reset_peak_memory_stats(device)
-    loss_of = step_fn(case, model, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5 if case.method == "full" else 2e-4, fused=device.type == "cuda")
-
-    def step(b):
-        loss = loss_of(b)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
+    step = step_fn(case, model, device, recompute)
     losses = [step(b) for b in warm]
     if case.name.startswith("profile"):
         out.update(profile(step, timed, device))
@@ -313,7 +306,8 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     attention = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * mean_context(timed)
     flops_tok = (6 if case.method == "full" else 4) * n_params + attention
     out.update(losses=losses, seconds=seconds, tokens_per_s=real / seconds, real_tokens=real,
-               trainable=sum(p.numel() for p in params), peak_gib=gib(device, "max_memory_allocated"),
+               trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+               peak_gib=gib(device, "max_memory_allocated"),
                reserved_gib=gib(device, "max_memory_reserved"),
                mfu=real / seconds * flops_tok / PEAK_FLOPS if device.type == "cuda" else None,
                limit_tokens_per_s=790e12 / ((6 if case.method == "full" else 4) * n_params))

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.train.attention import FLEX, attention_mask, block_causal_mask, document_mask, use_document_attention
+from tuneforge.train.step import CausalLMLoss, batch_loss
 
 
 def _seq_ids() -> torch.Tensor:
@@ -33,7 +34,6 @@ def test_cpu_batches_get_a_padding_mask_or_a_dense_block_mask(tiny_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fast path is for GPUs")
 def test_packed_loss_with_flex_equals_dense_mask_on_gpu(tiny_model):
-    from tuneforge.train.loop import lm_loss
 
     device = torch.device("cuda")
     model = tiny_model.to(device)
@@ -42,8 +42,8 @@ def test_packed_loss_with_flex_equals_dense_mask_on_gpu(tiny_model):
     positions = torch.cat([torch.arange(5), torch.arange(7), torch.arange(3), torch.arange(1)])
     batch = {"input_ids": ids, "labels": ids.masked_fill(seq_ids < 0, -100), "seq_ids": seq_ids,
              "position_ids": torch.stack([positions, torch.arange(16)])}
-    dense, n = lm_loss(model, batch, 1024, None)
+    dense, n = batch_loss(CausalLMLoss(model), batch)
     assert use_document_attention(model, device)
-    flex, n_flex = lm_loss(model, batch, 1024, None)
+    flex, n_flex = batch_loss(CausalLMLoss(model), batch)
     assert n == n_flex
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.config import load_config
 from tuneforge.errors import TuneforgeError
+from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.loop import train
+from tuneforge.train.step import CausalLMLoss, batch_loss
 
 
 def config(model_dir, data, out, *extra):
@@ -77,9 +79,13 @@ def test_nan_loss_stops_without_saving(tiny_model, tiny_tokenizer, alpaca_file, 
 KILLER = """
 import os, signal, sys
 from tuneforge.config import load_config
+from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.loop import train
+class Kill(TrainCallback):
+    def on_eval(self, step, model):
+        os.kill(os.getpid(), signal.SIGKILL)
 cfg = load_config(sys.argv[1])
-train(cfg, quiet=True, callbacks=(lambda step, model: os.kill(os.getpid(), signal.SIGKILL),))
+train(cfg, quiet=True, callbacks=[Kill()])
 """
 
 
@@ -121,15 +127,14 @@ def test_padded_rows_and_packed_rows_give_the_same_loss(tiny_model, tiny_tokeniz
     from tuneforge.data.conversation import Example, Message
     from tuneforge.data.packing import collate, no_pack, pack
     from tuneforge.data.template import encode
-    from tuneforge.train.loop import lm_loss
 
     examples = [Example(messages=[Message("user", "word " * n), Message("assistant", "ok " * (n + 1))])
                 for n in (2, 5, 9)]
     tok = [t for e in examples for t in encode(e, tiny_tokenizer, 64)]
     pad = tiny_tokenizer.pad_token_id
     with torch.no_grad():
-        padded, n1 = lm_loss(tiny_model, collate(no_pack(tok), pad), 1024, None)
-        packed, n2 = lm_loss(tiny_model, collate(pack(tok, 64), pad), 1024, None)
+        padded, n1 = batch_loss(CausalLMLoss(tiny_model), collate(no_pack(tok), pad))
+        packed, n2 = batch_loss(CausalLMLoss(tiny_model), collate(pack(tok, 64), pad))
     assert n1 == n2
     torch.testing.assert_close(padded, packed, atol=1e-4, rtol=1e-5)
 
@@ -137,30 +142,15 @@ def test_padded_rows_and_packed_rows_give_the_same_loss(tiny_model, tiny_tokeniz
 def test_a_callback_can_stop_the_run_early_and_the_output_is_saved(tiny_model_dir, alpaca_file, tmp_path):
     from tuneforge.errors import StopTraining
 
-    def stop_at_4(step, model):
-        if step == 4:
-            raise StopTraining("perplexity rose 50% over the base")
-        return {"probe": 1.0}
+    class StopAt4(TrainCallback):
+        def on_eval(self, step, model):
+            if step == 4:
+                raise StopTraining("perplexity rose 50% over the base")
+            return {"probe": 1.0}
 
     result = train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=10", "train.eval_every=2"),
-                   callbacks=(stop_at_4,), quiet=True)
+                   callbacks=[StopAt4()], quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == 4 and rows[-1]["stopped_early"].startswith("perplexity rose")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and rows[1]["probe"] == 1.0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_forgetting_tracking_from_the_config_logs_and_can_stop(tiny_model_dir, alpaca_file, tmp_path):
-    general = tmp_path / "general.txt"
-    general.write_text("The quick brown fox jumps over the lazy dog. " * 50)
-    forgetting = f"train.forgetting={{general_text: {general}, n_probes: 4, max_tokens: 128, threshold_pct: 1000}}"
-    train(config(tiny_model_dir, alpaca_file, tmp_path / "warn", "train.max_steps=4", "train.eval_every=2",
-                 forgetting), quiet=True)
-    rows = [json.loads(x) for x in (tmp_path / "warn" / "metrics.jsonl").read_text().splitlines()]
-    tracked = [r for r in rows if "forget/general_ppl" in r]
-    assert [r["step"] for r in tracked] == [2, 4] and "forget/probe_acc" in tracked[0]
-
-    stop = forgetting.replace("threshold_pct: 1000", "threshold_pct: -100, action: stop")
-    result = train(config(tiny_model_dir, alpaca_file, tmp_path / "stop", "train.max_steps=6", "train.eval_every=2",
-                          stop), quiet=True)
-    assert result.steps == 2

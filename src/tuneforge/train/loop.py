@@ -1,40 +1,48 @@
-"""The training loop: one recipe from config to a run directory.
+"""The training loop: one recipe from config to a run directory, read top to bottom.
 
-setup (tokenizer, data, model, method, optimizer) → steps (accumulated, token-normalized loss)
-→ periodic validation and checkpoints → final adapter/model, metrics, loss curve, summary.
+:func:`train` is set-up → loop → finish. :func:`setup` builds everything a run needs (tokenizer, data, the
+model with its method, the loss wrapper, optimizer, schedule, a resumed state); :func:`fit` runs the steps
+(the step itself is :func:`tuneforge.train.step.train_step`), evaluates, checkpoints and writes metrics;
+:func:`finish` saves the adapter or model, plots the loss and prints the summary. One process or many under
+torchrun reads the same: the differences live in :class:`tuneforge.train.runtime.Runtime`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import TrainData, build_training_data
-from tuneforge.data.packing import IGNORE, PackedRow, collate
 from tuneforge.errors import StopTraining, TuneforgeError
+from tuneforge.log import get_logger
 from tuneforge.methods.lora import count_parameters
+from tuneforge.methods.peft_format import save_adapter
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer
-from tuneforge.train import distributed, sharding
+from tuneforge.plotting import plot_loss
 from tuneforge.train import recompute as recomputation
-from tuneforge.train.attention import attention_mask, use_document_attention
+from tuneforge.train.attention import use_document_attention
+from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.checkpoint import latest_checkpoint
 from tuneforge.train.kernels import apply_kernels
-from tuneforge.train.loss import chunked_lm_loss
+from tuneforge.train.plan import check_memory, choose_recompute
+from tuneforge.train.runtime import Runtime
 from tuneforge.train.schedule import make_scheduler
-from tuneforge.train.sharding import load_checkpoint, save_checkpoint  # the one-process ones, or gathered
+from tuneforge.train.step import CausalLMLoss, StepResult, train_step, validation_loss
+from tuneforge.train.tracking import trackers_for
 
-EvalCallback = Callable[[int, torch.nn.Module], dict[str, float]]
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -52,7 +60,259 @@ class TrainResult:
     output: Path
     loss_png: Path | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    peak_gpu_gib: float | None = None
+    peak_ram_gib: float | None = None
 
+
+@dataclass
+class TrainerState:
+    """Where the loop is; what a checkpoint's ``trainer.json`` records beside the step."""
+
+    step: int = 0
+    loss: float = float("nan")
+    val_loss: float | None = None
+    trained_tokens: int = 0
+    stopped: str | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss}
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds and the loop uses."""
+
+    config: RunConfig
+    runtime: Runtime
+    run_dir: Path
+    tokenizer: Any
+    data: TrainData
+    model: torch.nn.Module  # the HF model (what is saved)
+    loss_model: CausalLMLoss  # the model with the loss in its forward (what trains; the FSDP root)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: int
+    state: TrainerState
+    quiet: bool
+    attention_before: str
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[TrainCallback] = (), model: torch.nn.Module | None = None,
+          tokenizer: Any = None, data: TrainData | None = None, quiet: bool = False) -> TrainResult:
+    """Run one fine-tuning job as configured and write its run directory.
+
+    ``callbacks`` see the run start, each evaluation point and record, and its end
+    (:class:`tuneforge.train.callbacks.TrainCallback`); the config's experiment trackers are added to them.
+    ``model``/``tokenizer``/``data`` replace what the config would load.
+    """
+    run = setup(config, resume, overwrite, model, tokenizer, data, quiet)
+    callbacks = [*callbacks, *trackers_for(config)]
+    for cb in callbacks:
+        cb.on_start(run.model, run.run_dir, config)
+    fit(run, callbacks)
+    return finish(run, callbacks)
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+
+def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Module | None, tokenizer: Any,
+          data: TrainData | None, quiet: bool) -> Run:
+    """Devices, run directory, data, model + method, optimizer and schedule; the resumed state if asked."""
+    t = config.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    runtime = Runtime(t.batch_size, resolve_device(t.device))
+    recompute = choose_recompute(config, runtime.device)
+    if model is None and runtime.device.type == "cuda":  # refuse early, with the predicted split and advice
+        check_memory(config, runtime.device, recompute=recompute)
+    run_dir = runtime.on_main(prepare_run_dir, config, resume, overwrite)  # rank 0 writes files, all wait
+    runtime.on_main(save_config, config, run_dir / "config.yaml")
+    tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
+    data = data or build_training_data(config.data, tokenizer, seed=t.seed)
+    if not quiet:
+        report_data(data)
+    model, loss_model, attention_before = setup_model(config, runtime, model, data, recompute, quiet)
+    params = [p for p in loss_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
+                                  fused=runtime.device.type == "cuda")
+    steps = total_steps(config, len(data.train_rows))
+    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(0.05 * steps))
+    scheduler = make_scheduler(optimizer, steps, warmup, t.schedule, t.min_lr_ratio)
+    run = Run(config=config, runtime=runtime, run_dir=run_dir, tokenizer=tokenizer, data=data, model=model,
+              loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, steps=steps, state=TrainerState(),
+              quiet=quiet, attention_before=attention_before)
+    restore(run, resume)
+    return run
+
+
+def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | None, data: TrainData,
+                recompute: str, quiet: bool) -> tuple[torch.nn.Module, CausalLMLoss, str]:
+    """Load (unless given) and prepare the model for the method; wrap it with its loss; shard under torchrun.
+
+    Returns the HF model, its loss wrapper and the attention implementation to restore at the end.
+    """
+    t, device = config.train, runtime.device
+    placement = runtime.load_placement(config, model is not None)
+    if model is None:
+        model = load_model_for(config, device, placement)
+    if placement == "device":
+        model.to(device)
+    trainable_summary = prepare_model(model, config.method)
+    recomputation.enable(model, recompute)
+    kernels = apply_kernels(model, t.kernels, device)
+    attention_before = model.config._attn_implementation  # transformers has no public getter
+    if any(max(row.seq_ids) > 0 for row in data.train_rows):  # packed rows: attention stays inside examples
+        use_document_attention(model, device)
+    if not quiet:
+        logger.info(f"{trainable_summary}; recomputation {recompute}; kernels {kernels}; "
+                    f"attention {model.config._attn_implementation}")
+    offload = recomputation.OffloadedActivations() if recompute == "offload" else None
+    loss_model = CausalLMLoss(model, t.loss_chunk_tokens, autocast_dtype(config, device), offload)
+    loss_model.train()
+    return model, runtime.setup(loss_model, placement), attention_before
+
+
+def restore(run: Run, resume: bool) -> None:
+    """Resume from the latest checkpoint (state, data position, metrics), or start a fresh metrics log."""
+    if resume and (ckpt := latest_checkpoint(run.run_dir)) is not None:
+        trainer = run.runtime.load_checkpoint(ckpt, run.loss_model, run.optimizer, run.scheduler)
+        run.state.step = trainer["step"]
+        run.runtime.on_main(keep_metrics_until, run.metrics_path, run.state.step)
+        if not run.quiet:
+            logger.info(f"resumed from {ckpt} (step {run.state.step})")
+    elif not resume and run.runtime.is_main:
+        run.metrics_path.unlink(missing_ok=True)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def fit(run: Run, callbacks: Sequence[TrainCallback]) -> None:
+    """Train from ``run.state.step`` to the last step (or until a callback stops the run)."""
+    t, state = run.config.train, run.state
+    batches = micro_batches(len(run.data.train_rows), t.batch_size, t.seed)
+    for _ in range(state.step * t.grad_accum):
+        next(batches)  # data position: the resumed run sees the batches an uninterrupted one would
+    bar = tqdm(total=run.steps, initial=state.step, desc="train", disable=run.quiet or not run.runtime.is_main,
+               dynamic_ncols=True)
+    with run.runtime.main_file(run.metrics_path).open("a") as log:
+        while state.step < run.steps and not state.stopped:
+            step_start = time.perf_counter()
+            result = one_step(run, [next(batches) for _ in range(t.grad_accum)])
+            record = step_record(state, result, time.perf_counter() - step_start)
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < run.steps:
+                evaluate(run, callbacks, record)
+            if state.step % t.log_every == 0 or "val_loss" in record:
+                write_record(log, record, callbacks)
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if t.save_every and state.step % t.save_every == 0 and state.step < run.steps:
+                run.runtime.save_checkpoint(run.run_dir, state.step, run.loss_model, run.optimizer, run.scheduler,
+                                            state.state_dict())
+        bar.close()
+        if state.stopped:
+            if not run.quiet:
+                logger.info(f"stopping early at step {state.step}: {state.stopped}")
+            run.steps = state.step
+        write_record(log, final_record(run, callbacks), callbacks)
+
+
+def one_step(run: Run, index_batches: list[list[int]]) -> StepResult:
+    """One optimizer step on this process's share of ``grad_accum`` global micro-batches."""
+    rows, pad_id = run.data.train_rows, run.tokenizer.pad_token_id
+    batches = [run.runtime.batch([rows[i] for i in indices], pad_id) for indices in index_batches]
+    try:
+        return train_step(run.loss_model, batches, run.optimizer, run.scheduler, run.config.train.max_grad_norm,
+                          run.runtime.all_sum)
+    except TuneforgeError as e:
+        raise TuneforgeError(f"at step {run.state.step + 1} (train.lr is {run.config.lr:g}): {e}") from e
+
+
+def step_record(state: TrainerState, result: StepResult, seconds: float) -> dict[str, Any]:
+    """Advance ``state`` by one step's result; the step's metrics record."""
+    state.step += 1
+    state.loss = result.loss
+    state.trained_tokens += result.trained
+    record = {"step": state.step, "loss": round(result.loss, 5), "lr": result.lr,
+              "grad_norm": round(result.grad_norm, 4), "tokens_per_s": round(result.tokens / seconds, 1),
+              "trained_tokens": result.trained}
+    state.records.append(record)
+    return record
+
+
+def evaluate(run: Run, callbacks: Sequence[TrainCallback], record: dict[str, Any]) -> None:
+    """Validation loss and the callbacks' metrics into ``record``; a callback's StopTraining ends the run."""
+    state = run.state
+    state.val_loss = validation_loss(run.loss_model, run.data.val_rows, run.tokenizer.pad_token_id,
+                                     run.config.train.batch_size, local_rows=run.runtime.local_rows,
+                                     all_sum=run.runtime.all_sum)
+    if state.val_loss is not None:
+        record["val_loss"] = round(state.val_loss, 5)
+    for cb in callbacks:
+        try:
+            record.update(cb.on_eval(state.step, run.model))
+        except StopTraining as e:
+            state.stopped = str(e)
+            return
+
+
+def final_record(run: Run, callbacks: Sequence[TrainCallback]) -> dict[str, Any]:
+    """The closing record: final validation loss, and the callbacks' last measurement (unless they stopped)."""
+    state = run.state
+    record: dict[str, Any] = {"step": run.steps, "final": True}
+    stopped = state.stopped
+    evaluate(run, () if stopped else callbacks, record)
+    if stopped:
+        record["stopped_early"] = state.stopped = stopped
+    return record
+
+
+def write_record(log: TextIO, record: dict[str, Any], callbacks: Sequence[TrainCallback]) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    for cb in callbacks:
+        cb.on_record(record)
+
+
+# --- finish --------------------------------------------------------------------------------------
+
+def finish(run: Run, callbacks: Sequence[TrainCallback]) -> TrainResult:
+    """Save the adapter or model, plot the loss, print the summary; every process returns the result."""
+    model, config = run.model, run.config
+    if model.config._attn_implementation != run.attention_before:  # generation after training is faster on SDPA
+        model.set_attn_implementation(run.attention_before)
+
+    def save() -> tuple[Path, int, int]:
+        ensure_finite(model)
+        return (save_output(model, run.tokenizer, config, run.run_dir), *count_parameters(model))
+
+    # under torchrun rank 0 saves with the gathered full weights; every rank gets its result
+    output, trainable, total = run.runtime.with_full_weights(run.loss_model, save,
+                                                             config.method.name in ("full", "freeze"))
+    state = run.state
+    result = TrainResult(run_dir=run.run_dir, steps=run.steps, final_loss=state.loss, val_loss=state.val_loss,
+                         trained_tokens=state.trained_tokens, seconds=time.perf_counter() - run.started,
+                         trainable=trainable, total=total, output=output,
+                         loss_png=run.runtime.on_main(plot_loss, run.metrics_path, run.run_dir / "plots" / "loss.png"),
+                         metrics=state.records, peak_gpu_gib=peak_gpu_gib(run.runtime.device),
+                         peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20))
+    if not run.quiet:
+        logger.info(summary_table(result))
+    if run.runtime.is_main:
+        for cb in callbacks:
+            cb.on_end(run.run_dir)
+    run.runtime.barrier()  # every process leaves together
+    return result
+
+
+# --- helpers ---------------------------------------------------------------------------------------
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -79,35 +339,6 @@ def micro_batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]
         epoch += 1
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int,
-            amp: torch.dtype | None) -> tuple[torch.Tensor, int]:
-    """Summed loss and trained-token count of one batch of packed rows."""
-    device = next(model.parameters()).device
-    mask = attention_mask(model, batch["seq_ids"], device)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                  position_ids=batch["position_ids"].to(device),
-                                  use_cache=False).last_hidden_state
-        return chunked_lm_loss(hidden, model.get_output_embeddings(), batch["labels"].to(device),
-                               chunk_tokens)
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, rows: list[PackedRow], pad_id: int, batch_size: int,
-                    chunk_tokens: int, amp: torch.dtype | None) -> float | None:
-    """Mean per-token loss over validation rows (None when there are none)."""
-    if not rows:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):  # under torchrun each process takes its share of each batch
-        loss, n = lm_loss(model, collate(distributed.local_rows(rows[i:i + batch_size]), pad_id), chunk_tokens, amp)
-        total, count = total + float(loss), count + n
-    model.train(was_training)
-    return distributed.all_sum(total) / max(distributed.all_sum(count), 1)
-
-
 def total_steps(config: RunConfig, n_rows: int) -> int:
     t = config.train
     if t.max_steps is not None:
@@ -125,188 +356,6 @@ def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
-          callbacks: tuple[EvalCallback, ...] = (), model: torch.nn.Module | None = None,
-          tokenizer: Any = None, data: TrainData | None = None, quiet: bool = False) -> TrainResult:
-    """Run one fine-tuning job as configured and write its run directory."""
-    t = config.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    torch.manual_seed(t.seed)
-    device = distributed.init(t.batch_size, resolve_device(t.device))  # cuda:LOCAL_RANK under torchrun
-    recompute = recomputation.choose_mode(config, device)
-    if model is None and device.type == "cuda":  # refuse early, with the predicted split and advice
-        from tuneforge.train.plan import check_memory
-
-        check_memory(config, device, recompute=recompute)
-    amp = autocast_dtype(config, device)
-    run_dir = distributed.on_main(prepare_run_dir, config, resume, overwrite)  # rank 0 writes files, all wait
-    distributed.on_main(save_config, config, run_dir / "config.yaml")
-    say = (lambda *a: None) if quiet or not distributed.is_main() else print
-
-    tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
-    data = data or build_training_data(config.data, tokenizer, seed=t.seed)
-    report_data(data, say)
-    placement = sharding.load_placement(config, model is not None)
-    if model is None:
-        model = load_model_for(config, device, placement)
-    if placement == "device":
-        model.to(device)
-    trainable_summary = prepare_model(model, config.method)
-    loaded = sharding.host_weights(model, placement)
-    recomputation.enable(model, recompute)
-    kernels = apply_kernels(model, t.kernels, device)
-    packed = any(max(row.seq_ids) > 0 for row in data.train_rows)
-    attention_before = model.config._attn_implementation
-    if packed:
-        use_document_attention(model, device)
-    attention = model.config._attn_implementation
-    say(f"[tuneforge] {trainable_summary}; recomputation {recompute}; kernels {kernels}; attention {attention}")
-    model.train()
-    model = sharding.shard_model(model, device)  # FSDP2 under torchrun, before the optimizer sees the parameters
-    if placement != "device":
-        sharding.fill_from_rank0(model, loaded, device)
-        del loaded
-    callbacks = tuple(callbacks) + forgetting_callbacks(config, model, tokenizer, say)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
-                                  fused=device.type == "cuda")
-    steps = total_steps(config, len(data.train_rows))
-    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(0.05 * steps))
-    scheduler = make_scheduler(optimizer, steps, warmup, t.schedule, t.min_lr_ratio)
-
-    start = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume and (ckpt := latest_checkpoint(run_dir)) is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
-        distributed.on_main(keep_metrics_until, metrics_path, start)
-        say(f"[tuneforge] resumed from {ckpt} (step {start})")
-    elif not resume and distributed.is_main():
-        metrics_path.unlink(missing_ok=True)
-
-    pad_id = tokenizer.pad_token_id
-    stream = micro_batches(len(data.train_rows), t.batch_size, t.seed)
-    for _ in range(start * t.grad_accum):
-        next(stream)  # data position: the resumed run sees the batches an uninterrupted one would
-
-    records: list[dict[str, Any]] = []
-    stopped: str | None = None
-    trained_tokens, t0, loss_value, val = 0, time.perf_counter(), float("nan"), None
-    bar = tqdm(total=steps, initial=start, desc="train", disable=quiet or not distributed.is_main(),
-               dynamic_ncols=True)
-    with distributed.main_file(metrics_path).open("a") as log:
-        for step in range(start, steps):
-            step_t0 = time.perf_counter()
-            # this rank's share of each global micro-batch (all of it on one process)
-            batches = [collate(distributed.local_rows([data.train_rows[i] for i in next(stream)]), pad_id)
-                       for _ in range(t.grad_accum)]
-            # normalize by the trained tokens of the whole accumulated batch, not per micro-batch
-            n_total = distributed.all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
-            step_loss = 0.0
-            for b in batches:
-                loss, _ = lm_loss(model, b, t.loss_chunk_tokens, amp)
-                (loss / max(n_total, 1)).backward()
-                step_loss += float(loss.detach())
-            loss_value = distributed.all_sum(step_loss) / max(n_total, 1)
-            if not math.isfinite(loss_value):
-                raise TuneforgeError(
-                    f"loss became {loss_value} at step {step + 1}; stopping without saving these "
-                    f"weights. Lower train.lr (now {config.lr:g}), keep train.max_grad_norm set, or "
-                    "use fp32 (train.dtype=fp32).")
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-                         if t.max_grad_norm else grad_norm_of(params))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            tokens = distributed.all_sum(sum(int((b["seq_ids"] >= 0).sum()) for b in batches))
-            trained_tokens += n_total
-            rec = {"step": step + 1, "loss": round(loss_value, 5), "lr": lr,
-                   "grad_norm": round(distributed.scalar(grad_norm), 4),
-                   "tokens_per_s": round(tokens / (time.perf_counter() - step_t0), 1),
-                   "trained_tokens": n_total}
-            if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < steps:
-                val = validation_loss(model, data.val_rows, pad_id, t.batch_size, t.loss_chunk_tokens, amp)
-                if val is not None:
-                    rec["val_loss"] = round(val, 5)
-                stopped = run_callbacks(callbacks, step + 1, model, rec)
-            records.append(rec)
-            if (step + 1) % t.log_every == 0 or "val_loss" in rec:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < steps:
-                save_checkpoint(run_dir, step + 1, model, optimizer, scheduler, {"loss": loss_value})
-            if stopped:
-                say(f"\n[tuneforge] stopping early at step {step + 1}: {stopped}")
-                steps = step + 1
-                break
-        bar.close()
-        val = validation_loss(model, data.val_rows, pad_id, t.batch_size, t.loss_chunk_tokens, amp)
-        final: dict[str, Any] = {"step": steps, "final": True}
-        if val is not None:
-            final["val_loss"] = round(val, 5)
-        if stopped:
-            final["stopped_early"] = stopped
-        else:
-            run_callbacks(callbacks, steps, model, final)
-        log.write(json.dumps(final) + "\n")
-
-    if model.config._attn_implementation != attention_before:  # generation after training is faster on SDPA
-        model.set_attn_implementation(attention_before)
-
-    def finish() -> tuple[Path, int, int]:
-        ensure_finite(model)
-        return (save_output(model, tokenizer, config, run_dir), *count_parameters(model))
-
-    # under torchrun rank 0 runs finish() with the gathered full weights; every rank gets its result
-    output, trainable, total = sharding.with_full_weights(model, finish,
-                                                             config.method.name in ("full", "freeze"))
-    from tuneforge.report.plots import plot_loss
-
-    result = TrainResult(run_dir=run_dir, steps=steps, final_loss=loss_value, val_loss=val,
-                         trained_tokens=trained_tokens, seconds=time.perf_counter() - t0,
-                         trainable=trainable, total=total, output=output,
-                         loss_png=distributed.on_main(plot_loss, metrics_path, run_dir / "plots" / "loss.png"),
-                         metrics=records)
-    say(summary_table(result))
-    distributed.barrier()  # every process leaves together
-    return result
-
-
-def forgetting_callbacks(config: RunConfig, model: torch.nn.Module, tokenizer: Any,
-                         say: Callable[..., None]) -> tuple[EvalCallback, ...]:
-    """The forgetting tracker of ``train.forgetting``, its baseline measured before the first step."""
-    f = config.train.forgetting
-    if f is None:
-        return ()
-    from tuneforge.eval.forgetting import ForgettingCallback
-
-    cb = ForgettingCallback(tokenizer, general_text=f.general_text, n_probes=f.n_probes, max_tokens=f.max_tokens,
-                            threshold_pct=f.threshold_pct, probe_drop_points=f.probe_drop_points, action=f.action,
-                            log=say)
-    cb.set_baseline(model)  # before any step: LoRA's B is still zero, full/freeze weights untouched
-    return (cb,)
-
-
-def run_callbacks(callbacks: tuple[EvalCallback, ...], step: int, model: torch.nn.Module,
-                  record: dict[str, Any]) -> str | None:
-    """Add each callback's metrics to ``record``; the reason when one asks to stop (StopTraining)."""
-    for cb in callbacks:
-        try:
-            record.update(cb(step, model))
-        except StopTraining as e:
-            return str(e)
-    return None
-
-
-def grad_norm_of(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -327,8 +376,6 @@ def ensure_finite(model: torch.nn.Module) -> None:
 def save_output(model: torch.nn.Module, tokenizer: Any, config: RunConfig, run_dir: Path) -> Path:
     """LoRA/QLoRA → ``adapter/`` in the PEFT format; full/freeze → ``model/`` in the HF format."""
     if config.method.name in ("lora", "qlora"):
-        from tuneforge.adapters.peft_format import save_adapter
-
         return save_adapter(model, run_dir / "adapter", base_model_name_or_path=config.model)
     out = run_dir / "model"
     model.save_pretrained(out)
@@ -336,14 +383,21 @@ def save_output(model: torch.nn.Module, tokenizer: Any, config: RunConfig, run_d
     return out
 
 
-def report_data(data: TrainData, say: Callable[..., None]) -> None:
-    say(f"[tuneforge] data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
-        f"({data.n_train_tokens} tokens), {data.n_val_examples} validation examples"
-        + (f", {len(data.held_out)} held out" if data.held_out else ""))
+def peak_gpu_gib(device: torch.device) -> float | None:
+    """This process's peak of allocated GPU memory (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / (1 << 30)
+
+
+def report_data(data: TrainData) -> None:
+    logger.info(f"data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
+                f"({data.n_train_tokens} tokens), {data.n_val_examples} validation examples"
+                + (f", {len(data.held_out)} held out" if data.held_out else ""))
     if data.skipped:
-        say(f"[tuneforge] skipped {len(data.skipped)} bad records, e.g.:")
+        logger.info(f"skipped {len(data.skipped)} bad records, e.g.:")
         for loc, why in data.skipped[:5]:
-            say(f"    {loc}: {why.splitlines()[0]}")
+            logger.info(f"    {loc}: {why.splitlines()[0]}")
 
 
 def summary_table(r: TrainResult) -> str:
@@ -355,6 +409,8 @@ def summary_table(r: TrainResult) -> str:
         ("trained tokens", f"{r.trained_tokens:,}"),
         ("time", f"{r.seconds:.1f} s"),
         ("trainable params", f"{r.trainable:,} of {r.total:,} ({100 * r.trainable / max(r.total, 1):.3f}%)"),
+        ("peak GPU memory", f"{r.peak_gpu_gib:.2f} GiB (allocated)" if r.peak_gpu_gib is not None else "-"),
+        ("peak RAM", f"{r.peak_ram_gib:.2f} GiB" if r.peak_ram_gib is not None else "-"),
         ("output", str(r.output)),
         ("loss curve", str(r.loss_png) if r.loss_png else "-"),
     ]

@@ -27,7 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from tuneforge.errors import ConfigError, TuneforgeError
+import torch
+
+from tuneforge.errors import ConfigError, ModelError, TuneforgeError
+from tuneforge.methods.setup import gpu_weight_dtype
+from tuneforge.models.resolve import resolve_model
+from tuneforge.train.distributed import world_size
 
 HEADROOM = 0.85  # share of GPU memory a plan may use before recomputation is turned on
 
@@ -93,10 +98,7 @@ def model_shape(model_config: Any) -> ModelShape:
 
 
 def _load_hf_config(ref: str) -> Any:
-    from transformers import AutoConfig
-
-    from tuneforge.errors import ModelError
-    from tuneforge.models.resolve import resolve_model
+    from transformers import AutoConfig  # a slow import, for model references only
 
     try:
         return AutoConfig.from_pretrained(resolve_model(ref))
@@ -105,49 +107,53 @@ def _load_hf_config(ref: str) -> Any:
                          f"directory, a builtin model, or a shape: {', '.join(SHAPES)}") from e
 
 
-def plan_memory(
-    model_config: Any,
-    method: str = "lora",
-    seq: int = 2048,
-    batch: int = 1,
-    lora_r: int = 16,
-    targets: str | Sequence[str] = "all-linear",
-    gradient_checkpointing: bool = False,
-    dtype: str = "bf16",
-    optimizer: str = "adamw",
-    gpu_mem_gib: float | None = None,
-    *,
-    weight_dtype: str = "fp32",
-    lora_dropout: float = 0.0,
-    freeze_layers: int = 2,
-    loss_chunk_tokens: int = 1024,
-    attention_mask: bool = False,
-    offload_checkpoints: bool = False,
-    grad_accum: int = 1,
-    shards: int = 1,
-    overhead_bytes: int = OVERHEAD_BYTES,
-    advise: bool = True,
-) -> MemoryPlan:
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a run's memory depends on; the defaults are ``train``'s.
+
+    ``model``: a shape name (``llama-3-8b``), a model reference, an HF config or a dict. ``dtype`` is the
+    compute (autocast) dtype; ``weight_dtype`` the dtype non-quantized weights are loaded in (tuneforge: fp32;
+    bf16 for a frozen LoRA base on a GPU). ``recompute``: off, on (checkpoint each layer) or offload (the
+    checkpointed inputs in host memory). ``attention_mask``: a dense block-causal mask (the CPU path for packed
+    rows), which takes SDPA off its flash kernel. ``shards``: FSDP processes; ``batch`` is then per process.
+    """
+
+    model: Any
+    method: str = "lora"
+    seq: int = 2048
+    batch: int = 1
+    lora_r: int = 16
+    targets: str | Sequence[str] = "all-linear"
+    recompute: str = "off"
+    dtype: str = "bf16"
+    weight_dtype: str = "fp32"
+    lora_dropout: float = 0.0
+    freeze_layers: int = 2
+    loss_chunk_tokens: int = 1024
+    attention_mask: bool = False
+    grad_accum: int = 1
+    shards: int = 1
+
+
+def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhead_bytes: int = OVERHEAD_BYTES,
+                advise: bool = True) -> MemoryPlan:
     """Predict the peak GPU memory of one training step, split into its parts, with advice.
 
-    ``model_config``: a shape name (``llama-3-8b``), a model reference, an HF config or a dict.
-    ``dtype`` is the compute (autocast) dtype; ``weight_dtype`` the dtype non-quantized weights are
-    loaded in (tuneforge: fp32; bf16 for a frozen LoRA base on a GPU). ``attention_mask``: a dense
-    block-causal mask (the CPU path for packed rows), which takes SDPA off its flash kernel.
-    ``offload_checkpoints``: checkpointed layer inputs live in host memory. ``gpu_mem_gib`` None means the
-    current CUDA device's size, if any. ``shards``: FSDP processes; ``batch`` is then per process.
+    ``gpu_mem_gib`` None means the current CUDA device's size, if any.
     """
-    if optimizer.lower() != "adamw":
-        raise ConfigError(f"optimizer {optimizer!r}: the planner models AdamW (what the loop uses)")
-    run = _resolve(model_config, method, seq, batch, lora_r, targets, gradient_checkpointing, dtype, weight_dtype,
-                   lora_dropout, freeze_layers, loss_chunk_tokens, attention_mask, offload_checkpoints, grad_accum,
-                   shards)
+    i = inputs
+    if i.recompute not in ("off", "on", "offload"):
+        raise ConfigError(f"recompute={i.recompute!r}: choose off, on or offload")
+    run = _resolve(i.model, i.method, i.seq, i.batch, i.lora_r, i.targets, i.recompute != "off", i.dtype,
+                   i.weight_dtype, i.lora_dropout, i.freeze_layers, i.loss_chunk_tokens, i.attention_mask,
+                   i.recompute == "offload", i.grad_accum, i.shards)
     plan = _plan(run, overhead_bytes)
     plan.gpu_mem = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else _cuda_memory()
-    plan.settings = {"lora_r": lora_r, "targets": targets if isinstance(targets, str) else list(targets),
-                     "dtype": dtype, "weight_dtype": weight_dtype, "lora_dropout": lora_dropout,
-                     "loss_chunk_tokens": loss_chunk_tokens, "attention_mask": attention_mask,
-                     "offload_checkpoints": offload_checkpoints, "grad_accum": grad_accum, "shards": shards}
+    plan.settings = {"lora_r": i.lora_r, "targets": i.targets if isinstance(i.targets, str) else list(i.targets),
+                     "dtype": i.dtype, "weight_dtype": i.weight_dtype, "lora_dropout": i.lora_dropout,
+                     "loss_chunk_tokens": i.loss_chunk_tokens, "attention_mask": i.attention_mask,
+                     "offload_checkpoints": i.recompute == "offload", "grad_accum": i.grad_accum,
+                     "shards": i.shards}
     if advise:
         plan.advice = _advice(run, plan, overhead_bytes)
     return plan
@@ -188,10 +194,6 @@ def _lora_targets(targets: str | Sequence[str]) -> list[str]:
 
 def _cuda_memory(device: Any = None) -> int | None:
     """Total memory of a CUDA device (default: the current one); None without CUDA."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return None
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).total_memory
@@ -356,7 +358,9 @@ def _plan(run: _Run, overhead: int) -> MemoryPlan:
     phases = _phases(run, grads)
     phase, (activations, gradients) = max(phases.items(), key=lambda kv: sum(kv[1]))
     return MemoryPlan(model=run.shape.name, method=run.method, seq=run.seq, batch=run.batch,
-                      gradient_checkpointing=run.ckpt, weights=weights, gradients=gradients, optimizer=optimizer,
+                      gradient_checkpointing=run.ckpt,
+                      recompute="offload" if run.offload else "on" if run.ckpt else "off",
+                      weights=weights, gradients=gradients, optimizer=optimizer,
                       activations=activations, overhead=overhead, trainable_params=trainable, total_params=total,
                       phase=phase)
 
@@ -418,30 +422,56 @@ def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
 
 # --- the training loop's check ------------------------------------------------------------------
 
-def plan_for_config(config: Any, gpu_mem_gib: float | None = None, device: Any = None,
-                    recompute: str | None = None) -> MemoryPlan:
-    """The plan of a ``RunConfig`` as ``train`` would run it on a GPU (``device``'s memory unless given).
+def plan_inputs(config: Any, recompute: str, gpus: int | None = None) -> PlanInputs:
+    """The :class:`PlanInputs` of a ``RunConfig`` run with ``recompute`` on ``gpus`` processes (default: this run's)."""
+    m, t = config.method, config.train
+    shards = gpus or world_size()
+    if t.batch_size % shards:
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global rows per micro-batch and must be "
+                          f"divisible by the {shards} GPUs")
+    return PlanInputs(
+        config.model, method=m.name, seq=config.data.max_seq_len, batch=t.batch_size // shards, lora_r=m.lora.r,
+        targets=m.lora.target_modules, recompute=recompute, dtype="fp32" if t.dtype == "fp32" else "bf16",
+        weight_dtype=gpu_weight_dtype(m.name, t.dtype), lora_dropout=m.lora.dropout,
+        freeze_layers=m.freeze.top_k_layers or 0, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum,
+        shards=shards)
 
-    ``recompute`` (off/on/offload) overrides the config's ``gradient_checkpointing``; ``auto`` plans as ``on``.
-    Under torchrun the plan is per process: the batch and the FSDP-sharded state split over the processes.
+
+def plan_for_config(config: Any, device: Any = None, recompute: str | None = None, gpus: int | None = None,
+                    gpu_mem_gib: float | None = None, advise: bool = True) -> MemoryPlan:
+    """The plan of a ``RunConfig`` as ``train`` would run it on a GPU (``device``'s memory unless ``gpu_mem_gib``).
+
+    ``recompute``: off/on/offload, or auto for the mode ``train`` would pick (:func:`choose_plan`); None means the
+    config's ``train.gradient_checkpointing``. The chosen mode is ``plan.recompute``. ``gpus``: processes the
+    batch and the sharded state are split over (default: this run's, 1 outside torchrun); the plan is per GPU.
     """
-    from tuneforge.methods.setup import gpu_weight_dtype
-    from tuneforge.train.distributed import world_size
-    from tuneforge.train.recompute import resolve_mode
-
     if gpu_mem_gib is None and (mem := _cuda_memory(device)) is not None:
         gpu_mem_gib = mem / GIB
-    m, t = config.method, config.train
-    mode = recompute or resolve_mode(t.gradient_checkpointing)
-    freeze_layers = m.freeze.top_k_layers or 0
-    shards = world_size()  # under torchrun each process plans its own share
-    return plan_memory(
-        config.model, method=m.name, seq=config.data.max_seq_len, batch=max(1, t.batch_size // shards),
-        lora_r=m.lora.r, shards=shards,
-        targets=m.lora.target_modules, gradient_checkpointing=mode != "off",
-        offload_checkpoints=mode == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
-        weight_dtype=gpu_weight_dtype(m.name, t.dtype), gpu_mem_gib=gpu_mem_gib, lora_dropout=m.lora.dropout,
-        freeze_layers=freeze_layers, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum)
+    mode = recompute or resolve_mode(config.train.gradient_checkpointing)
+    if mode == "auto":
+        mode = choose_plan(lambda m: plan_memory(plan_inputs(config, m, gpus), gpu_mem_gib, advise=False))
+    return plan_memory(plan_inputs(config, mode, gpus), gpu_mem_gib, advise=advise)
+
+
+def resolve_mode(setting: bool | str) -> str:
+    """A ``train.gradient_checkpointing`` value as one of auto/off/on/offload (booleans are off/on)."""
+    if isinstance(setting, bool):
+        return "on" if setting else "off"
+    return setting
+
+
+def choose_recompute(config: Any, device: torch.device) -> str:
+    """The recomputation mode ``train`` uses for ``config`` on ``device``: the config's, or for ``auto`` the
+    least that fits (:func:`choose_plan`); on the CPU ``auto`` is off (memory there is not the limit)."""
+    mode = resolve_mode(config.train.gradient_checkpointing)
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "off"
+    try:
+        return plan_for_config(config, device, recompute="auto", advise=False).recompute
+    except TuneforgeError:  # a model the planner does not model: checkpointing is the safe choice
+        return "on"
 
 
 def choose_plan(plan_for: Callable[[str], MemoryPlan]) -> str:
@@ -464,7 +494,7 @@ def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = No
     ``TUNEFORGE_SKIP_MEMORY_CHECK=1`` to try anyway.
     """
     try:
-        plan = plan_for_config(config, gpu_mem_gib, device, recompute)
+        plan = plan_for_config(config, device, recompute, gpu_mem_gib=gpu_mem_gib)
     except TuneforgeError:
         return None  # an architecture or target list the planner does not model: loading will tell
     if plan.fits is False and os.environ.get(SKIP_ENV) != "1":
@@ -534,6 +564,7 @@ class MemoryPlan:
     trainable_params: int
     total_params: int
     phase: str  # the moment of the step the peak falls on
+    recompute: str = "off"  # off | on | offload
     gpu_mem: int | None = None
     advice: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)

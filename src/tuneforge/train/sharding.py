@@ -24,15 +24,21 @@ from torch import nn
 
 from tuneforge.train import checkpoint
 from tuneforge.train.distributed import is_distributed, is_main, on_main, rank, world_size
+from tuneforge.train.step import CausalLMLoss
 
 T = TypeVar("T")
 
 _DROPOUT_SEED_STRIDE = 1_000_003  # rank r > 0 draws dropout masks from seed + r·stride, not rank 0's stream
 
 
+def _hf_model(root: nn.Module) -> nn.Module:
+    """The HF model inside the loss wrapper (its parameter names are the checkpoint's), or ``root`` itself."""
+    return root.model if isinstance(root, CausalLMLoss) else root
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one (``model.model.layers`` for HF decoders)."""
-    base = getattr(model, "base_model", model)
+    base = getattr(_hf_model(model), "base_model", model)
     layers = getattr(base, "layers", None) or getattr(base, "h", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
@@ -72,6 +78,9 @@ def fill_from_rank0(model: nn.Module, weights: dict[str, torch.Tensor] | None, d
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard ``model`` in place with FSDP2 on ``device``: one unit per decoder layer, the rest in the root unit.
 
+    ``model`` is the module whose ``forward`` the step calls: the loss wrapper (``train.step.CausalLMLoss``),
+    so the root's parameters (embeddings, final norm, head) are gathered for the forward that reads them.
+
     Call after LoRA/quantization/checkpointing are set up and before the optimizer is built (the optimizer
     must see the sharded parameters). Parameters in host memory move to ``device`` shard by shard; meta ones
     stay meta (see :func:`fill_from_rank0`). A no-op on one process.
@@ -85,7 +94,6 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    _run_root_hooks_on_base_model(model)
     for module in _fsdp_modules(model):
         # The loss is already divided by the global token count: gradients must be summed, not averaged.
         set_factor = getattr(module, "set_gradient_divide_factor", None) or module.set_reduce_scatter_divide_factor
@@ -100,28 +108,6 @@ def _seed_dropout_for_rank() -> None:
     """Ranks above 0 draw dropout masks from their own stream (rank 0 keeps the one-process stream)."""
     if rank() > 0:
         torch.manual_seed(torch.initial_seed() + _DROPOUT_SEED_STRIDE * rank())
-
-
-def _run_root_hooks_on_base_model(model: nn.Module) -> None:
-    """Make the root unit's FSDP hooks fire on the decoder stack rather than on ``model.forward``.
-
-    The loop calls ``model.base_model(...)`` and then reads the head's weight itself (the chunked loss), so
-    ``model.forward`` never runs. With the root's hooks on the base model, the root parameters (embeddings,
-    final norm, head) are gathered before the decoder runs and, as FSDP does for the root, stay gathered
-    until backward, so the loss reads the full head weight. ``model(...)`` still works: it calls the base.
-    """
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return
-    state = model._get_fsdp_state()
-    try:
-        state._pre_forward_hook_handle.remove()
-        state._post_forward_hook_handle.remove()
-    except AttributeError as e:  # a torch whose FSDP2 internals differ
-        raise RuntimeError(f"this torch version's FSDP2 cannot be hooked as tuneforge needs ({e})") from e
-    state._pre_forward_hook_handle = base.register_forward_pre_hook(state._pre_forward, prepend=True,
-                                                                    with_kwargs=True)
-    state._post_forward_hook_handle = base.register_forward_hook(state._post_forward, prepend=False)
 
 
 def _fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
@@ -191,9 +177,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
                     scheduler: Any, trainer: dict[str, Any]) -> Path:
     """``checkpoint.save_checkpoint``; under torchrun every rank calls it and rank 0 writes the full state."""
     if not is_distributed():
-        return checkpoint.save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer)
+        return checkpoint.save_checkpoint(run_dir, step, _hf_model(model), optimizer, scheduler, trainer)
     _reshard(model)
-    weights = {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: _full(p) for n, p in _hf_model(model).named_parameters() if p.requires_grad}
     osd = optimizer.state_dict()
     osd["state"] = {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                     for i, s in sorted(osd["state"].items())}
@@ -223,8 +209,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     Works whatever number of processes wrote the checkpoint (the format is always the full one-process one).
     """
     if not is_distributed():
-        return checkpoint.load_checkpoint(path, model, optimizer, scheduler)
+        return checkpoint.load_checkpoint(path, _hf_model(model), optimizer, scheduler)
     _reshard(model)
-    trainer = checkpoint.load_checkpoint(path, model, optimizer, scheduler, place=_shard_like)
+    trainer = checkpoint.load_checkpoint(path, _hf_model(model), optimizer, scheduler, place=_shard_like)
     _seed_dropout_for_rank()
     return trainer

@@ -1,0 +1,143 @@
+"""One training step, the one place it is written: forward with the fused loss, backward, normalization, clip, update.
+
+``train()``, validation, evaluation's example loss and every GPU benchmark call this module, so what the
+benchmarks time is what the product runs.
+
+:class:`CausalLMLoss` wraps an HF causal LM; its public ``forward`` runs the decoder and the chunked fused
+loss (``tuneforge.train.loss``), like LitGPT's ``model(..., lm_head_chunk_size=)`` or torchtune's
+LinearCrossEntropyLoss. Under FSDP2 this wrapper is the root module ``fully_shard`` wraps, so the root's
+parameters (embeddings, final norm, head) are gathered for exactly the forward that reads them.
+
+The loss of a step is divided by the trained tokens of the whole accumulated batch (all micro-batches, all
+processes), so accumulation and the number of processes do not change what a step means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tuneforge.data.packing import IGNORE, PackedRow, collate
+from tuneforge.errors import TuneforgeError
+from tuneforge.train.attention import attention_mask
+from tuneforge.train.loss import chunked_lm_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+class CausalLMLoss(torch.nn.Module):
+    """An HF causal LM whose forward returns the summed next-token loss of a batch and its trained-token count.
+
+    ``chunk_tokens``: rows of logits the fused loss makes at once. ``amp``: the autocast dtype (None: off).
+    ``activations``: a context manager factory entered around the decoder (e.g. offloading the tensors
+    autograd saves, :class:`tuneforge.train.recompute.OffloadedActivations`); none by default.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024, amp: torch.dtype | None = None,
+                 activations: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.amp = amp
+        self.activations = activations or contextlib.nullcontext
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        device = next(self.model.parameters()).device
+        mask = attention_mask(self.model, seq_ids, device)
+        amp = self.amp
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with self.activations():
+                hidden = self.model.base_model(input_ids=input_ids.to(device), attention_mask=mask,
+                                               position_ids=position_ids.to(device),
+                                               use_cache=False).last_hidden_state
+            return chunked_lm_loss(hidden, self.model.get_output_embeddings(), labels.to(device), self.chunk_tokens)
+
+
+def batch_loss(loss_model: CausalLMLoss, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed loss and trained-token count of one collated batch."""
+    return loss_model(batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_ids"])
+
+
+def trained_tokens(batch: Batch) -> int:
+    """Positions whose next token is trained (the count the loss is divided by)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def _one_process_sum(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (summed over processes)."""
+
+    loss: float  # mean per trained token
+    grad_norm: float
+    lr: float
+    trained: int  # trained tokens
+    tokens: int  # real (non-padding) tokens
+
+
+def train_step(loss_model: CausalLMLoss, batches: Sequence[Batch], optimizer: torch.optim.Optimizer,
+               scheduler: Any = None, max_grad_norm: float | None = None,
+               all_sum: Callable[[Any], Any] = _one_process_sum) -> StepResult:
+    """Forward and backward every micro-batch, then clip and take one optimizer (and scheduler) step.
+
+    ``all_sum`` sums a number over the processes (identity on one). Raises TuneforgeError, before the
+    update, when the loss is not finite.
+    """
+    n_total = all_sum(sum(trained_tokens(b) for b in batches))
+    step_loss = 0.0
+    for b in batches:
+        loss, _ = batch_loss(loss_model, b)
+        (loss / max(n_total, 1)).backward()
+        step_loss += float(loss.detach())
+    loss_value = all_sum(step_loss) / max(n_total, 1)
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        raise TuneforgeError(f"loss became {loss_value}; stopping without saving these weights. Lower train.lr, "
+                             "keep train.max_grad_norm set, or use fp32 (train.dtype=fp32).")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = all_sum(sum(int((b["seq_ids"] >= 0).sum()) for b in batches))
+    return StepResult(loss=loss_value, grad_norm=_scalar(grad_norm), lr=lr, trained=n_total, tokens=tokens)
+
+
+def _scalar(t: torch.Tensor) -> float:
+    """A float of a tensor that may be a DTensor (the norm of sharded gradients)."""
+    full = getattr(t, "full_tensor", None)
+    return float(full() if callable(full) else t)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, rows: list[PackedRow], pad_id: int, batch_size: int,
+                    chunk_tokens: int = 1024, amp: torch.dtype | None = None,
+                    local_rows: Callable[[list[PackedRow]], list[PackedRow]] = _one_process_sum,
+                    all_sum: Callable[[Any], Any] = _one_process_sum) -> float | None:
+    """Mean per-token loss over ``rows`` (None when there are none).
+
+    ``model`` is a :class:`CausalLMLoss` (its own chunking and autocast are used) or an HF causal LM, wrapped
+    with ``chunk_tokens`` and ``amp``. Under torchrun each process takes its share of each batch (``local_rows``).
+    """
+    if not rows:
+        return None
+    loss_model = model if isinstance(model, CausalLMLoss) else CausalLMLoss(model, chunk_tokens, amp)
+    was_training = loss_model.training
+    loss_model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        loss, n = batch_loss(loss_model, collate(local_rows(rows[i:i + batch_size]), pad_id))
+        total, count = total + float(loss), count + n
+    loss_model.train(was_training)
+    return all_sum(total) / max(all_sum(count), 1)
