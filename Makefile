@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # the GPU-only tests (marked `gpu` by tests/conftest.py); src on the path so no install is needed
 test-gpu: $(VENV_DEPS)
-	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider -m gpu
+	PYTHONPATH=src$(if $(PYTHONPATH),:$(PYTHONPATH)) $(PY) -m pytest -q -p no:cacheprovider -m gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

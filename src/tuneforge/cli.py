@@ -190,24 +190,13 @@ def cmd_lab(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from tuneforge.methods.setup import gpu_weight_dtype
-    from tuneforge.train.plan import choose_plan, plan_memory
+    from tuneforge.train.plan import plan_for_config
 
     c = config_of(args)
-    m, t = c.method, c.train
-
-    def plan(recompute: str, advise: bool = True):
-        return plan_memory(c.model, method=m.name, seq=c.data.max_seq_len, batch=t.batch_size // c.gpus,
-                           lora_r=m.lora.r, targets=m.lora.target_modules, gradient_checkpointing=recompute != "off",
-                           offload_checkpoints=recompute == "offload", dtype="fp32" if t.dtype == "fp32" else "bf16",
-                           weight_dtype=gpu_weight_dtype(m.name, t.dtype), gpu_mem_gib=c.gpu_mem,
-                           lora_dropout=m.lora.dropout, loss_chunk_tokens=t.loss_chunk_tokens,
-                           grad_accum=t.grad_accum, shards=c.gpus, advise=advise)
-
-    auto, gc = t.gradient_checkpointing == "auto", t.gradient_checkpointing
-    mode = choose_plan(lambda r: plan(r, advise=False)) if auto else {True: "on", False: "off"}.get(gc, gc)
-    emit(f"recomputation: {mode}" + (" (chosen as train's auto would)" if auto else ""))
-    emit(plan(mode).table())
+    plan = plan_for_config(c, gpus=c.gpus, gpu_mem_gib=c.gpu_mem)
+    auto = c.train.gradient_checkpointing == "auto"
+    emit(f"recomputation: {plan.recompute}" + (" (chosen as train's auto would)" if auto else ""))
+    emit(plan.table())
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

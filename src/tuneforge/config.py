@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuneforge.errors import ConfigError
 
 DEFAULT_LR = {"full": 1e-5, "freeze": 2e-5, "lora": 2e-4, "qlora": 2e-4}
-MODEL_HELP = "model reference: builtin name, local HF directory, .gguf file or hub id (docs/models.md)"
+MODEL_HELP = "model reference: builtin name, local HF directory, .gguf file or hub id (docs/training.md)"
 
 
 class Strict(BaseModel):
@@ -109,7 +109,7 @@ class QuantSettings(Strict):
 class MethodConfig(Strict):
     """How the model trains."""
 
-    name: Literal["full", "freeze", "lora", "qlora"] = Field("lora", description="what trains (docs/methods.md)")
+    name: Literal["full", "freeze", "lora", "qlora"] = Field("lora", description="what trains (docs/training.md)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings (lora, qlora)")
     quant: QuantSettings = Field(default_factory=QuantSettings, description="4-bit base settings (qlora)")
     freeze: FreezeSettings = Field(default_factory=lambda: FreezeSettings(top_k_layers=2),
@@ -157,7 +157,7 @@ class TrainConfig(Strict):
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
     threads: int | None = Field(None, gt=0, description="CPU threads; null: torch's default")
-    forgetting: ForgettingSettings | None = Field(None, description="track forgetting (docs/forgetting.md)")
+    forgetting: ForgettingSettings | None = Field(None, description="track forgetting (docs/evaluation.md)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list, description="experiment trackers that also receive every metrics record")
 

@@ -16,9 +16,12 @@ from tuneforge.config import RunConfig, validate
 from tuneforge.data.builtin_tasks import builtin_tasks
 from tuneforge.data.mixture import first_per_task
 from tuneforge.eval.metrics import EvalResult, evaluate_tasks
+from tuneforge.log import emit, get_logger
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train.loop import TrainResult, train
+
+logger = get_logger(__name__)
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_TRAIN = {"lr": 5e-4, "max_steps": 120, "batch_size": 2, "warmup_steps": 10, "eval_every": 30, "seed": 0}
@@ -52,7 +55,7 @@ def folder_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 
 
 def run_demo(output_dir: str = "runs/demo", steps: int | None = None) -> DemoResult:
-    """Measure, train, measure again, and print the comparison."""
+    """Measure, train, measure again, and emit the comparison."""
     t0 = time.perf_counter()
     config = demo_config(output_dir, steps)
     tokenizer = load_tokenizer(DEMO_MODEL)
@@ -60,18 +63,18 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None) -> DemoRes
     splits = builtin_tasks(seed=config.train.seed)
     seen = first_per_task(splits.test, N_TEST_PER_TASK)
     unseen = first_per_task(splits.heldout, 2 * N_TEST_PER_TASK)
-    print(f"[demo] evaluating the base model on {len(seen)} test prompts of trained task types and "
-          f"{len(unseen)} of held-out task types")
+    logger.info(f"demo: evaluating the base model on {len(seen)} test prompts of trained task types and "
+                f"{len(unseen)} of held-out task types")
     before_seen, before_unseen = evaluate_tasks(model, tokenizer, seen), evaluate_tasks(model, tokenizer, unseen)
-    print(f"[demo] base exact match: trained types {before_seen.accuracy:.1%}, "
-          f"held-out types {before_unseen.accuracy:.1%}")
+    logger.info(f"demo: base exact match: trained types {before_seen.accuracy:.1%}, "
+                f"held-out types {before_unseen.accuracy:.1%}")
 
     result = train(config, overwrite=True, model=model, tokenizer=tokenizer)
     model.eval()
     after_seen, after_unseen = evaluate_tasks(model, tokenizer, seen), evaluate_tasks(model, tokenizer, unseen)
     demo = DemoResult(before_seen, after_seen, before_unseen, after_unseen, result,
                       adapter_bytes=folder_bytes(result.output), base_bytes=folder_bytes(resolve_model(DEMO_MODEL)))
-    print(format_demo(demo, time.perf_counter() - t0))
+    emit(format_demo(demo, time.perf_counter() - t0))
     return demo
 
 
