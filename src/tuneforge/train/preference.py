@@ -287,7 +287,7 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
     targets = shifted_targets(labels).reshape(-1).to(device)
     keep = targets != -100
     rows = keep.nonzero().squeeze(1)
-    seq = sequence_index.reshape(-1).to(device)[rows]
+    seq = shifted_targets(sequence_index).reshape(-1).to(device)[rows]  # the sequence of the predicted token
     counts = torch.bincount(seq, minlength=n_sequences)
     weight, bias = head.weight, getattr(head, "bias", None)
     grad_on = torch.is_grad_enabled()
