@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tuneforge.cli import main
-from tuneforge.eval.items import load_items
 from tuneforge.eval.run import default_metrics, evaluate_model, format_table, run_eval
 from tuneforge.eval.scoring import examples_loss
+from tuneforge.eval.sources import load_items
 from tuneforge.methods.lora import apply_lora
 from tuneforge.methods.peft_format import load_adapter, save_adapter
 
@@ -97,12 +97,12 @@ def test_cli_eval_errors_without_traceback(tiny_model_dir, data_file, tmp_path, 
 
 def test_eval_callback_writes_metrics_during_training(tiny_model_dir, alpaca_file, tmp_path, tiny_tokenizer):
     from tuneforge.config import load_config
-    from tuneforge.eval.items import load_items
-    from tuneforge.eval.run import eval_callback
+    from tuneforge.eval.run import MetricsCallback
+    from tuneforge.eval.sources import load_items
     from tuneforge.train.loop import train
 
     items = load_items(str(alpaca_file), limit=6)
-    cb = eval_callback(tiny_tokenizer, items, ["exact", "loss"], max_new_tokens=4)
+    cb = MetricsCallback(tiny_tokenizer, items, ["exact", "loss"], max_new_tokens=4)
     cfg = load_config(overrides=[f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]",
                                  f"output_dir={tmp_path / 'run'}", "data.max_seq_len=64", "data.val_fraction=0",
                                  "train.batch_size=4", "train.threads=1", "train.max_steps=6", "train.lr=2e-2",

@@ -1,20 +1,20 @@
 import json
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from tuneforge.config import load_config
+from tuneforge.config import ForgettingSettings, load_config
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval.forgetting import (
     ForgettingCallback,
     ForgettingDelta,
     ForgettingMeasure,
-    lora_disabled,
+    forgetting_callback,
     measure_forgetting,
 )
 from tuneforge.eval.probes import sample_probes
-from tuneforge.methods.lora import apply_lora
 from tuneforge.train.loop import train
 
 
@@ -42,40 +42,21 @@ def test_delta():
     assert "+20.0%" in d.summary()
 
 
-def test_lora_disabled_gives_the_base_model(tiny_model, tiny_tokenizer):
-    x = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        base = tiny_model(x).logits
-        apply_lora(tiny_model, r=4, alpha=8)
-        for n, p in tiny_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-        tuned = tiny_model(x).logits
-        with lora_disabled(tiny_model) as ok:
-            off = tiny_model(x).logits
-        again = tiny_model(x).logits
-    assert ok and torch.allclose(off, base, atol=1e-6)
-    assert not torch.allclose(tuned, base) and torch.equal(again, tuned)
-
-
-def test_callback_logs_and_warns_during_training(tiny_model_dir, alpaca_file, tmp_path, general, tiny_tokenizer):
+def test_callback_logs_and_warns_during_training(tiny_model_dir, alpaca_file, tmp_path, general, tiny_tokenizer,
+                                                 capsys):
     cb = ForgettingCallback(tiny_tokenizer, general_text=general, n_probes=20, max_tokens=200,
                             threshold_pct=-100.0, action="warn")  # any perplexity exceeds it
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=4", "train.lr=3e-2"),
-              callbacks=(cb,), quiet=True)
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "run", "train.max_steps=4", "train.lr=3e-2"),
+          callbacks=(cb,), quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "forget/general_ppl" in r]
     assert [r["step"] for r in logged] == [2, 4]  # every eval_every steps and at the end
     assert {"forget/ppl_increase_pct", "forget/probe_acc", "forget/probe_answer_nll"} <= set(logged[0])
-    # the baseline was measured with the LoRA adapter off: the base model's perplexity
-    from transformers import AutoModelForCausalLM
-
+    # the baseline was measured before the first step: the base model's perplexity
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert cb.baseline.general_ppl == pytest.approx(
         measure_forgetting(base, tiny_tokenizer, general, max_tokens=200).general_ppl, rel=1e-4)
-    assert len(cb.warnings) == 2 and any("forgetting at step 2" in str(w.message) for w in caught)
+    assert len(cb.warnings) == 2 and "forgetting at step 2" in capsys.readouterr().err
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
@@ -90,9 +71,20 @@ def test_callback_stops_training(tiny_model_dir, alpaca_file, tmp_path, tiny_tok
     assert (tmp_path / "run" / "adapter").is_dir()  # what was trained is saved
 
 
-def test_full_fine_tune_needs_an_explicit_baseline(tiny_model, tiny_tokenizer, general):
+def test_the_baseline_is_the_model_at_the_start(tiny_model, tiny_tokenizer, general):
     cb = ForgettingCallback(tiny_tokenizer, general_text=general, probes=[], max_tokens=100)
-    with pytest.raises(TuneforgeError, match="set_baseline"):
-        cb(1, tiny_model)
-    cb.set_baseline(tiny_model)
-    assert cb(1, tiny_model)["forget/ppl_increase_pct"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(TuneforgeError, match="no baseline"):
+        cb.on_eval(1, tiny_model)
+    cb.on_start(tiny_model, Path("unused"), None)
+    assert cb.on_eval(1, tiny_model)["forget/ppl_increase_pct"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(3.0)
+    assert cb.on_eval(2, tiny_model)["forget/ppl_increase_pct"] > 0
+
+
+def test_forgetting_callback_follows_the_run_settings(tiny_tokenizer, general):
+    settings = ForgettingSettings(general_text=str(general), n_probes=7, max_tokens=64, threshold_pct=None,
+                                  probe_drop_points=3.0, action="stop")
+    cb = forgetting_callback(settings, tiny_tokenizer)
+    assert len(cb.probes) == 7 and len(cb.text.ids) == 64
+    assert (cb.threshold_pct, cb.probe_drop_points, cb.action) == (None, 3.0, "stop")

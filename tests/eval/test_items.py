@@ -3,7 +3,8 @@ import json
 import pytest
 
 from tuneforge.errors import DataError
-from tuneforge.eval.items import auto_choices, load_items
+from tuneforge.eval.items import auto_choices
+from tuneforge.eval.sources import load_items
 
 
 def write(tmp_path, records, name="d.jsonl"):

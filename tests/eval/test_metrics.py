@@ -1,6 +1,6 @@
 import pytest
 
-import tuneforge.models.generate as gen
+import tuneforge.eval.metrics as metrics_module
 from tuneforge.data.builtin_tasks import builtin_tasks
 from tuneforge.data.conversation import Example, Message
 from tuneforge.errors import DataError
@@ -51,7 +51,7 @@ def test_evaluate_tasks_prompts_without_answer(monkeypatch):
         return [p[-1].content if i % 2 else e.messages[-1].content
                 for i, (p, e) in enumerate(zip(prompts, examples, strict=True))]
 
-    monkeypatch.setattr(gen, "generate", fake_generate)
+    monkeypatch.setattr(metrics_module, "generate", fake_generate)
     result = evaluate_tasks(None, None, examples, max_new_tokens=7, batch_size=3)
     assert seen["prompts"] == [e.messages[:-1] for e in examples]
     assert seen["kwargs"] == {"max_new_tokens": 7, "batch_size": 3}

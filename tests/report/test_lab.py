@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from tuneforge.report.lab import LabSettings, run_lab
+from tuneforge.report.lab import run_lab
+from tuneforge.report.lab_result import LabSettings
 
 TINY = LabSettings(steps=3, steps_random=3, batch_size=2, max_seq_len=128, n_seen=1, n_unseen=1, n_probes=12,
                    ppl_tokens=64, eval_every=2, advise_test=4, advise_shots=(1, 2), advise_steps=2, lr_full=1e-3,

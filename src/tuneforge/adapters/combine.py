@@ -16,7 +16,6 @@ user sees what ``linear`` or a low ``rank`` costs. Computed in float64, saved in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods.lora import lora_scaling
@@ -37,9 +35,9 @@ from tuneforge.methods.peft_format import (
     _check_dir,
     _pattern_value,
     _read_weights,
-    _replace_dir,
     _split_keys,
     read_adapter_config,
+    write_adapter_files,
 )
 
 METHODS = ("cat", "linear", "svd")
@@ -174,12 +172,7 @@ def combine_adapters(adapter_dirs: Sequence[str | os.PathLike], weights: Sequenc
     rank_pattern = {re.escape(p): v for p, v in ranks.items() if v != r}
     config = _config(configs, _targets(configs, modules, [set(fs) for _, fs in loaded]), r, alpha, rank_pattern)
 
-    def write(tmp: Path) -> None:
-        save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    path = Path(out_dir)
-    _replace_dir(path, write)
+    path = write_adapter_files(out_dir, out, config)
     rel = math.sqrt(total_err / total_ref) if total_ref > 0 else math.sqrt(total_err)
     return CombineResult(path, method, r, rank_pattern, rel, max(errors.values()), errors)
 

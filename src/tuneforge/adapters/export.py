@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tuneforge.errors import ModelError
+from tuneforge.files import replaced_atomically
 from tuneforge.methods.lora import LoRALinear, lora_layers, merge_lora, unwrap_lora
+from tuneforge.methods.peft_format import load_adapter
+from tuneforge.models.generate import stop_token_ids
+from tuneforge.models.load import load_model, load_tokenizer, pad_token_id
 
 
 def merge_roundtrip_error(model: nn.Module, adapter_name: str = "default") -> float:
@@ -70,10 +72,6 @@ def export_merged(base_ref: str, adapter_dir: str | os.PathLike, out_dir: str | 
     The generation config stops at the end-of-turn token as well as eos. Written under a temporary
     name and renamed, so a failure never leaves a half-written model.
     """
-    from tuneforge.methods.peft_format import load_adapter
-    from tuneforge.models.generate import stop_token_ids
-    from tuneforge.models.load import load_model, load_tokenizer
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ModelError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -83,16 +81,8 @@ def export_merged(base_ref: str, adapter_dir: str | os.PathLike, out_dir: str | 
     merge_and_unload(model, "merged")
     gen = model.generation_config
     gen.eos_token_id = stop_token_ids(tokenizer, model)
-    gen.pad_token_id = tokenizer.pad_token_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    gen.pad_token_id = pad_token_id(tokenizer)
+    with replaced_atomically(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -29,6 +29,8 @@ from tuneforge.methods.lora import (
     unmerge_lora,
 )
 from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
+from tuneforge.models.generate import generate
+from tuneforge.models.load import load_model, load_tokenizer
 
 # An adapter selection: a name, names (weight 1 each), {name: weight}, or (name, weight) pairs.
 AdapterSpec = str | Sequence[str] | Mapping[str, float] | Sequence[tuple[str, float]]
@@ -186,8 +188,6 @@ class AdapterSet:
     @classmethod
     def from_pretrained(cls, base_ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> AdapterSet:
         """Load the base model and tokenizer once (any reference ``load_model`` accepts)."""
-        from tuneforge.models.load import load_model, load_tokenizer
-
         return cls(load_model(base_ref, dtype=dtype, device=device), load_tokenizer(base_ref), base_ref)
 
     @property
@@ -285,8 +285,6 @@ class AdapterSet:
 
     def generate(self, prompts, **kwargs) -> list[str]:
         """``eval.generate.generate`` with the active adapters."""
-        from tuneforge.models.generate import generate
-
         with self.lock:
             return generate(self.model, self._tokenizer(), prompts, **kwargs)
 
@@ -303,8 +301,6 @@ def generate_multi(adapter_set: AdapterSet, prompts, adapter_names: Sequence[str
     Each step is one forward pass over the whole batch (left-padded HF generate); only the LoRA
     updates are computed per adapter, on that adapter's rows. ``kwargs`` go to ``generate``.
     """
-    from tuneforge.models.generate import generate
-
     if len(prompts) != len(adapter_names):
         raise ConfigError(f"{len(prompts)} prompts but {len(adapter_names)} adapter names; give one per prompt")
     keys = [None if n is None else adapter_set.key(n) for n in adapter_names]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneforge.config import DataConfig, DatasetSpec
+from tuneforge.data.builtin_tasks import builtin_tasks
 from tuneforge.data.conversation import Example, Tokenized
 from tuneforge.data.formats import load_examples
 from tuneforge.data.mixture import MixSource, hold_out_tasks, mix, split_validation
@@ -37,8 +38,6 @@ def read_spec(spec: DatasetSpec, skip_bad: bool, seed: int) -> tuple[list[Exampl
     """Examples of one dataset spec (a file or ``builtin:tasks``), filtered to ``spec.tasks``, and the
     records skipped."""
     if spec.path == BUILTIN_TASKS:
-        from tuneforge.data.builtin_tasks import builtin_tasks
-
         examples, skipped = builtin_tasks(seed=seed).train, []
     else:
         result = load_examples(spec.path, format=spec.format, fields=spec.fields, skip_bad=skip_bad,

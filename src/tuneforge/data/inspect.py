@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from tuneforge.data.conversation import Tokenized
+from tuneforge.data.formats import load_examples
 from tuneforge.data.packing import pack
 from tuneforge.data.template import TooLongError, encode, render_masked
 from tuneforge.errors import DataError
+from tuneforge.plotting import pyplot, save_figure
 
 _MAX_REASONS = 5
 
@@ -72,8 +74,6 @@ def inspect_data(paths: list[str], tokenizer: Any, max_len: int, out_dir: Path, 
     Records that cannot be read or are longer than ``max_len`` are listed as skipped with their
     reason (``skip_bad=True``) or raise :class:`DataError` at the first one.
     """
-    from tuneforge.data.formats import load_examples
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
@@ -171,13 +171,7 @@ def _png_path(out_dir: Path, path: str, used: set[str]) -> Path:
 
 def _histogram(lengths: list[int], too_long: list[int], max_len: int, title: str, out: Path) -> Path:
     """Kept sequences in blue, conversations skipped as too long in orange, ``max_len`` in red."""
-    # Figure + Agg canvas directly: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     both = lengths + too_long
     bins = np.histogram_bin_edges(both, bins=min(50, max(5, len(set(both)))))
     ax.hist([lengths, too_long], bins=bins, stacked=True, color=["tab:blue", "tab:orange"],
@@ -187,6 +181,4 @@ def _histogram(lengths: list[int], too_long: list[int], max_len: int, title: str
     ax.set_ylabel("examples")
     ax.set_title(f"{Path(title).name}: {len(lengths)} kept, {len(too_long)} over max_len")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    return out
+    return save_figure(fig, out)

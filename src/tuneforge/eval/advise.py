@@ -26,15 +26,27 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tuneforge.config import validate
 from tuneforge.data.conversation import Message
 from tuneforge.errors import ConfigError, DataError
-from tuneforge.eval.items import EvalItem, load_items
+from tuneforge.eval import metrics as m
+from tuneforge.eval.items import EvalItem
+from tuneforge.eval.plots import plot_crossover
+from tuneforge.eval.run import auto_max_new_tokens
+from tuneforge.eval.sources import load_items
+from tuneforge.log import get_logger
+from tuneforge.models.generate import encode_prompts, generate
+from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.train.loop import train
+
+logger = get_logger(__name__)
 
 STRICT_METRICS = ("exact", "regex", "json", "json_schema")
 MARGIN_POINTS = 5.0
@@ -142,8 +154,6 @@ def user_prompt(template: str, item: EvalItem) -> tuple[list[Message], str | Non
 
 
 def hit(metric: str, pred: str, item: EvalItem) -> bool:
-    from tuneforge.eval import metrics as m
-
     ref = item.reference or ""
     if metric == "exact":
         return m.exact_match(pred, ref)
@@ -164,8 +174,6 @@ def measure_strategy(name: str, model, tokenizer, prompts: list[list[Message]], 
                      items: list[EvalItem], opts: AdviseOptions, max_new_tokens: int,
                      fine_tuned: bool = False) -> StrategyResult:
     """Accuracy (batched generation), tokens, latency (batch 1) and cost of one strategy."""
-    from tuneforge.models.generate import encode_prompts, generate
-
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=8, system_prompt=system)
     hits = [hit(opts.metric, p, it) for p, it in zip(preds, items, strict=True)]
     prompt_tokens = sum(len(x) for x in encode_prompts(tokenizer, prompts, system)) / len(prompts)
@@ -237,9 +245,6 @@ def recommend(strategies: list[StrategyResult], n_train: int, metric: str,
 
 def _train_adapter(model, tokenizer, train_items: list[EvalItem], opts: AdviseOptions, out: Path):
     """LoRA fine-tune of ``model`` in place on the training pool; returns the TrainResult."""
-    from tuneforge.config import validate
-    from tuneforge.train.loop import train
-
     data_path = out / "train.jsonl"
     with data_path.open("w") as f:
         for it in train_items:
@@ -255,11 +260,9 @@ def _train_adapter(model, tokenizer, train_items: list[EvalItem], opts: AdviseOp
     return train(cfg, overwrite=True, model=model, tokenizer=tokenizer, quiet=True)
 
 
-def run_advise(opts: AdviseOptions, model=None, tokenizer=None, log=print) -> Advice:
+def run_advise(opts: AdviseOptions, model=None, tokenizer=None, log: Callable[[str], None] | None = None) -> Advice:
     """Measure every strategy, recommend, and write advise.json, advise.md and the crossover PNG."""
-    from tuneforge.eval.run import auto_max_new_tokens
-    from tuneforge.models.load import load_model, load_tokenizer
-
+    log = log or logger.info
     if not opts.shots or any(k <= 0 for k in opts.shots):
         raise ConfigError("--shots: give positive numbers of demonstrations, e.g. 1,3,5")
     out = Path(opts.output)
@@ -299,8 +302,6 @@ def run_advise(opts: AdviseOptions, model=None, tokenizer=None, log=print) -> Ad
 
 
 def write_advice(advice: Advice, out: Path) -> None:
-    from tuneforge.eval.plots import plot_crossover
-
     (out / "advise.json").write_text(json.dumps(advice.to_dict(), indent=2, default=str))
     (out / "advise.md").write_text(format_advice(advice, markdown=True))
     advice.files = {"json": str(out / "advise.json"), "markdown": str(out / "advise.md")}
@@ -309,14 +310,20 @@ def write_advice(advice: Advice, out: Path) -> None:
         advice.files["crossover"] = str(png)
 
 
-def format_advice(a: Advice, markdown: bool = False) -> str:
-    """The comparison table, the recommendation and why."""
+def advice_table(a: Advice) -> tuple[list[str], list[list[str]]]:
+    """The comparison as a header and one row of formatted cells per strategy."""
     head = ["strategy", "accuracy", "95% CI", "prompt tok", "output tok", "latency", "$ / 1M requests",
             "training $"]
     rows = [[s.name, f"{100 * s.accuracy:.1f}%", f"{100 * s.accuracy_ci[0]:.0f}-{100 * s.accuracy_ci[1]:.0f}%",
              f"{s.prompt_tokens:.0f}", f"{s.output_tokens:.1f}", f"{1000 * s.latency_s:.0f} ms",
              f"{s.cost_per_million:,.2f}", f"{s.training_cost:,.4f}" if s.name == "fine-tune" else "-"]
             for s in a.strategies]
+    return head, rows
+
+
+def format_advice(a: Advice, markdown: bool = False) -> str:
+    """The comparison table, the recommendation and why."""
+    head, rows = advice_table(a)
     if markdown:
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
                                                                              for r in rows]

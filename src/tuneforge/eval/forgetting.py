@@ -10,25 +10,28 @@ Two measures, both cheap enough to run during training:
 :class:`ForgettingCallback` plugs into ``train(callbacks=...)`` (it runs every
 ``train.eval_every`` steps and at the end) and warns or stops when perplexity rises by more than
 ``threshold_pct`` percent over the base model's, or probe accuracy falls by more than
-``probe_drop_points``.
+``probe_drop_points``; :func:`forgetting_callback` builds it from a run's ``train.forgetting``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
+from tuneforge.config import ForgettingSettings
 from tuneforge.data.replay import read_text_prefix, text_token_ids
 from tuneforge.errors import ConfigError, StopTraining, TuneforgeError
 from tuneforge.eval.probes import Probe, sample_probes
 from tuneforge.eval.scoring import continuation_logprobs, token_perplexity
+from tuneforge.log import get_logger
+from tuneforge.models.load import pad_token_id
+from tuneforge.train.callbacks import TrainCallback
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -48,7 +51,7 @@ def score_probes(model: torch.nn.Module, tokenizer, probes: list[Probe], batch_s
         for opt in p.options:
             pairs.append((ctx, tokenizer(" " + opt, add_special_tokens=False)["input_ids"]))
             owner.append(i)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     scores = continuation_logprobs(model, pairs, pad_id=pad, batch_size=batch_size)
     options: dict[int, list] = defaultdict(list)
     for i, s in zip(owner, scores, strict=True):
@@ -86,7 +89,7 @@ class GeneralText:
     def __init__(self, tokenizer, path: str | Path, max_tokens: int = 4096):
         self.path = str(path)
         self.ids = text_token_ids(tokenizer, read_text_prefix(path, 8 * max_tokens + 1024), max_tokens)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
 
 
 def measure_forgetting(model: torch.nn.Module, tokenizer, general_text: GeneralText | str | Path | None = None,
@@ -137,39 +140,19 @@ class ForgettingDelta:
         return "; ".join(parts) or "nothing measured"
 
 
-@contextmanager
-def lora_disabled(model: torch.nn.Module) -> Iterator[bool]:
-    """Run the base model alone inside the block (LoRA layers inactive); yields False if it cannot."""
-    from tuneforge.methods.lora import lora_layers
+class ForgettingCallback(TrainCallback):
+    """A ``train(callbacks=...)`` callback: forgetting metrics at each evaluation point and at the end.
 
-    layers = list(lora_layers(model).values())
-    if not layers or any(layer.merged_adapters for layer in layers):
-        yield False
-        return
-    saved = [(layer.active_adapters, layer.adapter_weights) for layer in layers]
-    try:
-        for layer in layers:
-            layer.active_adapters, layer.adapter_weights = [], {}
-        yield True
-    finally:
-        for layer, (active, weights) in zip(layers, saved, strict=True):
-            layer.active_adapters, layer.adapter_weights = active, weights
-
-
-class ForgettingCallback:
-    """A ``train(callbacks=...)`` callback: forgetting metrics every ``train.eval_every`` steps.
-
-    The baseline is the model before training: pass ``baseline``, call :meth:`set_baseline` before
-    ``train``, or (LoRA only) let the first call measure it with the adapters switched off.
-    ``action="warn"`` emits a warning (once per crossing); ``"stop"`` raises :class:`StopTraining`.
-    Logged keys: ``forget/general_ppl``, ``forget/ppl_increase_pct``, ``forget/probe_acc``,
-    ``forget/probe_answer_nll``.
+    The baseline is the model before the first step (:meth:`on_start`: LoRA's B is still zero, full
+    weights untouched), unless ``baseline`` is given. ``action="warn"`` logs a warning (once per
+    crossing); ``"stop"`` raises :class:`StopTraining`. Logged keys: ``forget/general_ppl``,
+    ``forget/ppl_increase_pct``, ``forget/probe_acc``, ``forget/probe_answer_nll``.
     """
 
     def __init__(self, tokenizer, general_text: str | Path | None = None, probes: list[Probe] | None = None,
                  n_probes: int | None = 100, max_tokens: int = 2048, threshold_pct: float | None = 10.0,
                  probe_drop_points: float | None = None, action: Literal["warn", "stop"] = "warn",
-                 baseline: ForgettingMeasure | None = None, log: Callable[[str], None] | None = None):
+                 baseline: ForgettingMeasure | None = None):
         if action not in ("warn", "stop"):
             raise ConfigError(f"forgetting action {action!r}: use 'warn' or 'stop'")
         self.tokenizer = tokenizer
@@ -179,29 +162,21 @@ class ForgettingCallback:
         self.baseline = baseline
         self.history: list[tuple[int, ForgettingMeasure]] = []
         self.warnings: list[str] = []
-        self.log = log
 
     def measure(self, model: torch.nn.Module) -> ForgettingMeasure:
         return measure_forgetting(model, self.tokenizer, self.text, self.probes)
 
-    def set_baseline(self, model: torch.nn.Module) -> ForgettingMeasure:
-        self.baseline = self.measure(model)
-        return self.baseline
-
-    def _ensure_baseline(self, model: torch.nn.Module) -> ForgettingMeasure:
+    def on_start(self, model: torch.nn.Module, run_dir: Path, config: Any) -> None:
         if self.baseline is None:
-            with lora_disabled(model) as ok:
-                if not ok:
-                    raise TuneforgeError("ForgettingCallback has no baseline: call set_baseline(model) before "
-                                         "train() (or pass baseline=) so changes can be measured")
-                self.baseline = self.measure(model)
-        return self.baseline
+            self.baseline = self.measure(model)
 
-    def __call__(self, step: int, model: torch.nn.Module) -> dict[str, float]:
-        base = self._ensure_baseline(model)
+    def on_eval(self, step: int, model: torch.nn.Module) -> dict[str, float]:
+        if self.baseline is None:
+            raise TuneforgeError("ForgettingCallback has no baseline: pass it to train(callbacks=...), which "
+                                 "measures the model before the first step, or give baseline=")
         now = self.measure(model)
         self.history.append((step, now))
-        delta = ForgettingDelta(base, now)
+        delta = ForgettingDelta(self.baseline, now)
         out: dict[str, float] = {}
         if now.general_ppl is not None:
             out["forget/general_ppl"] = round(now.general_ppl, 4)
@@ -226,7 +201,11 @@ class ForgettingCallback:
         self.warnings.append(msg)
         if self.action == "stop":
             raise StopTraining(msg)
-        if self.log:
-            self.log(f"[tuneforge] warning: {msg}")
-        else:
-            warnings.warn(msg, stacklevel=2)
+        logger.warning(msg)
+
+
+def forgetting_callback(settings: ForgettingSettings, tokenizer) -> ForgettingCallback:
+    """The forgetting tracker a run's ``train.forgetting`` settings describe."""
+    return ForgettingCallback(tokenizer, general_text=settings.general_text, n_probes=settings.n_probes,
+                              max_tokens=settings.max_tokens, threshold_pct=settings.threshold_pct,
+                              probe_drop_points=settings.probe_drop_points, action=settings.action)

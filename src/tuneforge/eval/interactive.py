@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tuneforge.data.conversation import Message
 from tuneforge.errors import DataError
+from tuneforge.log import emit
+from tuneforge.methods.peft_format import load_adapter
 from tuneforge.models.generate import generate
 from tuneforge.models.load import load_model, load_tokenizer
 
@@ -16,8 +18,6 @@ def load_with_adapter(model_ref: str, adapter: str | None):
     tokenizer = load_tokenizer(model_ref)
     model = load_model(model_ref).eval()
     if adapter:
-        from tuneforge.methods.peft_format import load_adapter
-
         load_adapter(model, adapter)
     return model, tokenizer
 
@@ -63,7 +63,7 @@ def chat_loop(model_ref: str, adapter: str | None, max_new_tokens: int, temperat
     """An interactive conversation on the terminal; an empty line or Ctrl-D ends it."""
     model, tokenizer = load_with_adapter(model_ref, adapter)
     history: list[Message] = [Message("system", system)] if system else []
-    print("chat: type a message, an empty line to quit")
+    emit("chat: type a message, an empty line to quit")
     while True:
         try:
             text = input("you> ").strip()
@@ -75,4 +75,4 @@ def chat_loop(model_ref: str, adapter: str | None, max_new_tokens: int, temperat
         reply = generate(model, tokenizer, [history], max_new_tokens=max_new_tokens,
                          temperature=temperature)[0]
         history.append(Message("assistant", reply))
-        print(f"model> {reply}")
+        emit(f"model> {reply}")

@@ -12,19 +12,16 @@ scoring information:
   prompt and ``should_refuse`` has no reference answer.
 - ``task`` / ``dataset``: the per-task breakdown.
 
-Sources besides files: ``builtin:tasks`` (test split + held-out task types), ``builtin:refusal``,
-``builtin:probes`` (general-knowledge probes as short QA).
+Where items come from (files, builtin sources): :mod:`tuneforge.eval.sources`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tuneforge.data.conversation import Example, Message
-from tuneforge.data.formats import detect_format, map_fields, normalize_record, strip_end_of_text
-from tuneforge.data.readers import read_records
+from tuneforge.data.formats import detect_format, normalize_record, strip_end_of_text
 from tuneforge.errors import DataError
 
 PROMPT_KEYS = ("prompt", "question", "instruction", "query")
@@ -126,42 +123,11 @@ def item_from_record(record: dict, loc: str, format: str = "auto", task: str | N
     return item
 
 
-def load_items(path: str, format: str = "auto", fields: dict[str, str] | None = None,
-               task: str | None = None, limit: int | None = None) -> list[EvalItem]:
-    """Evaluation items of a data file or a builtin source (``builtin:tasks|refusal|probes``)."""
-    if path.startswith("builtin:"):
-        items = builtin_items(path)
-    else:
-        items = [item_from_record(map_fields(rec, fields), loc, format, task) for loc, rec in read_records(path)]
-        for it in items:
-            it.task = it.task or Path(path).name.split(".")[0]  # records without a task: the file's name
-    if not items:
-        raise DataError(f"{path}: no records to evaluate")
-    return spread(items, limit)
-
-
 def spread(items: list, limit: int | None) -> list:
     """At most ``limit`` items evenly spaced over the list (files are often sorted by label or task)."""
     if not limit or limit >= len(items):
         return items
     return [items[i * len(items) // limit] for i in range(limit)]
-
-
-def builtin_items(name: str) -> list[EvalItem]:
-    if name == "builtin:tasks":
-        from tuneforge.data.builtin_tasks import builtin_tasks
-
-        splits = builtin_tasks()
-        return [item_from_example(e) for e in splits.test + splits.heldout]
-    if name == "builtin:refusal":
-        from tuneforge.eval.refusal import refusal_items
-
-        return refusal_items()
-    if name == "builtin:probes":
-        from tuneforge.eval.probes import probe_items
-
-        return probe_items()
-    raise DataError(f"unknown builtin source '{name}'; use builtin:tasks, builtin:refusal or builtin:probes")
 
 
 def auto_choices(items: list[EvalItem]) -> list[EvalItem]:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tuneforge.data.template import CHATML_TEMPLATE, _eot_markers
 from tuneforge.eval.items import EvalItem
 from tuneforge.eval.scoring import continuation_logprobs
 from tuneforge.models.generate import encode_prompts
+from tuneforge.models.load import pad_token_id
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids the chat template puts right after an assistant reply (e.g. ``<|im_end|>``); [] if none."""
-    from tuneforge.data.template import _eot_markers
-
     probe = "TFREPLYq7Zx"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
                                          tokenize=False,
@@ -30,8 +30,6 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 
 def _chatml() -> str:
-    from tuneforge.data.template import CHATML_TEMPLATE
-
     return CHATML_TEMPLATE
 
 
@@ -56,7 +54,7 @@ def score_choices(model, tokenizer, items: list[EvalItem], batch_size: int = 32,
         for c in it.choices:
             pairs.append((ctx, tokenizer(c, add_special_tokens=False)["input_ids"] + eot))
             owner.append(i)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     scores = continuation_logprobs(model, pairs, pad_id=pad, batch_size=batch_size)
     per_item: list[list[float]] = [[] for _ in items]
     for i, s in zip(owner, scores, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import defaultdict
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 
 from tuneforge.data.conversation import Example, Message
 from tuneforge.errors import DataError
+from tuneforge.eval.schema import matches_schema
+from tuneforge.models.generate import generate
 
 PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -84,8 +87,6 @@ class EvalResult:
 def evaluate_tasks(model, tokenizer, examples: list[Example], max_new_tokens: int = 32,
                    batch_size: int = 16, n_samples: int = 5) -> EvalResult:
     """Generate greedily from each example's prompt and compare with its assistant answer."""
-    from tuneforge.models.generate import generate
-
     prompts = [split_prompt(e)[0] for e in examples]
     preds = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     s = score(preds, examples)
@@ -112,8 +113,6 @@ def regex_match(pred: str, pattern: str) -> bool:
 def parse_json(text: str) -> tuple[bool, object]:
     """(True, value) when the stripped text is one JSON document, else (False, None). No fences allowed:
     a strict-format task that asks for JSON gets no credit for wrapping it in Markdown."""
-    import json
-
     try:
         return True, json.loads(text.strip())
     except ValueError:
@@ -134,7 +133,5 @@ def json_equal(pred: str, ref: str) -> bool:
 
 def json_schema_match(pred: str, schema: dict) -> bool:
     """The prediction is valid JSON that validates against ``schema``."""
-    from tuneforge.eval.schema import matches_schema
-
     ok, value = parse_json(pred)
     return ok and matches_schema(value, schema)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+
+from tuneforge.eval.results import RATE_COLUMNS, EvalReport
 from tuneforge.plotting import grouped_bars, pyplot, save_figure
-
-if TYPE_CHECKING:
-    from tuneforge.eval.run import EvalReport
 
 
 def plot_eval(report: EvalReport, out_png: Path) -> Path | None:
     """Rates (accuracy-type metrics, %) and, when measured, loss per variant."""
-    from tuneforge.eval.run import RATE_COLUMNS
-
     rates = [c for c in report.columns if c in RATE_COLUMNS]
     has_loss = "loss" in report.columns
     if not rates and not has_loss:
@@ -42,8 +39,6 @@ def plot_eval(report: EvalReport, out_png: Path) -> Path | None:
 
 def primary_column(report: EvalReport) -> str | None:
     """The column a per-task chart shows: the first rate measured, else loss."""
-    from tuneforge.eval.run import RATE_COLUMNS
-
     return next((c for c in report.columns if c in RATE_COLUMNS), "loss" if "loss" in report.columns else None)
 
 
@@ -67,8 +62,6 @@ def plot_per_task(report: EvalReport, out_png: Path) -> Path | None:
 
 def plot_crossover(advice, out_png: Path) -> Path | None:
     """Total cost against request volume: each prompt strategy from 0, the fine-tune from its training cost."""
-    import numpy as np
-
     plt = pyplot()
     be = advice.break_even_requests
     top = max(1e7, 10 * be) if be else 1e7

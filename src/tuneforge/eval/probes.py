@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from tuneforge.data.conversation import Message
+from tuneforge.eval.items import EvalItem
 
 # country | capital | continent (- = transcontinental or ambiguous: no continent probe)
 COUNTRIES = """\
@@ -286,10 +287,8 @@ def sample_probes(n: int | None = None, seed: int = 0) -> list[Probe]:
     return out[:n]
 
 
-def probe_items(probes: list[Probe] | None = None):
+def probe_items(probes: list[Probe] | None = None) -> list[EvalItem]:
     """Probes as chat items (``builtin:probes``): the answer is the reference, options are choices."""
-    from tuneforge.eval.items import EvalItem
-
     out = []
     for i, p in enumerate(probes or all_probes()):
         opts = sorted(p.options)

@@ -24,20 +24,24 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import metrics as m
-from tuneforge.eval.items import EvalItem, auto_choices, load_items, spread, summarize
+from tuneforge.eval.items import EvalItem, auto_choices, spread, summarize
+from tuneforge.eval.mc import choice_hits, score_choices
+from tuneforge.eval.plots import plot_eval, plot_per_task
+from tuneforge.eval.refusal import is_refusal, load_detector, refusal_columns
+from tuneforge.eval.results import EvalReport, ModelEval
+from tuneforge.eval.scoring import examples_loss, text_perplexity
+from tuneforge.eval.sources import load_items
+from tuneforge.models.generate import generate
+from tuneforge.train.callbacks import TrainCallback
 
 METRICS = ("exact", "normalized", "contains", "regex", "json", "json_schema", "mc", "loss", "refusal")
 GENERATION_METRICS = {"exact", "normalized", "contains", "regex", "json", "json_schema", "refusal"}
-# result columns that are rates in [0, 1] (plotted on one axis), and the lower-is-better ones
-RATE_COLUMNS = ("exact_match", "normalized_match", "contains", "regex", "json_valid", "json_equal",
-                "json_schema", "mc", "mc_norm", "refusal_rate", "over_refusal")
-LOSS_COLUMNS = ("loss", "ppl")
 
 
 def default_metrics(items: list[EvalItem]) -> list[str]:
@@ -75,17 +79,6 @@ def check_metrics(metrics: Sequence[str], items: list[EvalItem], pattern: str | 
     needs_ref = {"exact", "normalized", "contains", "json", "loss", "mc"} & set(metrics)
     if needs_ref and not s.with_reference:
         raise DataError(f"metrics {sorted(needs_ref)} need reference answers, and no record has one")
-
-
-@dataclass
-class ModelEval:
-    """One model variant's results: overall and per-task values per column, and its predictions."""
-
-    name: str
-    overall: dict[str, float] = field(default_factory=dict)
-    per_task: dict[str, dict[str, float]] = field(default_factory=dict)  # column → task → value
-    predictions: list[str | None] = field(default_factory=list)
-    n: int = 0
 
 
 def _mean_by_task(hits: list[bool | None], items: list[EvalItem]) -> tuple[float | None, dict[str, float]]:
@@ -143,8 +136,6 @@ def evaluate_model(model, tokenizer, items: list[EvalItem], metrics: Sequence[st
                    batch_size: int = 16, detector: Callable[[str], bool] | None = None,
                    system_prompt: str | None = None) -> ModelEval:
     """Every requested metric of one model (with whatever adapters are active) on ``items``."""
-    from tuneforge.models.generate import generate
-
     result = ModelEval(name=name, n=len(items), predictions=[None] * len(items))
     columns: dict[str, list[bool | None]] = {}
     chat = [i for i, it in enumerate(items) if it.text is None]
@@ -156,8 +147,6 @@ def evaluate_model(model, tokenizer, items: list[EvalItem], metrics: Sequence[st
             result.predictions[i] = p
         columns.update(generation_hits(result.predictions, items, metrics, pattern, schema))
         if "refusal" in metrics:
-            from tuneforge.eval.refusal import is_refusal, refusal_columns
-
             columns.update(refusal_columns(result.predictions, items, detector or is_refusal))
     if "mc" in metrics:
         columns.update(_mc_columns(model, tokenizer, items, batch_size, system_prompt))
@@ -171,8 +160,6 @@ def evaluate_model(model, tokenizer, items: list[EvalItem], metrics: Sequence[st
 
 
 def _mc_columns(model, tokenizer, items, batch_size, system_prompt) -> dict[str, list[bool | None]]:
-    from tuneforge.eval.mc import choice_hits, score_choices
-
     with_choices = auto_choices([it for it in items if it.text is None])
     idx = [i for i, it in enumerate(items) if it.text is None]
     scored = [(i, it) for i, it in zip(idx, with_choices, strict=True) if it.choices is not None]
@@ -192,8 +179,6 @@ def _mc_columns(model, tokenizer, items, batch_size, system_prompt) -> dict[str,
 def _add_loss(result: ModelEval, model, tokenizer, items: list[EvalItem], batch_size: int,
               max_text_tokens: int = 4096) -> None:
     """Loss per reference token by task; plain-text records count all their tokens (first 4096 each)."""
-    from tuneforge.eval.scoring import examples_loss, text_perplexity
-
     by_task: dict[str, list] = defaultdict(list)
     for it in items:
         if it.reference is not None and it.text is None:
@@ -217,28 +202,6 @@ def _add_loss(result: ModelEval, model, tokenizer, items: list[EvalItem], batch_
 
 
 # --- several variants: base and adapters --------------------------------------------------------
-
-
-@dataclass
-class EvalReport:
-    """Results of every variant on the same items, and the files written."""
-
-    variants: list[ModelEval]
-    metrics: list[str]
-    data: str
-    n: int
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def columns(self) -> list[str]:
-        cols: list[str] = []
-        for v in self.variants:
-            cols += [c for c in v.overall if c not in cols]
-        return cols
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "n": self.n, "metrics": self.metrics,
-                "variants": [{"name": v.name, "overall": v.overall, "per_task": v.per_task} for v in self.variants]}
 
 
 def adapter_names(paths: Sequence[str]) -> list[str]:
@@ -265,9 +228,6 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
              batch_size: int = 16, include_base: bool = True, format: str = "auto",
              system_prompt: str | None = None) -> EvalReport:
     """Evaluate the base model and each adapter on ``data``; write results.json, predictions and PNGs."""
-    from tuneforge.adapters.manager import AdapterSet
-    from tuneforge.eval.refusal import load_detector
-
     items = load_items(data, format=format)
     schema = _read_schema(schema_path) if schema_path else None
     chosen = list(metrics) if metrics else default_metrics(items)
@@ -308,8 +268,6 @@ def _read_schema(path: str) -> dict:
 
 def write_eval_outputs(report: EvalReport, items: list[EvalItem], out: Path) -> None:
     """results.json, predictions.jsonl, eval.png (overall) and eval_per_task.png."""
-    from tuneforge.eval.plots import plot_eval, plot_per_task
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report.to_dict(), indent=2))
     with (out / "predictions.jsonl").open("w") as f:
@@ -359,17 +317,18 @@ def format_report(report: EvalReport) -> str:
     return "\n".join(out)
 
 
-def eval_callback(tokenizer, items: list[EvalItem], metrics: Sequence[str], prefix: str = "eval/",
-                  **kwargs: Any) -> Callable[[int, Any], dict[str, float]]:
-    """A ``train(callbacks=...)`` callback: the overall metrics of ``items`` every ``train.eval_every`` steps.
+class MetricsCallback(TrainCallback):
+    """A ``train(callbacks=...)`` callback: the overall metrics of ``items`` at each evaluation point.
 
     Keys are ``prefix + column`` (e.g. ``eval/exact_match``) and land in ``metrics.jsonl``.
     ``kwargs`` go to :func:`evaluate_model`.
     """
-    check_metrics(metrics, items, kwargs.get("pattern"), kwargs.get("schema"))
 
-    def callback(step: int, model) -> dict[str, float]:
-        result = evaluate_model(model, tokenizer, items, metrics, **kwargs)
-        return {prefix + k: round(v, 5) for k, v in result.overall.items()}
+    def __init__(self, tokenizer, items: list[EvalItem], metrics: Sequence[str], prefix: str = "eval/",
+                 **kwargs: Any):
+        check_metrics(metrics, items, kwargs.get("pattern"), kwargs.get("schema"))
+        self.tokenizer, self.items, self.metrics, self.prefix, self.kwargs = tokenizer, items, metrics, prefix, kwargs
 
-    return callback
+    def on_eval(self, step: int, model) -> dict[str, float]:
+        result = evaluate_model(model, self.tokenizer, self.items, self.metrics, **self.kwargs)
+        return {self.prefix + k: round(v, 5) for k, v in result.overall.items()}

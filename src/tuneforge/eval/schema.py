@@ -83,7 +83,7 @@ def _object_errors(value: dict, schema: dict, path: str) -> list[str]:
 def matches_schema(value: Any, schema: dict) -> bool:
     """True when ``value`` validates against ``schema`` (``jsonschema`` when installed, else this subset)."""
     try:
-        import jsonschema
+        import jsonschema  # optional dependency: this subset checks when it is missing
     except ImportError:
         return not schema_errors(value, schema)
     return jsonschema.Draft202012Validator(schema).is_valid(value)

@@ -14,8 +14,12 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.conversation import Example
+from tuneforge.data.packing import no_pack
 from tuneforge.data.replay import read_text_prefix, text_token_ids
+from tuneforge.data.template import encode
 from tuneforge.errors import DataError
+from tuneforge.models.load import pad_token_id
+from tuneforge.train.loop import validation_loss
 from tuneforge.train.loss import chunked_lm_loss
 
 
@@ -42,10 +46,6 @@ class Perplexity:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
 
 @torch.no_grad()
@@ -131,7 +131,7 @@ def text_perplexity(model: torch.nn.Module, tokenizer, text: str, max_tokens: in
                     batch_size: int = 8) -> Perplexity:
     """Perplexity of the first ``max_tokens`` tokens of ``text`` (see :func:`token_perplexity`)."""
     ids = text_token_ids(tokenizer, text, max_tokens)
-    return token_perplexity(model, ids, window=window, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+    return token_perplexity(model, ids, window=window, batch_size=batch_size, pad_id=pad_token_id(tokenizer))
 
 
 def file_perplexity(model: torch.nn.Module, tokenizer, path: str | Path, max_tokens: int = 4096,
@@ -145,14 +145,10 @@ def file_perplexity(model: torch.nn.Module, tokenizer, path: str | Path, max_tok
 def examples_loss(model: torch.nn.Module, tokenizer, examples: list[Example], max_len: int = 2048,
                   batch_size: int = 8) -> Perplexity:
     """Loss per trained token (assistant answers + end-of-turn, as in training) over examples."""
-    from tuneforge.data.packing import no_pack
-    from tuneforge.data.template import encode
-    from tuneforge.train.loop import validation_loss
-
     tokenized = [t for e in examples for t in encode(e, tokenizer, max_len)]
     if not tokenized:
         raise DataError("no examples to compute a loss on")
     rows = no_pack(tokenized)
     n = sum(sum(1 for x in r.labels[1:] if x != -100) for r in rows)
-    loss = validation_loss(model, rows, _pad_id(tokenizer), batch_size, 1024, None)
+    loss = validation_loss(model, rows, pad_token_id(tokenizer), batch_size, 1024, None)
     return Perplexity(nll=float(loss), n_tokens=n)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.files import replaced_atomically
 from tuneforge.methods.lora import (
     ALL_LINEAR,
     LoRALinear,
@@ -96,29 +95,18 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
     }
 
 
-def _replace_dir(out_dir: Path, write) -> None:
-    """Build the directory under a temporary name in the same parent, then rename it into place."""
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ModelError(f"{out_dir} exists and is not a directory; choose another adapter output path")
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES)
-        if foreign:
-            raise ModelError(
-                f"{out_dir} already holds other files ({', '.join(foreign[:5])}); save the adapter into an "
-                "empty directory or an existing adapter directory"
-            )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
-    try:
-        write(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a file, or a directory holding anything but an adapter."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ModelError(f"{out_dir} exists and is not a directory; choose another adapter output path")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OWN_FILES)
+    if foreign:
+        raise ModelError(
+            f"{out_dir} already holds other files ({', '.join(foreign[:5])}); save the adapter into an "
+            "empty directory or an existing adapter directory"
+        )
 
 
 def save_adapter(
@@ -138,12 +126,16 @@ def save_adapter(
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone()
                for k, v in lora_state_dict(model, adapter_name).items()}
 
-    def write(tmp: Path) -> None:
+    return write_adapter_files(out_dir, tensors, config)
+
+
+def write_adapter_files(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Write PEFT-keyed weights and an adapter config as an adapter directory (atomically); returns its path."""
+    out = Path(out_dir)
+    _check_out_dir(out)
+    with replaced_atomically(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-    out = Path(out_dir)
-    _replace_dir(out, write)
     return out
 
 

@@ -9,6 +9,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
 from tuneforge.models.load import empty_model, load_model
+from tuneforge.models.quantized_load import load_model_4bit
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
 
 
@@ -31,8 +32,6 @@ def load_model_for(config: RunConfig, device: torch.device, placement: str = "de
     rank 0 and other ranks; not for ``qlora``).
     """
     if config.method.name == "qlora":
-        from tuneforge.models.quantized_load import load_model_4bit
-
         q = config.method.quant
         return load_model_4bit(config.model, quant_type=q.quant_type, double_quant=q.double_quant,
                                compute_dtype=compute_dtype(device), device=device,

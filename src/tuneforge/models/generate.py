@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 from tuneforge.data.conversation import Message
 from tuneforge.data.template import CHATML_TEMPLATE, EOT_MARKERS
+from tuneforge.models.load import pad_token_id
 
 
 def chat_template(tokenizer) -> str:
@@ -69,11 +71,9 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
     generation prompt; plain strings are continued as raw text. Greedy when ``temperature``
     is 0, else sampling with ``temperature`` and ``top_p`` (seeded by ``seed``).
     """
-    from transformers import GenerationConfig
-
     encoded = encode_prompts(tokenizer, prompts, system_prompt)
     stops = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer)
     sample = temperature > 0
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
                               temperature=temperature if sample else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.errors import ModelError
 from tuneforge.models.resolve import resolve_model
@@ -10,8 +11,6 @@ from tuneforge.models.resolve import resolve_model
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
     """Load the tokenizer for a model reference, with a pad token set."""
-    from transformers import AutoTokenizer
-
     path = resolve_model(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -22,11 +21,19 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its eos token, else 0.
+
+    Padding is always masked out, so the value matters only for being a valid id.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False) -> torch.nn.Module:
     """Load a causal LM (SDPA attention) for a model reference onto ``device``."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(ref)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
@@ -38,8 +45,6 @@ def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 
 def empty_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
     """The causal LM of a model reference on the meta device: its structure and shapes, no memory, no weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = resolve_model(ref)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

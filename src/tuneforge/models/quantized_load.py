@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from tuneforge.errors import ModelError
@@ -98,8 +99,6 @@ def _checkpoint_tensors(path: str) -> Iterator[tuple[str, Callable[[], torch.Ten
 
 
 def _open(file: Path):
-    from safetensors import safe_open
-
     # pread reads each tensor into its own buffer: nothing else of the file is mapped into memory.
     try:
         return safe_open(str(file), framework="pt", backend="pread")

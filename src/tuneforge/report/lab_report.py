@@ -25,7 +25,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from tuneforge.report.lab import LabResult, Run, State
+from tuneforge.data.builtin_tasks import HELD_OUT_TASKS
+from tuneforge.eval.advise import advice_table
+from tuneforge.models.shapes import lora_table
+from tuneforge.report.lab_plots import write_lab_plots
+from tuneforge.report.lab_result import LabResult, Run, State, ppl_change, trajectory
 from tuneforge.report.markdown import Document
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -33,10 +37,6 @@ HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def ppl_change(state: State, base: State) -> float:
-    return 100 * (state.forget.general_ppl / base.forget.general_ppl - 1)
 
 
 def probe_change(state: State, base: State) -> float:
@@ -114,17 +114,6 @@ def verdict_lora_close(lora: State, full: State) -> tuple[str, str]:
                                               f"{pct(full.seen.accuracy)} ({gap:+.1f} points)")
 
 
-def trajectory(r: LabResult, name: str) -> list[dict[str, float]]:
-    """(step, seen_acc, ppl_inc) along a run: the base at step 0, intermediate points, the final state."""
-    run = r.runs[name]
-    base_ppl = r.base.forget.general_ppl
-    pts = [{"step": 0, "seen_acc": r.base.seen.accuracy, "ppl_inc": 0.0}]
-    pts += [{"step": p["step"], "seen_acc": p["seen_acc"], "ppl_inc": 100 * (p["ppl"] / base_ppl - 1)}
-            for p in run.curve]
-    pts.append({"step": run.steps, "seen_acc": run.state.seen.accuracy, "ppl_inc": ppl_change(run.state, r.base)})
-    return pts
-
-
 def forgetting_at(points: list[dict[str, float]], acc: float) -> float | None:
     """Perplexity change when the run first reaches ``acc`` (linear between measured points)."""
     for a, b in zip(points, points[1:], strict=False):
@@ -173,10 +162,6 @@ def _state_row(name: str, s: State, base: State, run: Run | None = None) -> list
 
 
 def build_document(r: LabResult, out: Path) -> Document:
-    from tuneforge.eval.advise import format_advice
-    from tuneforge.report.lab_plots import write_lab_plots
-    from tuneforge.report.shapes import lora_table
-
     plots = write_lab_plots(r, out / "plots")
     s, b = r.settings, r.base
     verdicts: list[tuple[str, str, str, str]] = []  # id, claim, verdict, measured
@@ -187,7 +172,6 @@ def build_document(r: LabResult, out: Path) -> Document:
 
     doc = Document(f"tuneforge lab report ({r.mode} mode)", base=out)
     model = "SmolLM2-135M-Instruct (builtin)" if r.model_ref == "smollm2-135m" else f"`{r.model_ref}`"
-    from tuneforge.data.builtin_tasks import HELD_OUT_TASKS
 
     n_types = len(b.seen.per_task)
     doc.paragraph(f"Model {model}, data `builtin:tasks` ({n_types} trained task types, {len(HELD_OUT_TASKS)} never "
@@ -265,12 +249,8 @@ def build_document(r: LabResult, out: Path) -> Document:
 
     doc.heading("6. Prompting vs fine-tuning")
     v = note("6", "fine-tuning beats prompting and pays off at volume", verdict_advise(r.advice))
-    adv_md = format_advice(r.advice, markdown=True).split("\n")
     doc.paragraph(f"`tuneforge advise` on the builtin task type `upper` ({r.advice.n_test} test requests).")
-    head = next(i for i, line in enumerate(adv_md) if line.startswith("| strategy"))
-    rows_md = [line for line in adv_md[head + 2:] if line.startswith("|")]
-    doc.table([c.strip() for c in adv_md[head].strip("|").split("|")],
-              [[c.strip() for c in line.strip("|").split("|")] for line in rows_md])
+    doc.table(*advice_table(r.advice))
     doc.bullets(r.advice.reasons)
     doc.image(r.advice.files.get("crossover"), "cost crossover")
     doc.verdict(v[0], v[1] + ".")

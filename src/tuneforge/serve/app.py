@@ -13,7 +13,6 @@ import json
 import logging
 import queue
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ConfigError
+from tuneforge.log import get_logger
 from tuneforge.serve.batcher import DONE, ERROR, TEXT, Batcher, Job
 from tuneforge.serve.protocol import (
     APIError,
@@ -44,6 +44,7 @@ from tuneforge.serve.registry import AdapterRegistry
 
 log = logging.getLogger("tuneforge.serve")
 
+logger = get_logger(__name__)
 DRAIN_FACTOR = 16  # an oversized body up to 16× the limit is read and dropped, so the client sees the 413
 
 
@@ -161,11 +162,11 @@ def serve(options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     server = Server(options)
     if not is_loopback(options.host) and not options.api_key:
-        print(f"warning: serving on {options.host} without an API key; anyone who can reach it can use it "
-              "(pass --api-key or bind to 127.0.0.1)", file=sys.stderr)
+        logger.warning(f"serving on {options.host} without an API key; anyone who can reach it can use it "
+                       "(pass --api-key or bind to 127.0.0.1)")
     for name, error in server.registry.errors.items():
-        print(f"warning: adapter {name} not served: {error}", file=sys.stderr)
-    print(f"serving {', '.join(server.registry.model_ids())} at {server.url}/v1 (Ctrl-C stops)", flush=True)
+        logger.warning(f"adapter {name} not served: {error}")
+    logger.info(f"serving {', '.join(server.registry.model_ids())} at {server.url}/v1 (Ctrl-C stops)")
     server.start()
     try:
         server.wait()

@@ -24,6 +24,7 @@ from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ModelError
 from tuneforge.methods.lora import row_adapters
 from tuneforge.models.generate import encode_prompts, left_pad, stop_token_ids
+from tuneforge.models.load import pad_token_id
 from tuneforge.serve.protocol import APIError, Sampling
 
 log = logging.getLogger("tuneforge.serve")
@@ -131,7 +132,7 @@ class Batcher:
         self.tokenizer = adapter_set.tokenizer
         model = adapter_set.model
         self.stop_ids = stop_token_ids(self.tokenizer, model)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.pad_id = pad_token_id(self.tokenizer)
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.stats = BatchStats()
         # Fast tokenizers can fail with "Already borrowed" when used from several threads at once.
