@@ -1,11 +1,13 @@
 """Every configured command builds its config one way: YAML ← --set ← named flags, errors naming key and flag."""
 
 import logging
+import sys
+import types
 
 import pytest
 
 from tuneforge import cli
-from tuneforge.config import AdviseConfig, EvalConfig, LabConfig, PlanConfig, RunConfig, ServeConfig
+from tuneforge.config import AdviseConfig, EvalConfig, LabConfig, PlanConfig, RunConfig, ServeConfig, UiConfig
 from tuneforge.errors import ConfigError
 
 
@@ -16,14 +18,15 @@ def config_for(*argv):
 @pytest.mark.parametrize(("command", "schema", "required"), [
     ("train", RunConfig, []), ("eval", EvalConfig, ["--data", "d.jsonl"]),
     ("advise", AdviseConfig, ["--data", "d.jsonl"]), ("serve", ServeConfig, ["--adapters", "a"]),
-    ("lab", LabConfig, []), ("plan", PlanConfig, [])])
+    ("lab", LabConfig, []), ("ui", UiConfig, []), ("plan", PlanConfig, [])])
 def test_each_command_builds_its_model_from_yaml_set_and_flags(tmp_path, command, schema, required):
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("model: from-yaml\n" if "model" in schema.model_fields else "threads: 1\n")
+    yaml_file.write_text("model: from-yaml\n" if "model" in schema.model_fields
+                         else "threads: 1\n" if schema is LabConfig else "port: 7860\n")
     built = config_for(command, "--config", yaml_file, *required)
     assert isinstance(built, schema)
     if "model" not in schema.model_fields:
-        assert built.threads == 1
+        assert built.threads == 1 if schema is LabConfig else built.port == 7860
     else:
         assert built.model == "from-yaml"
         assert config_for(command, "-c", yaml_file, "--set", "model=from-set", *required).model == "from-set"
@@ -44,6 +47,15 @@ def test_train_flags_map_onto_keys():
 def test_serve_defaults_come_from_the_model():
     c = config_for("serve", "--model", "m", "--adapters", "d")
     assert (c.host, c.port, c.max_batch, c.max_tokens_limit, c.api_key) == ("127.0.0.1", 8000, 8, 512, None)
+
+
+def test_ui_passes_its_config_to_the_dashboard(monkeypatch, tmp_path):
+    seen = {}
+    fake = types.SimpleNamespace(serve_ui=lambda runs_dir, **kw: seen.update(kw, runs_dir=runs_dir))
+    monkeypatch.setitem(sys.modules, "tuneforge.ui.app", fake)  # the real one needs the optional [ui] packages
+    assert cli.main(["ui", "--runs", str(tmp_path), "--port", "9000", "--set", "token=t"]) == 0
+    assert seen == {"runs_dir": tmp_path, "host": "127.0.0.1", "port": 9000, "token": "t",
+                    "serve_url": "http://127.0.0.1:8000"}
 
 
 def test_eval_and_advise_flags():

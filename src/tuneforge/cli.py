@@ -1,6 +1,6 @@
 """The `tuneforge` command: parse arguments, build the command's config, call one library function.
 
-train, eval, advise, serve, lab and plan each have a pydantic model in ``tuneforge.config``, built the
+train, eval, advise, serve, lab, ui and plan each have a pydantic model in ``tuneforge.config``, built the
 same way from an optional YAML ``--config``, ``--set key=value`` overrides and the named flags below.
 Library modules are imported inside the command functions so ``tuneforge --help`` starts fast.
 """
@@ -82,6 +82,13 @@ LAB_FLAGS: list[Flag] = [
     (("--output", "-o"), "output", {}),
     (("--general-text",), "general_text", {}),
     (("--threads",), "threads", {}),
+]
+UI_FLAGS: list[Flag] = [
+    (("--runs",), "runs_dir", {}),
+    (("--host",), "host", {}),
+    (("--port",), "port", {}),
+    (("--token",), "token", {}),
+    (("--serve-url",), "serve_url", {}),
 ]
 PLAN_FLAGS: list[Flag] = [
     (("--model",), "model", {"help": "a model reference, or a shape: llama-3.2-1b, llama-3-8b, llama-3-70b"}),
@@ -189,6 +196,13 @@ def cmd_lab(args: argparse.Namespace) -> None:
     emit("\n".join(f"{k:<9} {v}" for k, v in result.files.items()))
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from tuneforge.ui.app import serve_ui
+
+    c = config_of(args)
+    serve_ui(Path(c.runs_dir), host=c.host, port=c.port, token=c.token, serve_url=c.serve_url)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from tuneforge.train.plan import plan_for_config
 
@@ -274,7 +288,7 @@ def quiet_option() -> argparse.ArgumentParser:
 
 
 def add_configured_commands(sub, common: list[argparse.ArgumentParser]) -> None:
-    """The commands built from a config model: train, eval, advise, serve, lab, plan."""
+    """The commands built from a config model: train, eval, advise, serve, lab, ui, plan."""
     p = sub.add_parser("train", parents=common, help="fine-tune a model (full, freeze, lora or qlora)")
     add_config_options(p, cfg.RunConfig, TRAIN_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -290,6 +304,8 @@ def add_configured_commands(sub, common: list[argparse.ArgumentParser]) -> None:
          "OpenAI-compatible HTTP API: one base model, the adapters of a directory"),
         ("lab", cfg.LabConfig, LAB_FLAGS, cmd_lab, "measure each claim of the fine-tuning lesson on the builtin "
          "SmolLM2: Markdown + HTML report with plots"),
+        ("ui", cfg.UiConfig, UI_FLAGS, cmd_ui, "a local dashboard over run directories: runs, live curves, "
+         "compare, chat with a tuneforge serve"),
         ("plan", cfg.PlanConfig, PLAN_FLAGS, cmd_plan,
          "predict a run's peak GPU memory (weights, gradients, optimizer, activations)"),
     ):

@@ -1,7 +1,7 @@
 """One pydantic model per command: YAML in, named flags and ``--set key=value`` overrides, errors naming the key.
 
 ``RunConfig`` describes a training run (``tuneforge train``; its resolved YAML is saved in the run dir);
-``EvalConfig``, ``AdviseConfig``, ``ServeConfig``, ``LabConfig`` and ``PlanConfig`` describe the other
+``EvalConfig``, ``AdviseConfig``, ``ServeConfig``, ``LabConfig``, ``UiConfig`` and ``PlanConfig`` describe the other
 commands. ``docs/configuration.md`` is generated from these models (``tuneforge.config_docs``).
 """
 
@@ -262,6 +262,17 @@ class LabConfig(Strict):
     general_text: str | None = Field(None, description="general text for perplexity; null: "
                                                        "../shared/data/general")
     threads: int | None = Field(None, gt=0, description="CPU threads; null: torch's default")
+
+
+class UiConfig(Strict):
+    """`tuneforge ui`: a local dashboard over run directories (it reads them and writes nothing)."""
+
+    runs_dir: str = Field("runs", description="the folder the runs' output_dir folders are in")
+    host: str = Field("127.0.0.1", description="bind address (loopback only unless changed)")
+    port: int = Field(7860, description="TCP port")
+    token: str | None = Field(None, description="require this token (given in the URL printed at start); "
+                                                "null: none, fine on loopback only")
+    serve_url: str = Field("http://127.0.0.1:8000", description="a `tuneforge serve` the chat page talks to")
 
 
 class PlanConfig(RunConfig):

@@ -15,11 +15,11 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from tuneforge.config import AdviseConfig, EvalConfig, LabConfig, PlanConfig, RunConfig, ServeConfig
+from tuneforge.config import AdviseConfig, EvalConfig, LabConfig, PlanConfig, RunConfig, ServeConfig, UiConfig
 
 COMMANDS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("train", RunConfig), ("eval", EvalConfig), ("advise", AdviseConfig), ("serve", ServeConfig),
-    ("lab", LabConfig), ("plan", PlanConfig))
+    ("lab", LabConfig), ("ui", UiConfig), ("plan", PlanConfig))
 REGENERATE = "make config-docs"
 INTRO = f"""# Configuration
 
