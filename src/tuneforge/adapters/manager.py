@@ -284,7 +284,7 @@ class AdapterSet:
         activate_layers(self._layers, keys, {self._keys[n]: w for n, w in self._active.items()})
 
     def generate(self, prompts, **kwargs) -> list[str]:
-        """``eval.generate.generate`` with the active adapters."""
+        """``models.generate.generate`` with the active adapters."""
         with self.lock:
             return generate(self.model, self._tokenizer(), prompts, **kwargs)
 

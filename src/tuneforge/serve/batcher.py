@@ -141,7 +141,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
 
     def encode(self, prompt) -> list[int]:
-        """Token ids of a chat (list of Messages) or raw-text prompt, as ``eval.generate`` encodes it."""
+        """Token ids of a chat (list of Messages) or raw-text prompt, as ``models.generate`` encodes it."""
         with self._tokenizer_lock:
             return encode_prompts(self.tokenizer, [prompt])[0]
 
