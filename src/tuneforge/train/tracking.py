@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.errors import TuneforgeError
 from tuneforge.train import distributed
 from tuneforge.train.callbacks import TrainCallback
 
@@ -38,11 +38,8 @@ class EvalTable:
 
 def trackers_for(config: Any) -> list[TrainCallback]:
     """The trackers named in ``config.train.report_to`` (none on ranks other than 0)."""
-    names = list(dict.fromkeys(getattr(config.train, "report_to", None) or []))
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
-    trackers = [TRACKERS[n]() for n in names]  # built on every rank: a missing package fails everywhere at once
+    # built on every rank: a missing package fails everywhere at once
+    trackers = [TRACKERS[n]() for n in dict.fromkeys(config.train.report_to)]
     return trackers if distributed.is_main() else []
 
 
@@ -55,11 +52,15 @@ def require(module: str, extra: str) -> Any:
                              f"({e}): pip install 'tuneforge[{extra}]'") from e
 
 
-def hyperparameters(run_dir: Path, config: Any) -> dict[str, Any]:
-    """The resolved config (``config.yaml`` of the run) as flat ``section.key`` → scalar pairs."""
+def resolved_config(run_dir: Path, config: Any) -> dict[str, Any]:
+    """The run's resolved config as written to its ``config.yaml`` (defaults filled in)."""
     path = run_dir / "config.yaml"
-    resolved = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else config.model_dump(mode="json")
-    return flatten(resolved)
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else config.model_dump(mode="json")
+
+
+def hyperparameters(run_dir: Path, config: Any) -> dict[str, Any]:
+    """The resolved config as flat ``section.key`` → scalar pairs."""
+    return flatten(resolved_config(run_dir, config))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -143,7 +144,7 @@ class WandbTracker(TrainCallback):
     def on_start(self, model: torch.nn.Module, run_dir: Path, config: Any) -> None:
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.name,
                                    dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
-                                   config=hyperparameters(run_dir, config))
+                                   config=resolved_config(run_dir, config))  # W&B shows nested configs
 
     def on_record(self, record: dict[str, Any]) -> None:
         self.run.log(scalars(record), step=record["step"])
