@@ -23,8 +23,8 @@ def test_cli_lora_run_on_smollm2_loads_in_peft_and_generates(tmp_path, capsys):
                "--max-steps", "3", "--set", "data.max_seq_len=128", "--set", "train.batch_size=1",
                "--set", "method.lora.r=4", "--set", "train.lr=1e-3"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "trainable params" in out and "summary" in out
+    log = capsys.readouterr().err  # the run's messages and summary go through tuneforge.log
+    assert "trainable params" in log and "summary" in log
     losses = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses if "loss" in r)
 
