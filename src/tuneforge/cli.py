@@ -2,7 +2,8 @@
 
 train, eval, advise, serve, lab, ui and plan each have a pydantic model in ``tuneforge.config``, built the
 same way from an optional YAML ``--config``, ``--set key=value`` overrides and the named flags below.
-Library modules are imported inside the command functions so ``tuneforge --help`` starts fast.
+Library modules are imported inside the command functions (``# start-up time``): ``tuneforge --help``
+loads no torch.
 """
 
 from __future__ import annotations
@@ -145,13 +146,13 @@ def config_of(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tuneforge.train.loop import train
+    from tuneforge.train.loop import train  # start-up time
 
     config = config_of(args)
     callbacks, tokenizer = [], None
     if config.train.forgetting is not None:
-        from tuneforge.eval.forgetting import forgetting_callback
-        from tuneforge.models.load import load_tokenizer
+        from tuneforge.eval.forgetting import forgetting_callback  # start-up time
+        from tuneforge.models.load import load_tokenizer  # start-up time
 
         tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         callbacks.append(forgetting_callback(config.train.forgetting, tokenizer))
@@ -159,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from tuneforge.eval.run import format_report, run_eval
+    from tuneforge.eval.run import format_report, run_eval  # start-up time
 
     c = config_of(args)
     report = run_eval(c.model, c.data, adapters=c.adapters, metrics=c.metrics, output=c.output, pattern=c.pattern,
@@ -170,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_advise(args: argparse.Namespace) -> None:
-    from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise
+    from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise  # start-up time
 
     c = config_of(args)
     advice = run_advise(AdviseOptions(**c.model_dump() | {"shots": tuple(c.shots)}))
@@ -179,16 +180,16 @@ def cmd_advise(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
+    import os  # start-up time
 
-    from tuneforge.serve import ServeOptions, serve
+    from tuneforge.serve import ServeOptions, serve  # start-up time
 
     c = config_of(args)
     serve(ServeOptions(**c.model_dump() | {"api_key": c.api_key or os.environ.get("TUNEFORGE_API_KEY")}))
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
-    from tuneforge.report.lab import run_lab
+    from tuneforge.report.lab import run_lab  # start-up time
 
     c = config_of(args)
     result = run_lab(output=c.output, quick=c.quick, general_text=c.general_text, threads=c.threads)
@@ -197,14 +198,14 @@ def cmd_lab(args: argparse.Namespace) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    from tuneforge.ui.app import serve_ui
+    from tuneforge.ui.app import serve_ui  # start-up time
 
     c = config_of(args)
     serve_ui(Path(c.runs_dir), host=c.host, port=c.port, token=c.token, serve_url=c.serve_url)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from tuneforge.train.plan import plan_for_config
+    from tuneforge.train.plan import plan_for_config  # start-up time
 
     c = config_of(args)
     plan = plan_for_config(c, gpus=c.gpus, gpu_mem_gib=c.gpu_mem)
@@ -214,8 +215,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from tuneforge.data.inspect import format_report, inspect_data
-    from tuneforge.models.load import load_tokenizer
+    from tuneforge.data.inspect import format_report, inspect_data  # start-up time
+    from tuneforge.models.load import load_tokenizer  # start-up time
 
     fields = dict(kv.split("=", 1) for kv in args.field) if args.field else None
     report = inspect_data(args.files, load_tokenizer(args.model), args.max_seq_len, Path(args.out),
@@ -224,7 +225,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from tuneforge.eval.interactive import load_prompts, run_generate
+    from tuneforge.eval.interactive import load_prompts, run_generate  # start-up time
 
     prompts = load_prompts(args.prompt, args.file)
     for prompt, out in zip(prompts, run_generate(args.model, args.adapter, prompts, args.max_new_tokens,
@@ -233,34 +234,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from tuneforge.eval.interactive import chat_loop
+    from tuneforge.eval.interactive import chat_loop  # start-up time
 
     chat_loop(args.model, args.adapter, args.max_new_tokens, args.temperature, args.system)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tuneforge.demo import run_demo
+    from tuneforge.demo import run_demo  # start-up time
 
     run_demo(output_dir=args.output, steps=args.steps)
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> None:
-    from tuneforge.adapters.manager import format_table, scan_adapters
+    from tuneforge.adapters.manager import format_table, scan_adapters  # start-up time
 
     infos, errors = scan_adapters(args.dir)
     emit(format_table(infos, errors) if infos or errors else f"no adapters in {args.dir}")
 
 
 def cmd_adapters_info(args: argparse.Namespace) -> None:
-    from tuneforge.adapters.manager import adapter_info, format_info
+    from tuneforge.adapters.manager import adapter_info, format_info  # start-up time
 
     emit(format_info(adapter_info(args.adapter)))
 
 
 def cmd_adapters_merge(args: argparse.Namespace) -> None:
-    import torch
+    import torch  # start-up time
 
-    from tuneforge.adapters.export import export_merged
+    from tuneforge.adapters.export import export_merged  # start-up time
 
     out = export_merged(args.model, args.adapter, args.out, dtype=getattr(torch, args.dtype),
                         overwrite=args.overwrite)
@@ -268,8 +269,8 @@ def cmd_adapters_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_adapters_combine(args: argparse.Namespace) -> None:
-    from tuneforge.adapters.combine import combine_adapters
-    from tuneforge.errors import ConfigError
+    from tuneforge.adapters.combine import combine_adapters  # start-up time
+    from tuneforge.errors import ConfigError  # start-up time
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
