@@ -9,16 +9,14 @@ import torch
 from tuneforge.cli import main
 from tuneforge.config import validate
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.models.shapes import ModelShape, model_shape, shape_config
 from tuneforge.train import loop
 from tuneforge.train import plan as plan_module
 from tuneforge.train.plan import (
     GIB,
-    ModelShape,
     PlanInputs,
     check_memory,
-    model_shape,
     plan_for_config,
-    shape_config,
 )
 
 torch.set_num_threads(1)

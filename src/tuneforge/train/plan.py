@@ -23,89 +23,26 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from tuneforge.errors import ConfigError, ModelError, TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.methods.setup import gpu_weight_dtype
-from tuneforge.models.resolve import resolve_model
+from tuneforge.models.shapes import PROJECTIONS, ModelShape, model_shape
 from tuneforge.train.distributed import world_size
 
 HEADROOM = 0.85  # share of GPU memory a plan may use before recomputation is turned on
 
 GIB = 1 << 30
 METHODS = ("full", "freeze", "lora", "qlora")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 # Memory the process needs that max_memory_allocated never shows: the CUDA context and library
 # handles (0.75 GiB measured on an H200, torch 2.11) and the caching allocator's slack (0.2-0.7 GiB).
 OVERHEAD_BYTES = int(1.25 * GIB)
 SKIP_ENV = "TUNEFORGE_SKIP_MEMORY_CHECK"
-
-# Built-in shapes (Hugging Face LlamaConfig keys) for planning and benchmarks without a checkpoint.
-SHAPES: dict[str, dict[str, Any]] = {
-    "llama-3.2-1b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-                     "tie_word_embeddings": True, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5},
-    "llama-3-8b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                   "tie_word_embeddings": False, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
-    "llama-3-70b": {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
-                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
-                    "tie_word_embeddings": False, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5},
-}
-
-
-def shape_config(name: str) -> dict[str, Any]:
-    """A copy of built-in shape ``name``'s config dict (``LlamaConfig(**d)`` without ``model_type``)."""
-    if name not in SHAPES:
-        raise ConfigError(f"unknown model shape {name!r}; built-in shapes: {', '.join(SHAPES)}")
-    return dict(SHAPES[name])
-
-
-def model_shape(model_config: Any) -> ModelShape:
-    """A ModelShape from a shape name, a model reference (local dir, builtin), an HF config or a dict."""
-    if isinstance(model_config, ModelShape):
-        return model_config
-    name = "model"
-    if isinstance(model_config, str):
-        name = model_config
-        if model_config in SHAPES:
-            model_config = SHAPES[model_config]
-        else:
-            model_config = _load_hf_config(model_config)
-    get_text = getattr(model_config, "get_text_config", None)
-    if callable(get_text):
-        model_config = get_text()
-    get = (model_config.get if isinstance(model_config, Mapping)
-           else lambda k, d=None: getattr(model_config, k, d))
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if get(k) is None]
-    if missing:
-        raise ConfigError(f"model {name!r}: its config has no {', '.join(missing)}; the planner knows "
-                          "Llama-style decoders (Llama, Mistral, Qwen2, SmolLM, ...)")
-    heads = int(get("num_attention_heads"))
-    return ModelShape(
-        name=name, vocab=int(get("vocab_size")), hidden=int(get("hidden_size")),
-        intermediate=int(get("intermediate_size")), layers=int(get("num_hidden_layers")), heads=heads,
-        kv_heads=int(get("num_key_value_heads") or heads),
-        head_dim=int(get("head_dim") or get("hidden_size") // heads),
-        tied=bool(get("tie_word_embeddings", False)),
-    )
-
-
-def _load_hf_config(ref: str) -> Any:
-    from transformers import AutoConfig  # a slow import, for model references only
-
-    try:
-        return AutoConfig.from_pretrained(resolve_model(ref))
-    except OSError as e:
-        raise ModelError(f"could not read the config of model '{ref}': {e}\nPass a local Hugging Face "
-                         f"directory, a builtin model, or a shape: {', '.join(SHAPES)}") from e
-
 
 @dataclass(frozen=True)
 class PlanInputs:
@@ -207,11 +144,6 @@ def _nf4_bytes(n: int, blocksize: int = 64) -> int:
     return (n + 1) // 2 + blocks + 4 * -(-blocks // 256) + 4
 
 
-def _lora_params(run: _Run) -> int:
-    per_layer = sum(run.r * (a + b) for name, (a, b) in run.shape.projections().items() if name in run.lora)
-    return per_layer * run.shape.layers
-
-
 def _weights(run: _Run) -> tuple[int, int, int]:
     """(weight bytes, trainable params, total params) per GPU.
 
@@ -220,7 +152,7 @@ def _weights(run: _Run) -> tuple[int, int, int]:
     4-bit codes are buffers, not parameters: every process holds all of them.
     """
     s = run.shape
-    lora = _lora_params(run)
+    lora = run.shape.lora_params(run.r, run.lora)
     root = (s.embed_params + s.head_params + s.norm_params) * (run.cb if run.quantized else run.wb)
     if run.quantized:
         codes = s.layers * sum(_nf4_bytes(a * b) for a, b in s.projections().values())
@@ -239,8 +171,8 @@ def _weights(run: _Run) -> tuple[int, int, int]:
     elif run.method == "freeze":
         trainable = run.trained_layers * (s.layer_linear_params + 2 * s.hidden)
     else:
-        trainable = _lora_params(run)
-    return base + lora * 4, trainable, s.params + _lora_params(run)
+        trainable = run.shape.lora_params(run.r, run.lora)
+    return base + lora * 4, trainable, s.params + run.shape.lora_params(run.r, run.lora)
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -505,47 +437,6 @@ def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = No
 
 
 # --- data classes ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes that decide a Llama-style decoder's memory."""
-
-    name: str
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each decoder Linear."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.projections().values())
-
-    @property
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def head_params(self) -> int:
-        return 0 if self.tied else self.vocab * self.hidden
-
-    @property
-    def norm_params(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_linear_params + self.embed_params + self.head_params + self.norm_params
-
 
 @dataclass
 class MemoryPlan:
