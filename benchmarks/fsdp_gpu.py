@@ -43,8 +43,9 @@ from bench_runner import fmt, gib_text, heading, measured_pairs  # noqa: E402
 from qlora_gpu import LOSS_CHUNK  # noqa: E402
 
 from tuneforge.data.packing import PackedRow, collate  # noqa: E402
+from tuneforge.models.shapes import shape_config  # noqa: E402
 from tuneforge.train import distributed, recompute, sharding  # noqa: E402
-from tuneforge.train.plan import GIB, shape_config  # noqa: E402
+from tuneforge.train.plan import GIB  # noqa: E402
 from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
 

@@ -34,8 +34,9 @@ import bench_runner  # noqa: E402
 import torch  # noqa: E402
 from bench_runner import fmt, gib_text, heading, measured_pairs, pct, ratios  # noqa: E402
 
+from tuneforge.models.shapes import PROJECTIONS, shape_config  # noqa: E402
 from tuneforge.train import recompute  # noqa: E402
-from tuneforge.train.plan import GIB, PROJECTIONS, PlanInputs, plan_memory, shape_config  # noqa: E402
+from tuneforge.train.plan import GIB, PlanInputs, plan_memory  # noqa: E402
 from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
 from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 

@@ -5,15 +5,15 @@
     python benchmarks/speed_gpu.py --smoke         # tiny shapes on a CPU: the script runs end to end
     python benchmarks/speed_gpu.py --layers 2      # real widths, 2 layers: a quick check of every case
 
-Cases (random weights at the real Llama-3 shapes, the same seeded weights and batch for both sides):
-8B LoRA r=16 on all 7 projections 4×2048 (peers HF+PEFT and HF+PEFT+Liger, checkpointing on as their
-baseline runs it); the same with QLoRA (bitsandbytes NF4 + double quant, + Liger); 1B full fine-tuning 8×2048
-(HF, HF+Liger); and a real SFT workload: P3 examples tokenized by tuneforge's pipeline (their real lengths
-and response-only labels), the peer with per-batch dynamic padding, tuneforge with packing and document
-masks. tuneforge runs what ``train`` runs: its step (``train.step.train_step``), its attention choice, and the
-recomputation mode its planner picks (``auto``) unless the case names one. Tokens/s count real (non-pad)
-tokens; MFU is model FLOPs (4·params per token for a frozen base, 6· for full, plus causal attention) over
-989 TFLOP/s (H200 dense bf16).
+Cases (random weights at the real Llama-3 shapes, the same seeded weights and batch for both sides): 8B LoRA
+r=16 on all 7 projections 4×2048 (peers HF+PEFT and HF+PEFT+Liger, each with checkpointing off — its fastest
+setting that fits — and on, the memory-matched row); the same with QLoRA (bitsandbytes NF4 + double quant, +
+Liger); 1B full fine-tuning 8×2048 (HF, HF+Liger); and a real SFT workload: P3 examples tokenized by tuneforge's
+pipeline (their real lengths and response-only labels), the peer with per-batch dynamic padding, tuneforge with
+packing and document masks. tuneforge runs what ``train`` runs: its step (``train.step.train_step``), its
+attention choice, and the recomputation mode its planner picks (``auto``) unless the case names one. Tokens/s
+count real (non-pad) tokens; MFU is model FLOPs (4·params per token for a frozen base, 6· for full, plus causal
+attention) over 989 TFLOP/s (H200 dense bf16).
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ from qlora_gpu import (  # noqa: E402
 )
 
 from tuneforge.config import RunConfig  # noqa: E402
+from tuneforge.models.shapes import PROJECTIONS, shape_config  # noqa: E402
 from tuneforge.train import recompute as recomputation  # noqa: E402
 from tuneforge.train.attention import use_document_attention  # noqa: E402
 from tuneforge.train.kernels import apply_kernels  # noqa: E402
-from tuneforge.train.plan import PROJECTIONS, choose_recompute, shape_config  # noqa: E402
+from tuneforge.train.plan import choose_recompute  # noqa: E402
 from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
 from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
@@ -81,6 +82,9 @@ class Case:
 CASES = [
     Case("peer-8b-lora", "peer", "llama-3-8b", recompute="on"),
     Case("peer-8b-lora-liger", "peer", "llama-3-8b", recompute="on", liger=True),
+    # the peer's fastest setting that fits an H200: no recomputation (the rows above are memory-matched)
+    Case("peer-8b-lora-off", "peer", "llama-3-8b", recompute="off"),
+    Case("peer-8b-lora-liger-off", "peer", "llama-3-8b", recompute="off", liger=True),
     Case("ours-8b-lora", "ours", "llama-3-8b"),
     Case("ours-8b-lora-liger", "ours", "llama-3-8b", liger=True),
     Case("ours-8b-lora-lean", "ours", "llama-3-8b", recompute="offload"),
@@ -92,6 +96,7 @@ CASES = [
     Case("ours-8b-qlora-offload", "ours", "llama-3-8b", method="qlora", recompute="offload", liger=True),
     Case("peer-1b-full", "peer", "llama-3.2-1b", method="full", batch=8, recompute="on"),
     Case("peer-1b-full-liger", "peer", "llama-3.2-1b", method="full", batch=8, recompute="on", liger=True),
+    Case("peer-1b-full-liger-off", "peer", "llama-3.2-1b", method="full", batch=8, recompute="off", liger=True),
     Case("ours-1b-full", "ours", "llama-3.2-1b", method="full", batch=8),
     Case("ours-1b-full-liger", "ours", "llama-3.2-1b", method="full", batch=8, liger=True),
     Case("peer-8b-p3", "peer", "llama-3-8b", recompute="off", workload="p3", batch=16, seconds=60),
@@ -99,7 +104,9 @@ CASES = [
     Case("ours-8b-p3-dense", "ours", "llama-3-8b", workload="p3", optional=True, seconds=60),
     Case("profile-ours-8b-lora", "ours", "llama-3-8b", warmup=2, steps=2, optional=True),
 ]
-COMPARE = [("ours-8b-lora", "peer-8b-lora-liger"), ("ours-8b-lora", "peer-8b-lora"),
+COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "peer-8b-lora-liger-off"),
+           ("ours-8b-lora", "peer-8b-lora-off"), ("ours-1b-full-liger", "peer-1b-full-liger-off"),
+           ("ours-8b-lora", "peer-8b-lora-liger"), ("ours-8b-lora", "peer-8b-lora"),
            ("ours-8b-lora-liger", "peer-8b-lora-liger"), ("ours-8b-lora-lean", "peer-8b-lora-liger"),
            ("ours-8b-lora-lean-liger", "peer-8b-lora-liger"),
            ("ours-8b-qlora", "peer-8b-qlora-liger"), ("ours-8b-qlora-liger", "peer-8b-qlora-liger"),
