@@ -31,8 +31,10 @@ def _comma_list(v: Any) -> Any:
 class DatasetSpec(Strict):
     """One dataset of a mixture: a file (or ``builtin:tasks``) with its format and weight."""
 
-    path: str = Field(description="a data file (.jsonl, .json, .csv, .parquet, .txt) or `builtin:tasks`")
+    path: str = Field(description="a data file (.jsonl, .json, .csv, .parquet, .txt), `builtin:tasks`, or "
+                                  "`builtin:preferences` (pairs, for a preference objective)")
     format: str = Field("auto", description="alpaca, dolly, prompt_completion, messages, sharegpt, oasst, text; "
+                                            "preference pairs: prompt_chosen_rejected, messages_pairs, hh_rlhf; "
                                             "auto: detected from the first record")
     fields: dict[str, str] | None = Field(None, description="canonical field name → your column name")
     weight: float = Field(1.0, gt=0, description="contributes weight × its size examples (<1 subsamples, "
@@ -84,6 +86,9 @@ class LoraSettings(Strict):
         "all-linear", description="module name suffixes, e.g. [q_proj, v_proj]; all-linear: every Linear but "
                                   "the output head")
     use_rslora: bool = Field(False, description="scale by alpha/√r")
+    init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
+                                                       "adapter/) and train it further; its r, alpha and targets "
+                                                       "replace the ones above (docs/preference.md)")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -127,9 +132,27 @@ class ForgettingSettings(Strict):
     action: Literal["warn", "stop"] = Field("warn", description="warn, or stop the run (and save what it has)")
 
 
+class PreferenceConfig(Strict):
+    """Preference tuning (``train.objective`` dpo, ipo, orpo, simpo): the objective's constants and the reference."""
+
+    beta: float | None = Field(None, gt=0, description="DPO/IPO/SimPO temperature; null: 0.1 (dpo, ipo), "
+                                                       "2.0 (simpo); unused by orpo")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO/SimPO: the share of pairs "
+                                                                  "assumed mislabeled")
+    simpo_gamma: float = Field(0.5, description="SimPO's target reward margin")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO: weight of the odds-ratio term beside the NLL")
+    reference: Literal["auto", "adapters_off", "model", "precomputed"] = Field(
+        "auto", description="the DPO/IPO reference: adapters_off (lora/qlora: the base, no second copy), model "
+                            "(full/freeze: a frozen copy), precomputed (one pass over the data before step 1); "
+                            "auto: adapters_off for a fresh adapter, else precomputed")
+
+
 class TrainConfig(Strict):
     """The optimization: length, batch, learning rate, precision, speed and what is measured on the way."""
 
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        "sft", description="sft: next-token loss on answers; dpo/ipo/orpo/simpo: preference pairs "
+                           "(settings under `preference`, docs/preference.md)")
     lr: float | None = Field(None, gt=0, description="peak learning rate; null: the method's default "
                                                      "(lora/qlora 2e-4, freeze 2e-5, full 1e-5)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; null: run `epochs` over the data")
@@ -171,6 +194,8 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig, description="the data")
     method: MethodConfig = Field(default_factory=MethodConfig, description="the fine-tuning method")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="preference objectives (train.objective dpo, ipo, orpo, simpo)")
 
     @property
     def lr(self) -> float:
