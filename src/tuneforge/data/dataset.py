@@ -5,16 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneforge.config import DataConfig, DatasetSpec
+from tuneforge.data.builtin_preferences import builtin_preferences
 from tuneforge.data.builtin_tasks import builtin_tasks
 from tuneforge.data.conversation import Example, Tokenized
 from tuneforge.data.formats import load_examples
 from tuneforge.data.mixture import MixSource, hold_out_tasks, mix, split_validation
 from tuneforge.data.packing import PackedRow, no_pack, pack
+from tuneforge.data.preference import PreferenceData, PreferencePair, encode_pairs, load_pairs
 from tuneforge.data.replay import with_replay
 from tuneforge.data.template import encode
 from tuneforge.errors import DataError
 
 BUILTIN_TASKS = "builtin:tasks"
+BUILTIN_PREFERENCES = "builtin:preferences"
 
 
 @dataclass
@@ -102,3 +105,54 @@ def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:
         data = with_replay(data, tokenizer, cfg.replay.path, cfg.replay.ratio, cfg.max_seq_len, seed,
                            cfg.replay.skip_tokens)
     return data
+
+
+def read_pair_spec(spec: DatasetSpec, skip_bad: bool, seed: int) -> tuple[list[PreferencePair], list[tuple[str, str]]]:
+    """Preference pairs of one dataset spec (a pair file or ``builtin:preferences``), filtered to ``spec.tasks``,
+    and the records skipped."""
+    if spec.path == BUILTIN_TASKS:
+        raise DataError(f"data.train: {BUILTIN_TASKS} has no preference pairs; a preference objective needs pair "
+                        f"files (prompt/chosen/rejected) or {BUILTIN_PREFERENCES}")
+    if spec.path == BUILTIN_PREFERENCES:
+        pairs, skipped = builtin_preferences(seed=seed).train, []
+    else:
+        result = load_pairs(spec.path, format=spec.format, fields=spec.fields, skip_bad=skip_bad, task=spec.task)
+        pairs, skipped = result.pairs, list(result.skipped)
+    if spec.tasks:
+        _, pairs = hold_out_tasks(pairs, spec.tasks, key=f"data.train ({spec.path}).tasks")
+    return pairs, skipped
+
+
+def build_preference_data(cfg: DataConfig, tokenizer, seed: int = 0) -> PreferenceData:
+    """The preference branch of :func:`build_training_data`: read, validate, mix, hold out, split and tokenize
+    pairs (batches are made per step, both answers of each pair in one forward)."""
+    skipped: list[tuple[str, str]] = []
+    sources = []
+    for spec in cfg.train:
+        pairs, bad = read_pair_spec(spec, cfg.skip_bad, seed)
+        skipped.extend(bad)
+        sources.append(MixSource(name=spec.path, examples=pairs, weight=spec.weight, max_examples=spec.max_examples))
+    pairs, per_source = mix(sources, seed=seed)
+    held_out: list[PreferencePair] = []
+    if cfg.holdout_tasks:
+        pairs, held_out = hold_out_tasks(pairs, cfg.holdout_tasks)
+    if cfg.eval:
+        val = []
+        for spec in cfg.eval:
+            more, bad = read_pair_spec(spec, cfg.skip_bad, seed)
+            val.extend(more)
+            skipped.extend(bad)
+        train = pairs
+    elif cfg.val_fraction > 0 and len(pairs) >= 20:
+        train, val = split_validation(pairs, cfg.val_fraction, seed)
+    else:
+        train, val = pairs, []
+    train_tok, bad = encode_pairs(train, tokenizer, cfg.max_seq_len, cfg.skip_bad)
+    skipped.extend(bad)
+    if not train_tok:
+        raise DataError("no training pairs are left after validation; check the data files "
+                        f"({', '.join(s.path for s in cfg.train)})")
+    val_tok, bad = encode_pairs(val, tokenizer, cfg.max_seq_len, cfg.skip_bad)
+    skipped.extend(bad)
+    return PreferenceData(train_pairs=train_tok, val_pairs=val_tok, held_out=held_out, skipped=skipped,
+                          per_source=per_source)
