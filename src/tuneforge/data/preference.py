@@ -89,6 +89,21 @@ class TokenizedPair:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
 
+@dataclass
+class PreferenceData:
+    """Tokenized pairs ready for a preference objective, plus what a user should be told about the data."""
+
+    train_pairs: list[TokenizedPair]
+    val_pairs: list[TokenizedPair]
+    held_out: list[PreferencePair] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    per_source: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_train_tokens(self) -> int:
+        return sum(len(p) for p in self.train_pairs)
+
+
 # --- records -> pairs ---------------------------------------------------------------------------
 
 
