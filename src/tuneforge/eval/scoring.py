@@ -19,8 +19,8 @@ from tuneforge.data.replay import read_text_prefix, text_token_ids
 from tuneforge.data.template import encode
 from tuneforge.errors import DataError
 from tuneforge.models.load import pad_token_id
-from tuneforge.train.loop import validation_loss
 from tuneforge.train.loss import chunked_lm_loss
+from tuneforge.train.step import validation_loss
 
 
 @dataclass

@@ -4,6 +4,7 @@ A wrapped layer keeps its module path (``...q_proj``); its adapter weights live 
 ``...q_proj.lora_A.<adapter>.weight`` / ``...q_proj.lora_B.<adapter>.weight`` like PEFT's.
 One layer can hold several named adapters; ``active_adapters`` says which ones run (summed, each
 with an optional weight). ``row_adapters`` routes each batch row to its own adapter instead.
+``disable_adapters`` runs the base weights alone for a block (the DPO reference), touching nothing else.
 """
 
 from __future__ import annotations
@@ -232,6 +233,31 @@ def row_adapters(model: nn.Module, adapter_names: Sequence[str | None]) -> Itera
             layer.row_groups = None
 
 
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Within the block every LoRA layer runs its base weights alone; active adapters and weights are untouched.
+
+    Raises ConfigError when the model has no LoRA layer, ModelError when an adapter is merged (the base
+    weights then hold it, so switching adapters off would not give the base model).
+    """
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ConfigError("the model has no LoRA adapters to switch off (full fine-tuning has none); "
+                          "use preference.reference: model or precomputed")
+    merged = sorted({a for m in layers for a in m.merged_adapters})
+    if merged:
+        raise ModelError(f"adapters {merged} are merged into the base weights, so switching adapters off does "
+                         "not give the base model; unmerge them first")
+    before = [m.disabled for m in layers]
+    try:
+        for m in layers:
+            m.disabled = True
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.disabled = was
+
+
 def mark_only_lora_trainable(model: nn.Module, adapter_name: str = "default") -> None:
     """Freeze everything except adapter ``adapter_name``'s A and B matrices."""
     model.requires_grad_(False)
@@ -338,6 +364,7 @@ class LoRALinear(nn.Module):
         self.active_adapters: list[str] = []
         self.adapter_weights: dict[str, float] = {}  # multiplies the scaling of an active adapter
         self.merged_adapters: list[str] = []
+        self.disabled = False  # set by disable_adapters(): the base weights alone
         # Set by row_adapters(): (adapter, row indices) pairs for a batch of ``batch_rows`` rows.
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
         self.batch_rows = 0
@@ -435,6 +462,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         if self.row_groups is not None:
             return self._forward_rows(x, y)
         for name in self.active_adapters:

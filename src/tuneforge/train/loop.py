@@ -15,7 +15,7 @@ import resource
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,11 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, save_config
-from tuneforge.data.dataset import TrainData, build_training_data
+from tuneforge.data.dataset import TrainData, build_preference_data, build_training_data
+from tuneforge.data.preference import PreferenceData, collate_pairs
 from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.log import get_logger
-from tuneforge.methods.lora import count_parameters
-from tuneforge.methods.peft_format import save_adapter
+from tuneforge.methods.lora import count_parameters, format_trainable
+from tuneforge.methods.peft_format import load_adapter, save_adapter
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer
 from tuneforge.plotting import plot_loss
@@ -37,12 +38,14 @@ from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.checkpoint import latest_checkpoint
 from tuneforge.train.kernels import apply_kernels
 from tuneforge.train.plan import check_memory, choose_recompute
+from tuneforge.train.preference import frozen_reference, precompute_reference_logps, settings_for
 from tuneforge.train.runtime import Runtime
 from tuneforge.train.schedule import make_scheduler
-from tuneforge.train.step import CausalLMLoss, StepResult, train_step, validation_loss
+from tuneforge.train.step import Batch, CausalLMLoss, PreferenceLoss, StepResult, train_step, validate
 from tuneforge.train.tracking import trackers_for
 
 logger = get_logger(__name__)
+BAR_METRICS = ("rewards/margins", "rewards/accuracies")  # a preference run's progress bar shows these too
 
 
 @dataclass
@@ -87,7 +90,7 @@ class Run:
     runtime: Runtime
     run_dir: Path
     tokenizer: Any
-    data: TrainData
+    data: TrainData | PreferenceData  # rows (SFT) or pairs (a preference objective)
     model: torch.nn.Module  # the HF model (what is saved)
     loss_model: CausalLMLoss  # the model with the loss in its forward (what trains; the FSDP root)
     optimizer: torch.optim.Optimizer
@@ -102,6 +105,10 @@ class Run:
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
+    @property
+    def pairs(self) -> bool:
+        return isinstance(self.data, PreferenceData)
+
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
           callbacks: Sequence[TrainCallback] = (), model: torch.nn.Module | None = None,
@@ -110,7 +117,8 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
 
     ``callbacks`` see the run start, each evaluation point and record, and its end
     (:class:`tuneforge.train.callbacks.TrainCallback`); the config's experiment trackers are added to them.
-    ``model``/``tokenizer``/``data`` replace what the config would load.
+    ``model``/``tokenizer``/``data`` replace what the config would load. ``train.objective`` other than sft trains on
+    preference pairs (:class:`tuneforge.data.preference.PreferenceData`) with the same step.
     """
     run = setup(config, resume, overwrite, model, tokenizer, data, quiet)
     callbacks = [*callbacks, *trackers_for(config)]
@@ -123,7 +131,7 @@ def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
 # --- set-up ----------------------------------------------------------------------------------------
 
 def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Module | None, tokenizer: Any,
-          data: TrainData | None, quiet: bool) -> Run:
+          data: TrainData | PreferenceData | None, quiet: bool) -> Run:
     """Devices, run directory, data, model + method, optimizer and schedule; the resumed state if asked."""
     t = config.train
     if t.threads:
@@ -136,25 +144,29 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     run_dir = runtime.on_main(prepare_run_dir, config, resume, overwrite)  # rank 0 writes files, all wait
     runtime.on_main(save_config, config, run_dir / "config.yaml")
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
-    data = data or build_training_data(config.data, tokenizer, seed=t.seed)
+    build = build_training_data if t.objective == "sft" else build_preference_data
+    data = data or build(config.data, tokenizer, seed=t.seed)
     if not quiet:
         report_data(data)
     model, loss_model, attention_before = setup_model(config, runtime, model, data, recompute, quiet)
     params = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=runtime.device.type == "cuda")
-    steps = total_steps(config, len(data.train_rows))
+    steps = total_steps(config, len(train_units(data)))
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(0.05 * steps))
     scheduler = make_scheduler(optimizer, steps, warmup, t.schedule, t.min_lr_ratio)
     run = Run(config=config, runtime=runtime, run_dir=run_dir, tokenizer=tokenizer, data=data, model=model,
               loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, steps=steps, state=TrainerState(),
               quiet=quiet, attention_before=attention_before)
+    if run.pairs and loss_model.settings.reference == "precomputed":
+        run.data = reference_pass(run, resume)
     restore(run, resume)
     return run
 
 
-def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | None, data: TrainData,
-                recompute: str, quiet: bool) -> tuple[torch.nn.Module, CausalLMLoss, str]:
+def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | None,
+                data: TrainData | PreferenceData, recompute: str,
+                quiet: bool) -> tuple[torch.nn.Module, CausalLMLoss, str]:
     """Load (unless given) and prepare the model for the method; wrap it with its loss; shard under torchrun.
 
     Returns the HF model, its loss wrapper and the attention implementation to restore at the end.
@@ -165,19 +177,57 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         model = load_model_for(config, device, placement)
     if placement == "device":
         model.to(device)
-    trainable_summary = prepare_model(model, config.method)
+    trainable_summary = prepare_method(model, config)
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)
     attention_before = model.config._attn_implementation  # transformers has no public getter
-    if any(max(row.seq_ids) > 0 for row in data.train_rows):  # packed rows: attention stays inside examples
+    packed = (config.data.packing if isinstance(data, PreferenceData)  # packed pairs: 2+ documents per row
+              else any(max(row.seq_ids) > 0 for row in data.train_rows))
+    if packed:  # attention stays inside examples
         use_document_attention(model, device)
     if not quiet:
         logger.info(f"{trainable_summary}; recomputation {recompute}; kernels {kernels}; "
                     f"attention {model.config._attn_implementation}")
     offload = recomputation.OffloadedActivations() if recompute == "offload" else None
-    loss_model = CausalLMLoss(model, t.loss_chunk_tokens, autocast_dtype(config, device), offload)
+    amp = autocast_dtype(config, device)
+    if t.objective == "sft":
+        loss_model = CausalLMLoss(model, t.loss_chunk_tokens, amp, offload)
+    else:
+        settings = settings_for(config)
+        reference = frozen_reference(model) if settings.needs_reference and settings.reference == "model" else None
+        loss_model = PreferenceLoss(model, settings, amp, offload, reference)
     loss_model.train()
     return model, runtime.setup(loss_model, placement), attention_before
+
+
+def prepare_method(model: torch.nn.Module, config: RunConfig) -> str:
+    """What trains, per the method; ``method.lora.init_adapter`` continues a saved adapter instead of a fresh one."""
+    init = config.method.lora.init_adapter
+    if init is None or config.method.name not in ("lora", "qlora"):
+        return prepare_model(model, config.method)
+    model.requires_grad_(False)
+    load_adapter(model, init, "default", trainable=True)
+    return f"{format_trainable(model)} (adapter from {init})"
+
+
+def reference_pass(run: Run, resume: bool) -> PreferenceData:
+    """The pairs with the reference's log-probs: computed by the model before step 1 and kept in the run directory
+    (``reference_logps.json``), from where a resumed run reads them, its model being no longer the reference."""
+    data, path = run.data, run.run_dir / "reference_logps.json"
+    if resume and path.exists():
+        saved = json.loads(path.read_text())
+        train, val = ([replace(p, ref_logps=tuple(x)) for p, x in zip(pairs, saved[k], strict=True)]
+                      for pairs, k in ((data.train_pairs, "train"), (data.val_pairs, "val")))
+        return replace(data, train_pairs=train, val_pairs=val)
+    if not run.quiet:
+        logger.info(f"reference log-probs: one pass over {len(data.train_pairs) + len(data.val_pairs)} pairs")
+    t, pad = run.config.train, run.tokenizer.pad_token_id
+    amp = autocast_dtype(run.config, run.runtime.device)
+    train, val = (precompute_reference_logps(run.model, pairs, pad, t.batch_size, t.loss_chunk_tokens, amp)
+                  for pairs in (data.train_pairs, data.val_pairs))
+    run.runtime.on_main(path.write_text, json.dumps({"train": [p.ref_logps for p in train],
+                                                     "val": [p.ref_logps for p in val]}))
+    return replace(data, train_pairs=train, val_pairs=val)
 
 
 def restore(run: Run, resume: bool) -> None:
@@ -197,7 +247,7 @@ def restore(run: Run, resume: bool) -> None:
 def fit(run: Run, callbacks: Sequence[TrainCallback]) -> None:
     """Train from ``run.state.step`` to the last step (or until a callback stops the run)."""
     t, state = run.config.train, run.state
-    batches = micro_batches(len(run.data.train_rows), t.batch_size, t.seed)
+    batches = micro_batches(len(train_units(run.data)), t.batch_size, t.seed)
     for _ in range(state.step * t.grad_accum):
         next(batches)  # data position: the resumed run sees the batches an uninterrupted one would
     bar = tqdm(total=run.steps, initial=state.step, desc="train", disable=run.quiet or not run.runtime.is_main,
@@ -211,7 +261,9 @@ def fit(run: Run, callbacks: Sequence[TrainCallback]) -> None:
                 evaluate(run, callbacks, record)
             if state.step % t.log_every == 0 or "val_loss" in record:
                 write_record(log, record, callbacks)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **{k.split("/")[-1]: f"{result.metrics[k]:.3f}" for k in BAR_METRICS
+                               if k in result.metrics})
             bar.update(1)
             if t.save_every and state.step % t.save_every == 0 and state.step < run.steps:
                 run.runtime.save_checkpoint(run.run_dir, state.step, run.loss_model, run.optimizer, run.scheduler,
@@ -226,13 +278,28 @@ def fit(run: Run, callbacks: Sequence[TrainCallback]) -> None:
 
 def one_step(run: Run, index_batches: list[list[int]]) -> StepResult:
     """One optimizer step on this process's share of ``grad_accum`` global micro-batches."""
-    rows, pad_id = run.data.train_rows, run.tokenizer.pad_token_id
-    batches = [run.runtime.batch([rows[i] for i in indices], pad_id) for indices in index_batches]
+    units = train_units(run.data)
+    batches = [micro_batch(run, [units[i] for i in indices]) for indices in index_batches]
     try:
         return train_step(run.loss_model, batches, run.optimizer, run.scheduler, run.config.train.max_grad_norm,
                           run.runtime.all_sum)
     except TuneforgeError as e:
         raise TuneforgeError(f"at step {run.state.step + 1} (train.lr is {run.config.lr:g}): {e}") from e
+
+
+def micro_batch(run: Run, units: list[Any]) -> Batch:
+    """This process's share of one global micro-batch, collated: rows (SFT), or pairs with both answers of each
+    pair in one forward (packed into rows of up to two ``max_seq_len`` with ``data.packing``)."""
+    pad_id = run.tokenizer.pad_token_id
+    if not run.pairs:
+        return run.runtime.batch(units, pad_id)
+    pack_len = 2 * run.config.data.max_seq_len if run.config.data.packing else None
+    return collate_pairs(run.runtime.local_rows(units), pad_id, pack_len)
+
+
+def train_units(data: TrainData | PreferenceData) -> list[Any]:
+    """What a micro-batch draws from: packed rows (SFT) or pairs."""
+    return data.train_pairs if isinstance(data, PreferenceData) else data.train_rows
 
 
 def step_record(state: TrainerState, result: StepResult, seconds: float) -> dict[str, Any]:
@@ -242,19 +309,21 @@ def step_record(state: TrainerState, result: StepResult, seconds: float) -> dict
     state.trained_tokens += result.trained
     record = {"step": state.step, "loss": round(result.loss, 5), "lr": result.lr,
               "grad_norm": round(result.grad_norm, 4), "tokens_per_s": round(result.tokens / seconds, 1),
-              "trained_tokens": result.trained}
+              "trained_tokens": result.trained, **{k: round(v, 5) for k, v in result.metrics.items()}}
     state.records.append(record)
     return record
 
 
 def evaluate(run: Run, callbacks: Sequence[TrainCallback], record: dict[str, Any]) -> None:
     """Validation loss and the callbacks' metrics into ``record``; a callback's StopTraining ends the run."""
-    state = run.state
-    state.val_loss = validation_loss(run.loss_model, run.data.val_rows, run.tokenizer.pad_token_id,
-                                     run.config.train.batch_size, local_rows=run.runtime.local_rows,
-                                     all_sum=run.runtime.all_sum)
-    if state.val_loss is not None:
+    state, size = run.state, run.config.train.batch_size
+    units = run.data.val_pairs if run.pairs else run.data.val_rows
+    state.val_loss = None
+    if units:
+        batches = (micro_batch(run, units[i:i + size]) for i in range(0, len(units), size))
+        state.val_loss, metrics = validate(run.loss_model, batches, run.runtime.all_sum)
         record["val_loss"] = round(state.val_loss, 5)
+        record.update({f"val_{k}": round(v, 5) for k, v in metrics.items()})
     for cb in callbacks:
         try:
             record.update(cb.on_eval(state.step, run.model))
@@ -390,10 +459,14 @@ def peak_gpu_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / (1 << 30)
 
 
-def report_data(data: TrainData) -> None:
-    logger.info(f"data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
-                f"({data.n_train_tokens} tokens), {data.n_val_examples} validation examples"
-                + (f", {len(data.held_out)} held out" if data.held_out else ""))
+def report_data(data: TrainData | PreferenceData) -> None:
+    held = f", {len(data.held_out)} held out" if data.held_out else ""
+    if isinstance(data, PreferenceData):
+        logger.info(f"data: {len(data.train_pairs)} train pairs ({data.n_train_tokens} tokens, both answers), "
+                    f"{len(data.val_pairs)} validation pairs{held}")
+    else:
+        logger.info(f"data: {data.n_train_examples} train examples in {len(data.train_rows)} rows "
+                    f"({data.n_train_tokens} tokens), {data.n_val_examples} validation examples{held}")
     if data.skipped:
         logger.info(f"skipped {len(data.skipped)} bad records, e.g.:")
         for loc, why in data.skipped[:5]:

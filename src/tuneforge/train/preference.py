@@ -14,7 +14,7 @@ each token's softmax once more: backward recomputes the chunk logits for it (ful
 LoRA/QLoRA the head is frozen and nothing is recomputed).
 
 Reference log-probs, for DPO and IPO: with LoRA/QLoRA the same model with its adapters switched off
-(:func:`adapters_disabled`, no second copy in memory); for full fine-tuning a frozen copy
+(:func:`tuneforge.methods.lora.disable_adapters`, no second copy in memory); for full fine-tuning a frozen copy
 (:func:`frozen_reference`) or log-probs precomputed in one no-grad pass (:func:`precompute_reference_logps`).
 """
 
@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from tuneforge.config import RunConfig
 from tuneforge.data.preference import TokenizedPair, collate_pairs
-from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import lora_layers, set_active_adapters
+from tuneforge.errors import ConfigError
+from tuneforge.methods.lora import disable_adapters, lora_layers
 from tuneforge.train.attention import attention_mask
 from tuneforge.train.loss import _compute_dtype, shifted_targets
 
@@ -84,6 +85,26 @@ class PreferenceSettings:
     @property
     def needs_reference(self) -> bool:
         return self.objective in _NEEDS_REFERENCE
+
+
+def settings_for(config: RunConfig) -> PreferenceSettings:
+    """The preference settings of a run, ``reference: auto`` resolved.
+
+    auto: the reference is the model as it is before step 1. For a fresh LoRA/QLoRA adapter (B = 0) that is
+    the base with adapters off; for full/freeze, or an adapter started from ``method.lora.init_adapter``, its
+    log-probs are precomputed in one pass (no second copy in memory).
+    """
+    p, method = config.preference, config.method
+    lora = method.name in ("lora", "qlora")
+    reference = p.reference
+    if reference == "auto":
+        reference = "adapters_off" if lora and not method.lora.init_adapter else "precomputed"
+    elif reference == "adapters_off" and not lora:
+        raise ConfigError(f"preference.reference: adapters_off needs method lora or qlora, not {method.name}; "
+                          "use model (a frozen copy) or precomputed")
+    return PreferenceSettings(objective=config.train.objective, beta=p.beta, label_smoothing=p.label_smoothing,
+                              simpo_gamma=p.simpo_gamma, orpo_lambda=p.orpo_lambda, reference=reference,
+                              chunk_tokens=config.train.loss_chunk_tokens)
 
 
 # --- objectives: pure functions of per-sequence log-probs -----------------------------------------
@@ -312,37 +333,22 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024,
-                amp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and trained-token counts of every sequence of a pair batch, in batch order."""
+                amp: torch.dtype | None = None,
+                activations: Callable[[], AbstractContextManager] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and trained-token counts of every sequence of a pair batch, in batch order.
+
+    ``activations`` is entered around the decoder (e.g. activation offloading), as in the SFT loss.
+    """
     device = next(model.parameters()).device
     mask = attention_mask(model, batch["seq_ids"], device)
     n_seq = int(batch["sequence_index"].max()) + 1
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
-                                  position_ids=batch["position_ids"].to(device),
-                                  use_cache=False).last_hidden_state
+        with activations():
+            hidden = model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                                      position_ids=batch["position_ids"].to(device),
+                                      use_cache=False).last_hidden_state
         return sequence_logps(hidden, model.get_output_embeddings(), batch["labels"],
                               batch["sequence_index"], n_seq, chunk_tokens)
-
-
-@contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Within the block the model runs its base weights alone (every LoRA adapter off), then as before."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ConfigError("preference.reference: adapters_off needs a LoRA or QLoRA model; for full fine-tuning "
-                          "use reference: model (a frozen copy) or precomputed")
-    merged = sorted({a for layer in layers.values() for a in layer.merged_adapters})
-    if merged:
-        raise ModelError(f"adapters {merged} are merged into the base weights, so switching adapters off does not "
-                         "give the base model; unmerge them first")
-    active = list(dict.fromkeys(a for layer in layers.values() for a in layer.active_adapters))
-    weights = {a: w for layer in layers.values() for a, w in layer.adapter_weights.items()}
-    set_active_adapters(model, [])
-    try:
-        yield
-    finally:
-        set_active_adapters(model, active, weights)
 
 
 def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
@@ -382,7 +388,7 @@ def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], sett
         raise ConfigError(f"train.objective: {settings.objective} needs a reference model, and this model has no "
                           "LoRA adapters to switch off; set preference.reference to model or precomputed, or use "
                           "orpo/simpo (no reference)")
-    with adapters_disabled(model):
+    with disable_adapters(model):
         return batch_logps(model, batch, settings.chunk_tokens, amp)[0]
 
 
@@ -398,7 +404,7 @@ def precompute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), (adapters_disabled(model) if adapters_off else nullcontext()):
+        with torch.no_grad(), (disable_adapters(model) if adapters_off else nullcontext()):
             for i in range(0, len(pairs), batch_size):
                 part = pairs[i:i + batch_size]
                 logps = batch_logps(model, collate_pairs(part, pad_id), chunk_tokens, amp)[0].tolist()
@@ -414,19 +420,22 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def preference_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: PreferenceSettings,
-                         reference: torch.nn.Module | None = None,
-                         amp: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                         reference: torch.nn.Module | None = None, amp: torch.dtype | None = None,
+                         activations: Callable[[], AbstractContextManager] = nullcontext,
+                         ) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective's loss on one pair batch (mean over its pairs) and its metrics.
 
     One forward over both answers of every pair; for DPO/IPO a no-grad reference pass as
     ``settings.reference`` says (``reference``: the frozen model for mode ``model``). With gradient
     accumulation, weight each micro-batch's loss by its share of the pairs (``metrics["pairs"]``).
+    The reference pass runs first, so the policy's activations are the last thing the forward leaves.
     """
-    logps, counts = batch_logps(model, batch, settings.chunk_tokens, amp)
+    ref = reference_logps(model, batch, settings, reference, amp) if settings.needs_reference else None
+    logps, counts = batch_logps(model, batch, settings.chunk_tokens, amp, activations)
     chosen, rejected = split_pairs(logps)
     n_chosen, n_rejected = split_pairs(counts)
     lp = PairLogps(chosen, rejected, n_chosen, n_rejected)
-    if settings.needs_reference:
-        lp.ref_chosen, lp.ref_rejected = split_pairs(reference_logps(model, batch, settings, reference, amp))
+    if ref is not None:
+        lp.ref_chosen, lp.ref_rejected = split_pairs(ref)
     result = objective_loss(settings, lp)
     return result.loss, preference_metrics(result, lp)
