@@ -2,7 +2,8 @@
 
 Per file: the format detected, records read and skipped (and why), token-length statistics, the
 share of tokens that are trained, a histogram of token lengths (PNG), how many packed rows the file
-fills, and a few examples with their trained spans marked.
+fills, and a few examples with their trained spans marked. A preference file (pairs) is shown the same way, each
+pair as its prompt and both answers with their trained spans marked; its rows hold whole pairs (two answers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from tuneforge.data.conversation import Tokenized
 from tuneforge.data.formats import load_examples
 from tuneforge.data.packing import pack
+from tuneforge.data.preference import collate_pairs, encode_pairs, is_pair_file, load_pairs, render_pair
 from tuneforge.data.template import TooLongError, encode, render_masked
 from tuneforge.errors import DataError
 from tuneforge.plotting import pyplot, save_figure
@@ -79,6 +81,10 @@ def inspect_data(paths: list[str], tokenizer: Any, max_len: int, out_dir: Path, 
     files = []
     used: set[str] = set()
     for path in paths:
+        if is_pair_file(path, format, fields):
+            files.append(_inspect_pairs(path, tokenizer, max_len, out_dir, used, n_show, format, fields, skip_bad,
+                                        color))
+            continue
         loaded = load_examples(path, format=format, fields=fields, skip_bad=skip_bad)
         skipped = list(loaded.skipped)
         tokenized: list[Tokenized] = []
@@ -111,6 +117,22 @@ def inspect_data(paths: list[str], tokenizer: Any, max_len: int, out_dir: Path, 
     return InspectReport(files=files, max_len=max_len)
 
 
+def _inspect_pairs(path: str, tokenizer: Any, max_len: int, out_dir: Path, used: set[str], n_show: int,
+                   format: str, fields: dict[str, str] | None, skip_bad: bool, color: bool) -> FileInspection:
+    """A pair file as training reads it: both answers of a pair tokenized, pairs packed in rows of ``2 * max_len``."""
+    loaded = load_pairs(path, format=format, fields=fields, skip_bad=skip_bad)
+    pairs, bad = encode_pairs(loaded.pairs, tokenizer, max_len, skip_bad)
+    skipped = list(loaded.skipped) + bad
+    tokenized = [t for p in pairs for t in (p.chosen, p.rejected)]
+    lengths = [len(t.input_ids) for t in tokenized]
+    rows = collate_pairs(pairs, tokenizer.pad_token_id, 2 * max_len)["input_ids"].shape[0] if pairs else 0
+    return FileInspection(
+        path=str(path), format=loaded.format, n_records=len(loaded.pairs) + len(loaded.skipped), n_kept=len(pairs),
+        skipped=skipped, n_sequences=len(tokenized), stats=_stats(tokenized) if tokenized else None,
+        packed_rows=rows, histogram=_histogram(lengths, [], max_len, path, _png_path(out_dir, path, used))
+        if lengths else None, samples=[render_pair(p, tokenizer, color=color) for p in pairs[:n_show]])
+
+
 def format_report(report: InspectReport) -> str:
     """The text ``tuneforge data inspect`` prints: a summary table, then skips, plots and samples."""
     head = ("file", "format", "records", "kept", "skipped", "min", "mean", "median", "p95", "max",
@@ -128,7 +150,8 @@ def format_report(report: InspectReport) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("token lengths in tokens; 'trained' is the share of tokens with a loss")
+    lines.append("token lengths in tokens; 'trained' is the share of tokens with a loss; a pair counts its two "
+                 "answers (each with the prompt) and fills rows of twice max_len")
     for f in report.files:
         lines.append("")
         lines.append(f"== {f.path}")

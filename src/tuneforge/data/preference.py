@@ -291,6 +291,17 @@ def _check_same_shape(record: dict, loc: str, fmt: str, first: str) -> None:
                                "or set skip_bad to skip such records")
 
 
+def is_pair_file(path: str | Path, format: str = "auto", fields: dict[str, str] | None = None) -> bool:
+    """Whether ``path`` holds preference pairs: ``format`` names a preference format, or (auto) the first readable
+    record has ``chosen`` and ``rejected``."""
+    if format != "auto":
+        return format in PREFERENCE_FORMATS
+    for _, raw in read_records(path, errors=[]):
+        record = map_fields(raw, {k: v for k, v in (fields or {}).items() if k in PREFERENCE_FIELDS})
+        return "chosen" in record and "rejected" in record
+    return False
+
+
 def load_pairs(path: str | Path, format: str = "auto", fields: dict[str, str] | None = None,
                skip_bad: bool = False, task: str | None = None) -> PairLoadResult:
     """Read a preference file into pairs.
