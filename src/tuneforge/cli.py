@@ -240,9 +240,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from tuneforge.demo import run_demo  # start-up time
+    from tuneforge.demo import run_demo, run_dpo_demo  # start-up time
 
-    run_demo(output_dir=args.output, steps=args.steps)
+    if args.dpo:
+        run_dpo_demo(output_dir=args.output or "runs/demo-dpo", steps=args.steps)
+    else:
+        run_demo(output_dir=args.output or "runs/demo", steps=args.steps)
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> None:
@@ -374,8 +377,10 @@ def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("demo", parents=common,
                        help="LoRA-fine-tune the builtin SmolLM2 on builtin:tasks, before/after")
-    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--output", default=None, help="run directory (default runs/demo, or runs/demo-dpo with --dpo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--dpo", action="store_true", help="DPO on builtin preference pairs instead: preference accuracy "
+                                                      "and answers before/after")
     p.set_defaults(func=cmd_demo)
 
 

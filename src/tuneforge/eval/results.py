@@ -7,7 +7,8 @@ from typing import Any
 
 # result columns that are rates in [0, 1] (plotted on one axis), and the lower-is-better ones
 RATE_COLUMNS = ("exact_match", "normalized_match", "contains", "regex", "json_valid", "json_equal",
-                "json_schema", "mc", "mc_norm", "refusal_rate", "over_refusal")
+                "json_schema", "mc", "mc_norm", "refusal_rate", "over_refusal", "preference_acc",
+                "preference_acc_avg")
 LOSS_COLUMNS = ("loss", "ppl")
 
 

@@ -15,6 +15,8 @@ mc             multiple choice by log-likelihood of the options (``mc``, ``mc_no
 loss           loss per reference token (assistant answer + end-of-turn) and its perplexity
 refusal        share of replies the refusal detector flags (``refusal_rate`` on prompts to
                decline, ``over_refusal`` on prompts to answer)
+preference     on a file of preference pairs: the share of pairs whose chosen answer has the
+               higher log-prob (``preference_acc``: summed, ``preference_acc_avg``: per token)
 =============  ==========================================================================
 """
 
@@ -28,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.adapters.manager import AdapterSet
+from tuneforge.data.preference import encode_pairs, is_pair_file, load_pairs
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import metrics as m
 from tuneforge.eval.items import EvalItem, auto_choices, spread, summarize
 from tuneforge.eval.mc import choice_hits, score_choices
 from tuneforge.eval.plots import plot_eval, plot_per_task
+from tuneforge.eval.preference import preference_eval
 from tuneforge.eval.refusal import is_refusal, load_detector, refusal_columns
 from tuneforge.eval.results import EvalReport, ModelEval
 from tuneforge.eval.scoring import examples_loss, text_perplexity
@@ -227,7 +231,12 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
              refusal_detector: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
              batch_size: int = 16, include_base: bool = True, format: str = "auto",
              system_prompt: str | None = None) -> EvalReport:
-    """Evaluate the base model and each adapter on ``data``; write results.json, predictions and PNGs."""
+    """Evaluate the base model and each adapter on ``data``; write results.json, predictions and PNGs.
+
+    A file of preference pairs is scored by preference accuracy (the only metric that applies to it).
+    """
+    if is_pair_file(data, format):
+        return run_preference_eval(model_ref, data, adapters, output, limit, batch_size, include_base, format)
     items = load_items(data, format=format)
     schema = _read_schema(schema_path) if schema_path else None
     chosen = list(metrics) if metrics else default_metrics(items)
@@ -236,11 +245,7 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
     items = spread(items, limit)
     check_metrics(chosen, items, pattern, schema)
     detector = load_detector(refusal_detector)
-    aset = AdapterSet.from_pretrained(model_ref)
-    names = adapter_names(adapters)
-    for name, path in zip(names, adapters, strict=True):
-        aset.load(name, path)
-    plan = ([("base", {})] if include_base or not adapters else []) + [(n, {n: 1.0}) for n in names]
+    aset, plan = _variants(model_ref, adapters, include_base)
     variants = []
     for name, selection in plan:
         aset.activate(selection)
@@ -250,6 +255,41 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
     report = EvalReport(variants=variants, metrics=chosen, data=data, n=len(items))
     if output:
         write_eval_outputs(report, items, Path(output))
+    return report
+
+
+def _variants(model_ref: str, adapters: Sequence[str], include_base: bool) -> tuple[AdapterSet, list[tuple]]:
+    """The base model with the adapters loaded, and the (name, selection) of each variant to evaluate."""
+    aset = AdapterSet.from_pretrained(model_ref)
+    names = adapter_names(adapters)
+    for name, path in zip(names, adapters, strict=True):
+        aset.load(name, path)
+    return aset, ([("base", {})] if include_base or not adapters else []) + [(n, {n: 1.0}) for n in names]
+
+
+def run_preference_eval(model_ref: str, data: str, adapters: Sequence[str] = (), output: str | Path | None = None,
+                        limit: int | None = None, batch_size: int = 16, include_base: bool = True,
+                        format: str = "auto", max_len: int = 2048) -> EvalReport:
+    """Preference accuracy of the base model and each adapter on a pair file; results.json and eval.png."""
+    aset, plan = _variants(model_ref, adapters, include_base)
+    loaded = load_pairs(data, format=format, skip_bad=True)
+    pairs, _ = encode_pairs(spread(loaded.pairs, limit), aset.tokenizer, max_len, skip_bad=True)
+    if not pairs:
+        raise DataError(f"{data}: no pair could be scored (all {len(loaded.pairs)} are longer than {max_len} "
+                        "tokens or unreadable); check the file with `tuneforge data inspect`")
+    variants = []
+    for name, selection in plan:
+        aset.activate(selection)
+        variants.append(preference_eval(aset.model, aset.tokenizer, pairs, name=name, batch_size=batch_size))
+    report = EvalReport(variants=variants, metrics=["preference"], data=data, n=len(pairs))
+    if output:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(report.to_dict(), indent=2))
+        report.files = {"results": str(out / "results.json")}
+        png = plot_eval(report, out / "eval.png")
+        if png:
+            report.files["chart"] = str(png)
     return report
 
 
