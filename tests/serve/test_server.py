@@ -1,6 +1,5 @@
 """A real server on loopback, a tiny random model, two adapters, talked to with the official openai client."""
 
-import copy
 import http.client
 import json
 import shutil
@@ -8,12 +7,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
-from lora_helpers import make_adapter
-from tuneforge.adapters.manager import AdapterSet
 from tuneforge.data.conversation import Message
-from tuneforge.serve import ServeOptions, Server
+from tuneforge.serve import Server
 from tuneforge.serve.batcher import Batcher, Job
 from tuneforge.serve.protocol import Sampling
 
@@ -26,67 +22,14 @@ PROMPTS = ["Hello world.", "The quick brown fox jumps", "Classify the sentiment:
 N = 8  # max_tokens everywhere: short, so the file runs in seconds
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; tiny models gain nothing from more threads
-    yield
-    torch.set_num_threads(before)
-
-
+@pytest.fixture
+def server(start_server):
+    return start_server(max_tokens_limit=64, max_body_bytes=4096)
 
 
 @pytest.fixture
-def adapters_dir(tmp_path, tiny_model):
-    root = tmp_path / "adapters"
-    make_adapter(tiny_model, root / "alpha", ["q_proj", "v_proj"], 4, seed=1, std=0.5)
-    make_adapter(tiny_model, root / "beta", "all-linear", 2, seed=2, std=0.5)
-    return root
-
-
-@pytest.fixture
-def gamma(tmp_path, tiny_model):
-    """A third adapter, outside the served directory."""
-    return make_adapter(tiny_model, tmp_path / "elsewhere" / "gamma", ["up_proj", "o_proj"], 8, seed=3, std=0.5)
-
-
-@pytest.fixture
-def reference(tiny_model, tiny_tokenizer, adapters_dir, gamma):
-    """Greedy outputs computed directly with the library: reference(model_name, prompt) -> text."""
-    aset = AdapterSet(copy.deepcopy(tiny_model), tiny_tokenizer)
-    for name in ("alpha", "beta"):
-        aset.load(name, adapters_dir / name)
-    aset.load("gamma", gamma)
-
-    def run(name, prompt, max_tokens=N):
-        aset.activate({} if name == "base" else name)
-        if isinstance(prompt, list):
-            prompt = [Message(m["role"], m["content"]) for m in prompt]
-        return aset.generate([prompt], max_new_tokens=max_tokens)[0]
-
-    return run
-
-
-def start(model_dir, adapters_dir, **options) -> Server:
-    # scan_interval_s=0: no background rescans, so hot add/remove are seen through request-time rescans only
-    return Server(ServeOptions(model=str(model_dir), adapters=str(adapters_dir), port=0, scan_interval_s=0,
-                               **options)).start()
-
-
-@pytest.fixture
-def server(tiny_model_dir, adapters_dir):
-    s = start(tiny_model_dir, adapters_dir, max_tokens_limit=64, max_body_bytes=4096)
-    yield s
-    s.close()
-
-
-def client_for(server: Server, api_key: str = "unused"):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
-
-
-@pytest.fixture
-def client(server):
-    return client_for(server)
+def client(server, connect):
+    return connect(server)
 
 
 def names(server: Server) -> dict[str, str]:
@@ -181,7 +124,9 @@ def test_one_batch_runs_rows_of_different_adapters(server, reference):
     batcher = Batcher(server.adapter_set, max_batch=8)
     prompts = [[Message(**m) for m in chat] for chat in CHATS]
     rows = [(None, prompts[0]), ("alpha", prompts[1]), ("beta", prompts[2]), ("alpha", prompts[0])]
-    jobs = [Job(batcher.encode(p), adapter, Sampling(max_tokens=N)) for adapter, p in rows]
+    with server.registry.lease("alpha") as alpha, server.registry.lease("beta") as beta:
+        keys = {None: None, "alpha": alpha, "beta": beta}  # the adapters' versions inside the AdapterSet
+    jobs = [Job(batcher.encode(p), keys[adapter], Sampling(max_tokens=N)) for adapter, p in rows]
     batcher.submit(jobs)
     batcher.start()
     try:
@@ -245,22 +190,21 @@ def test_hot_add_then_remove(server, client, reference, gamma, adapters_dir):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=N, temperature=0)
     assert [m.id for m in client.models.list().data] == [server.options.model, "beta", "gamma"]
-    assert "alpha" not in server.adapter_set.names  # unloaded, not just hidden
+    assert not [n for n in server.adapter_set.names if n.startswith("alpha/")]  # unloaded, not just hidden
     shutil.rmtree(adapters_dir / "beta")  # replaced in place: the next request reloads it
     shutil.copytree(gamma, adapters_dir / "beta")
     r = client.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=N, temperature=0)
     assert r.choices[0].text.strip() == reference("gamma", PROMPTS[0]) != reference("beta", PROMPTS[0])
 
 
-def test_background_rescan_unloads_removed_adapters(tiny_model_dir, adapters_dir):
-    with start(tiny_model_dir, adapters_dir) as s:
-        s.registry.start(0.05)
-        shutil.rmtree(adapters_dir / "alpha")
-        for _ in range(600):  # no request is made: only the background scan can notice
-            if "alpha" not in s.adapter_set.names:
-                break
-            time.sleep(0.05)
-        assert s.adapter_set.names == ["beta"]
+def test_background_rescan_unloads_removed_adapters(start_server, adapters_dir):
+    s = start_server(scan_interval_s=0.05)
+    shutil.rmtree(adapters_dir / "alpha")
+    for _ in range(600):  # no request is made: only the background scan can notice
+        if len(s.adapter_set.names) == 1:
+            break
+        time.sleep(0.05)
+    assert [n.split("/")[0] for n in s.adapter_set.names] == ["beta"]
 
 
 def test_client_leaving_a_stream_early_does_not_hurt(client, reference):
@@ -272,19 +216,23 @@ def test_client_leaving_a_stream_early_does_not_hurt(client, reference):
     assert r.choices[0].message.content.strip() == reference("alpha", CHATS[0])
 
 
-def test_api_key_required_when_set(tiny_model_dir, adapters_dir):
-    with start(tiny_model_dir, adapters_dir, api_key="s3cret") as s:
-        with pytest.raises(openai.AuthenticationError):
-            client_for(s, "wrong").models.list()
-        status, _ = raw_post(s, "/v1/completions", b'{"model": "alpha", "prompt": "hi"}')
-        assert status == 401
-        assert [m.id for m in client_for(s, "s3cret").models.list().data][1:] == ["alpha", "beta"]
+def test_api_key_required_when_set(start_server, connect):
+    s = start_server(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError):
+        connect(s, "wrong").models.list()
+    status, _ = raw_post(s, "/v1/completions", b'{"model": "alpha", "prompt": "hi"}')
+    assert status == 401
+    assert [m.id for m in connect(s, "s3cret").models.list().data][1:] == ["alpha", "beta"]
 
 
 def test_cli_serve_arguments():
-    from tuneforge.cli import build_parser, cmd_serve
+    from tuneforge.cli import build_parser, cmd_serve, config_of
 
     args = build_parser().parse_args(["serve", "--model", "m", "--adapters", "d"])
     assert args.func is cmd_serve
-    assert (args.host, args.port, args.max_batch, args.max_tokens_limit, args.api_key) == (
-        "127.0.0.1", 8000, 8, 512, None)
+    c = config_of(args)
+    assert (c.model, c.adapters, c.host, c.port, c.max_batch, c.max_tokens_limit, c.api_key) == (
+        "m", "d", "127.0.0.1", 8000, 8, 512, None)
+    c = config_of(build_parser().parse_args(["serve", "--model", "m", "--adapters", "d", "--port", "9001",
+                                             "--api-key", "k"]))
+    assert (c.port, c.api_key) == (9001, "k")

@@ -71,6 +71,15 @@ def adapter_info(adapter_dir: str | os.PathLike, name: str | None = None) -> Ada
     if not modules or len(modules) * 2 != len(shapes):
         raise ModelError(f"{path} does not hold LoRA A/B pairs only ({len(shapes)} tensors); "
                          "re-save or re-download the adapter")
+    flat = [k for k, s in shapes.items() if len(s) != 2]
+    if flat:
+        raise ModelError(f"{path}: {flat[0]} has shape {shapes[flat[0]]}; LoRA weights are matrices (2 dims). "
+                         "Re-save or re-download the adapter")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise ModelError(f"{Path(adapter_dir) / CONFIG_NAME}: target_modules={targets!r}; give a list of module "
+                         "names, a regex string or \"all-linear\"")
     return AdapterInfo(
         name=name or Path(adapter_dir).name, path=str(Path(adapter_dir)), r=int(config["r"]),
         lora_alpha=config["lora_alpha"], use_rslora=bool(config.get("use_rslora")),
@@ -218,7 +227,12 @@ class AdapterSet:
         info = adapter_info(adapter_dir, name)
         with self.lock:
             key = _module_key(name, set(self._keys.values()))
-            load_adapter(self.model, adapter_dir, key)
+            try:
+                load_adapter(self.model, adapter_dir, key)
+            except BaseException:
+                if lora_layers(self.model, key):  # a load that failed half-way leaves nothing behind
+                    remove_lora(self.model, key)
+                raise
             self._keys[name], self._infos[name] = key, info
             self._layers = list(lora_layers(self.model).values())
             self._apply()  # load_adapter made the new one active; restore the selection

@@ -8,10 +8,12 @@ handler threads validate requests, queue jobs and relay their events to the clie
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -46,6 +48,7 @@ log = logging.getLogger("tuneforge.serve")
 
 logger = get_logger(__name__)
 DRAIN_FACTOR = 16  # an oversized body up to 16× the limit is read and dropped, so the client sees the 413
+POLL_S = 0.25  # how often a request waiting for tokens checks that its client is still connected
 
 
 @dataclass
@@ -63,6 +66,7 @@ class ServeOptions:
     max_queue: int = 256  # prompts waiting for the model; beyond it new requests get 429
     batch_wait_ms: float = 5.0
     scan_interval_s: float = 2.0
+    read_timeout_s: float = 30.0  # to send a whole request, to read an answer, and for an idle connection
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -71,10 +75,14 @@ class ServeOptions:
                   "max_body_bytes": self.max_body_bytes >= 1024,
                   "max_queue": self.max_queue >= 1, "port": 0 <= self.port <= 65535,
                   "batch_wait_ms": self.batch_wait_ms >= 0, "scan_interval_s": self.scan_interval_s >= 0,
+                  "read_timeout_s": self.read_timeout_s > 0,
                   "dtype": self.dtype in ("float32", "bfloat16", "float16")}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"serve option {bad[0]}={getattr(self, bad[0])!r} is out of range")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key (--api-key, serve.api_key or $TUNEFORGE_API_KEY) is empty, which would "
+                              "let anyone in; give a non-empty key, or leave it unset to serve without one")
         if not Path(self.adapters).is_dir():  # checked before the model loads, so the mistake shows at once
             raise ConfigError(f"adapters directory {self.adapters} does not exist; create it (it may be empty) "
                               "or pass --adapters DIR")
@@ -164,8 +172,6 @@ def serve(options: ServeOptions) -> None:
     if not is_loopback(options.host) and not options.api_key:
         logger.warning(f"serving on {options.host} without an API key; anyone who can reach it can use it "
                        "(pass --api-key or bind to 127.0.0.1)")
-    for name, error in server.registry.errors.items():
-        logger.warning(f"adapter {name} not served: {error}")
     logger.info(f"serving {', '.join(server.registry.model_ids())} at {server.url}/v1 (Ctrl-C stops)")
     server.start()
     try:
@@ -176,13 +182,56 @@ def serve(options: ServeOptions) -> None:
         server.close()
 
 
+class DeadlineReader(io.RawIOBase):
+    """The socket's input; while ``deadline`` is set, a read past it raises TimeoutError.
+
+    A per-read socket timeout alone lets a client that sends one byte every few seconds hold a
+    thread forever; the deadline bounds the whole request.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took longer than the read timeout")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class Handler(BaseHTTPRequestHandler):
     """One HTTP connection; the OpenAI routes."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
     server_version = "tuneforge"
-    timeout = 60  # seconds a client may stall while sending: slow clients do not pin threads forever
     server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        """Wait for a request (idle up to the read timeout), then give all of it the read timeout to arrive."""
+        timeout = self.app.options.read_timeout_s
+        self.reader.deadline = None
+        self.connection.settimeout(timeout)
+        try:
+            if not self.rfile.peek(1):  # the client closed the connection
+                self.close_connection = True
+                return
+        except OSError:  # idle for too long, or reset
+            self.close_connection = True
+            return
+        self.reader.deadline = time.monotonic() + timeout
+        super().handle_one_request()  # a request line or headers arriving too late: TimeoutError, closed
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -200,6 +249,9 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         has_body = self.headers.get("Content-Length", "0") not in ("", "0") or "Transfer-Encoding" in self.headers
         self._body_read, self._streaming = not has_body, False
+        # The body keeps the request's deadline (see _read_body); answers get the plain timeout per send.
+        self._deadline, self.reader.deadline = self.reader.deadline, None
+        self.connection.settimeout(self.app.options.read_timeout_s)
         try:
             path = urlsplit(self.path).path.rstrip("/")
             if path == "/health":
@@ -209,7 +261,7 @@ class Handler(BaseHTTPRequestHandler):
             self._route(method, path)
         except APIError as e:
             self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+        except (ConnectionError, TimeoutError):  # the client went away, or stopped reading the answer
             self.close_connection = True
         except Exception as e:
             log.exception("request failed")
@@ -251,12 +303,23 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.app.options.max_body_bytes
         if n < 0:
             raise bad_request("Content-Length is negative")
-        if n > limit:
-            if n <= DRAIN_FACTOR * limit:
-                self._drain(n)
-            raise APIError(413, f"the request body has {n} bytes; this server accepts at most {limit}",
-                           code="request_too_large")
-        body = self.rfile.read(n)
+        self.reader.deadline = self._deadline
+        try:
+            if n > limit:
+                if n <= DRAIN_FACTOR * limit:
+                    self._drain(n)
+                raise APIError(413, f"the request body has {n} bytes; this server accepts at most {limit}",
+                               code="request_too_large")
+            body = self.rfile.read(n)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.app.options.read_timeout_s:g} s "
+                                f"(Content-Length: {n})", code="request_timeout") from None
+        finally:
+            self.reader.deadline = None
+            self.connection.settimeout(self.app.options.read_timeout_s)
+        if len(body) < n:
+            raise bad_request(f"the request body ended after {len(body)} of the {n} bytes its Content-Length "
+                              "announced")
         self._body_read = True
         return body
 
@@ -285,7 +348,8 @@ class Handler(BaseHTTPRequestHandler):
         reg.sync()  # a GET /v1/models shows what is in the directory now
         cards = [model_card(reg.base_id, None, self.app.created)]
         cards += [model_card(name, reg.base_id, self.app.created) for name in reg.adapters]
-        self._json(200, {"object": "list", "data": cards})
+        failed = [{"id": name, "error": error} for name, error in reg.errors.items()]
+        self._json(200, {"object": "list", "data": cards, "failed": failed})
 
     def _model(self, model_id: str) -> None:
         adapter = self.app.registry.lookup(model_id)
@@ -296,7 +360,10 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.app.options.max_tokens_limit
         body = parse_json(self._read_body())
         req = parse_chat(body, limit) if chat else parse_completion(body, limit)
-        adapter = self.app.registry.lookup(req.model)
+        with self.app.registry.lease(req.model) as adapter:  # this version stays loaded until the answer is sent
+            self._run(req, adapter)
+
+    def _run(self, req: ParsedRequest, adapter: str | None) -> None:
         ids = [self._encode(p, req.sampling.max_tokens) for p in req.prompts]
         sink: queue.Queue = queue.Queue()
         jobs = [Job(x, adapter, req.sampling, i, sink) for i, x in enumerate(ids)]
@@ -333,15 +400,25 @@ class Handler(BaseHTTPRequestHandler):
         open_jobs = len(jobs)
         while open_jobs:
             try:
-                event = jobs[0].sink.get(timeout=1.0)
+                event = jobs[0].sink.get(timeout=POLL_S)
             except queue.Empty:
                 if not self.app.batcher.alive:
                     raise APIError(503, "the server is shutting down", "server_error") from None
+                if self._client_gone():  # the caller's finally cancels the jobs
+                    raise ConnectionAbortedError("the client disconnected") from None
                 continue
             if event[1] == ERROR:
                 raise event[2]
             open_jobs -= event[1] == DONE
             yield event
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed or reset its connection (a pipelined next request is not that)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):
+            return True
 
     def _answer(self, req: ParsedRequest, first, events, prompt_tokens: int) -> None:
         n = len(req.prompts)

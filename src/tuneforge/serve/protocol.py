@@ -16,6 +16,7 @@ from tuneforge.data.conversation import Message
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOPS = 4  # as OpenAI
+SEED_MAX = 1 << 63  # OpenAI's seed is a signed 64-bit integer
 
 
 class APIError(Exception):
@@ -67,7 +68,9 @@ def parse_json(raw: bytes) -> dict:
     """The request body as a JSON object; 400 when it is not one."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise bad_request("the request body nests arrays or objects too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, and integers longer than Python converts
         raise bad_request(f"the request body is not valid JSON ({e})") from e
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -113,7 +116,7 @@ def _model(body: dict) -> str:
 
 
 def _message(m: object, i: int) -> Message:
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
         raise bad_request(f"messages[{i}] must be an object with a role in {sorted(ROLES)}", "messages")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text is supported
@@ -132,7 +135,7 @@ def _sampling(body: dict, limit: object, param: str, max_tokens_limit: int, defa
     # bool is an int subclass: `true` is not a token count.
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= max_tokens_limit:
         raise bad_request(f"'{param}' must be an integer from 1 to {max_tokens_limit} (the server's limit), "
-                          f"got {limit!r}", param)
+                          f"got {_show(limit)}", param)
     if body.get("n", 1) != 1:
         raise bad_request("only n=1 is supported; send several requests instead", "n")
     # An absent temperature means OpenAI's default (1.0, sampling); send temperature=0 for greedy.
@@ -141,8 +144,8 @@ def _sampling(body: dict, limit: object, param: str, max_tokens_limit: int, defa
     if top_p == 0:
         raise bad_request("'top_p' must be greater than 0", "top_p")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad_request("'seed' must be an integer", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -SEED_MAX <= seed < SEED_MAX):
+        raise bad_request(f"'seed' must be an integer from {-SEED_MAX} to {SEED_MAX - 1}, got {_show(seed)}", "seed")
     return Sampling(max_tokens=limit, temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body))
 
 
@@ -151,8 +154,16 @@ def _number(body: dict, key: str, lo: float, hi: float, default: float) -> float
     if value is None:
         return default
     if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
-        raise bad_request(f"'{key}' must be a number from {lo:g} to {hi:g}, got {value!r}", key)
+        raise bad_request(f"'{key}' must be a number from {lo:g} to {hi:g}, got {_show(value)}", key)
     return float(value)
+
+
+def _show(value: object) -> str:
+    """A short form of a client's value for an error message (containers may be huge or deeply nested)."""
+    if isinstance(value, list | dict):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _stop(body: dict) -> list[str]:
