@@ -2,15 +2,17 @@
 
 A checkpoint is ``checkpoints/step-N/`` with the trainable weights (safetensors), the optimizer and
 scheduler state and the RNG states (``torch.save``, read back with ``weights_only=True``), and
-``trainer.json`` (step and data position). It is written under a temporary name and renamed.
+``trainer.json`` (step and data position). It is written under a temporary name and renamed
+(:func:`tuneforge.files.replaced_atomically`), and ``manifest.json`` records each file's size and sha256: on
+resume the newest checkpoint whose files still match is used, and the damaged ones after it are named.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import replaced_atomically
+from tuneforge.log import get_logger
+
+logger = get_logger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+FILES = ("trainable.safetensors", "state.pt", "trainer.json")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -52,27 +60,56 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
 def write_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                      scheduler_state: dict[str, Any], trainer: dict[str, Any]) -> Path:
     """Write already collected state as ``checkpoints/step-<step>`` (temporary name, then renamed)."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}, tmp / "state.pt")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = run_dir / "checkpoints" / f"step-{step}"
+    with replaced_atomically(final) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
+                   tmp / "state.pt")
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer}, indent=1))
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in FILES}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
     return final
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted (a file missing, truncated or changed), or None when intact."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (an interrupted or foreign checkpoint)"
+    if not isinstance(files, dict):
+        return f"{MANIFEST} is malformed"
+    for name in FILES:
+        entry, file = files.get(name), path / name
+        if not isinstance(entry, dict) or not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry.get("bytes"):
+            return f"{name} has {file.stat().st_size} bytes, {entry.get('bytes')} were written (truncated?)"
+        if sha256(file) != entry.get("sha256"):
+            return f"{name} does not match its checksum (changed after it was written)"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+    """The intact checkpoint with the highest step, or None; each newer damaged one is logged with the reason."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
-    return max(steps)[1] if steps else None
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))), reverse=True)
+    for _, path in steps:
+        why = damage(path)
+        if why is None:
+            return path
+        logger.warning(f"skipping checkpoint {path}: {why}")
+    return None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,

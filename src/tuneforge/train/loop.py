@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import resource
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,20 +25,22 @@ from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import TrainData, build_preference_data, build_training_data
 from tuneforge.data.preference import PreferenceData, collate_pairs
 from tuneforge.errors import StopTraining, TuneforgeError
+from tuneforge.files import replaced_atomically
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import count_parameters, format_trainable
 from tuneforge.methods.peft_format import load_adapter, save_adapter
 from tuneforge.methods.setup import load_model_for, prepare_model
-from tuneforge.models.load import load_tokenizer
+from tuneforge.models.load import load_tokenizer, pad_token_id
 from tuneforge.plotting import plot_loss
 from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import use_document_attention
 from tuneforge.train.callbacks import TrainCallback
-from tuneforge.train.checkpoint import latest_checkpoint
+from tuneforge.train.distributed import world_size
 from tuneforge.train.kernels import apply_kernels
-from tuneforge.train.plan import check_memory, choose_recompute
+from tuneforge.train.plan import GIB, check_memory, choose_recompute, cpu_need, cpu_plan_inputs, cpu_rows_per_forward
 from tuneforge.train.preference import frozen_reference, precompute_reference_logps, settings_for
-from tuneforge.train.runtime import Runtime
+from tuneforge.train.rundir import RunStatus, check_run, run_inputs
+from tuneforge.train.runtime import Runtime, default_threads
 from tuneforge.train.schedule import make_scheduler
 from tuneforge.train.step import Batch, CausalLMLoss, PreferenceLoss, StepResult, train_step, validate
 from tuneforge.train.tracking import trackers_for
@@ -100,6 +101,7 @@ class Run:
     quiet: bool
     attention_before: str
     started: float = field(default_factory=time.perf_counter)
+    forward_rows: int | None = None  # on the CPU: rows per forward when a micro-batch is split to save RAM
 
     @property
     def metrics_path(self) -> Path:
@@ -112,43 +114,63 @@ class Run:
 
 def train(config: RunConfig, resume: bool = False, overwrite: bool = False,
           callbacks: Sequence[TrainCallback] = (), model: torch.nn.Module | None = None,
-          tokenizer: Any = None, data: TrainData | None = None, quiet: bool = False) -> TrainResult:
+          tokenizer: Any = None, data: TrainData | None = None, quiet: bool = False,
+          resume_with_changes: bool = False) -> TrainResult:
     """Run one fine-tuning job as configured and write its run directory.
 
     ``callbacks`` see the run start, each evaluation point and record, and its end
     (:class:`tuneforge.train.callbacks.TrainCallback`); the config's experiment trackers are added to them.
     ``model``/``tokenizer``/``data`` replace what the config would load. ``train.objective`` other than sft trains on
     preference pairs (:class:`tuneforge.data.preference.PreferenceData`) with the same step.
+
+    The run directory is made only once the config, the data and the model are good, and is marked
+    (``tuneforge-run.json``) finished, stopped or failed at the end; ``--overwrite`` replaces only a run, and a
+    resumed run may change only its length and what it measures, those with ``resume_with_changes``
+    (:mod:`tuneforge.train.rundir`).
     """
-    run = setup(config, resume, overwrite, model, tokenizer, data, quiet)
-    callbacks = [*callbacks, *trackers_for(config)]
-    for cb in callbacks:
-        cb.on_start(run.model, run.run_dir, config)
-    fit(run, callbacks)
-    return finish(run, callbacks)
+    status = RunStatus(Path(config.output_dir))
+    try:
+        run = setup(config, resume, overwrite, model, tokenizer, data, quiet, status, resume_with_changes)
+        callbacks = [*callbacks, *trackers_for(config)]
+        for cb in callbacks:
+            cb.on_start(run.model, run.run_dir, config)
+        fit(run, callbacks)
+        result = finish(run, callbacks)
+    except BaseException as e:  # the marker says the run failed, and why; the error goes on to the caller
+        status.fail(e)
+        raise
+    status.end(stopped=run.state.stopped is not None)
+    return result
 
 
 # --- set-up ----------------------------------------------------------------------------------------
 
 def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Module | None, tokenizer: Any,
-          data: TrainData | PreferenceData | None, quiet: bool) -> Run:
-    """Devices, run directory, data, model + method, optimizer and schedule; the resumed state if asked."""
+          data: TrainData | PreferenceData | None, quiet: bool, status: RunStatus | None = None,
+          resume_with_changes: bool = False) -> Run:
+    """Devices, data, model + method, the run directory, optimizer and schedule; the resumed state if asked.
+
+    Nothing is written before the run directory's checks, the data and the model have passed.
+    """
     t = config.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    torch.set_num_threads(t.threads or default_threads())
     torch.manual_seed(t.seed)
     runtime = Runtime(t.batch_size, resolve_device(t.device))
     recompute = choose_recompute(config, runtime.device)
     if model is None and runtime.device.type == "cuda":  # refuse early, with the predicted split and advice
         check_memory(config, runtime.device, recompute=recompute)
-    run_dir = runtime.on_main(prepare_run_dir, config, resume, overwrite)  # rank 0 writes files, all wait
-    runtime.on_main(save_config, config, run_dir / "config.yaml")
+    run_dir, inputs = Path(config.output_dir), run_inputs(config)
+    checkpoint = runtime.on_main(check_run, run_dir, inputs, config, resume, overwrite, resume_with_changes)
     tokenizer = tokenizer or load_tokenizer(config.model, config.trust_remote_code)
     build = build_training_data if t.objective == "sft" else build_preference_data
     data = data or build(config.data, tokenizer, seed=t.seed)
     if not quiet:
         report_data(data)
+    rows = forward_rows(config, runtime.device, model, recompute, quiet)
     model, loss_model, attention_before = setup_model(config, runtime, model, data, recompute, quiet)
+    status = status or RunStatus(run_dir)
+    runtime.on_main(status.create, inputs, resume, overwrite)  # rank 0 writes files, all wait
+    runtime.on_main(save_config, config, run_dir / "config.yaml")
     params = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=runtime.device.type == "cuda")
@@ -157,10 +179,10 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     scheduler = make_scheduler(optimizer, steps, warmup, t.schedule, t.min_lr_ratio)
     run = Run(config=config, runtime=runtime, run_dir=run_dir, tokenizer=tokenizer, data=data, model=model,
               loss_model=loss_model, optimizer=optimizer, scheduler=scheduler, steps=steps, state=TrainerState(),
-              quiet=quiet, attention_before=attention_before)
+              quiet=quiet, attention_before=attention_before, forward_rows=rows)
     if run.pairs and loss_model.settings.reference == "precomputed":
         run.data = reference_pass(run, resume)
-    restore(run, resume)
+    restore(run, checkpoint)
     return run
 
 
@@ -221,7 +243,7 @@ def reference_pass(run: Run, resume: bool) -> PreferenceData:
         return replace(data, train_pairs=train, val_pairs=val)
     if not run.quiet:
         logger.info(f"reference log-probs: one pass over {len(data.train_pairs) + len(data.val_pairs)} pairs")
-    t, pad = run.config.train, run.tokenizer.pad_token_id
+    t, pad = run.config.train, pad_token_id(run.tokenizer)
     amp = autocast_dtype(run.config, run.runtime.device)
     train, val = (precompute_reference_logps(run.model, pairs, pad, t.batch_size, t.loss_chunk_tokens, amp)
                   for pairs in (data.train_pairs, data.val_pairs))
@@ -230,15 +252,32 @@ def reference_pass(run: Run, resume: bool) -> PreferenceData:
     return replace(data, train_pairs=train, val_pairs=val)
 
 
-def restore(run: Run, resume: bool) -> None:
-    """Resume from the latest checkpoint (state, data position, metrics), or start a fresh metrics log."""
-    if resume and (ckpt := latest_checkpoint(run.run_dir)) is not None:
+def forward_rows(config: RunConfig, device: torch.device, model: torch.nn.Module | None, recompute: str,
+                 quiet: bool) -> int | None:
+    """On the CPU (one process): the rows one forward takes, fewer than ``train.batch_size`` when the whole
+    micro-batch would take too much RAM (refused, with advice, when one row cannot fit). None elsewhere."""
+    if device.type != "cpu" or world_size() > 1:
+        return None
+    shape = model.config if model is not None else config.model
+    rows = cpu_rows_per_forward(config, shape, recompute)
+    batch = config.train.batch_size
+    if rows < batch and not quiet:
+        need = [cpu_need(cpu_plan_inputs(config, shape, recompute, n)) / GIB for n in (batch, rows)]
+        logger.info(f"CPU memory: a micro-batch of {batch} rows × {config.data.max_seq_len} tokens would need "
+                    f"~{need[0]:.1f} GiB of RAM in one forward; it runs as forwards of {rows} rows (~{need[1]:.1f} "
+                    "GiB), the same rows per optimizer step and the same loss")
+    return rows
+
+
+def restore(run: Run, ckpt: Path | None) -> None:
+    """Resume from checkpoint ``ckpt`` (state, data position, metrics), or start a fresh metrics log."""
+    if ckpt is not None:
         trainer = run.runtime.load_checkpoint(ckpt, run.loss_model, run.optimizer, run.scheduler)
         run.state.step = trainer["step"]
         run.runtime.on_main(keep_metrics_until, run.metrics_path, run.state.step)
         if not run.quiet:
             logger.info(f"resumed from {ckpt} (step {run.state.step})")
-    elif not resume and run.runtime.is_main:
+    elif run.runtime.is_main:
         run.metrics_path.unlink(missing_ok=True)
 
 
@@ -278,8 +317,9 @@ def fit(run: Run, callbacks: Sequence[TrainCallback]) -> None:
 
 def one_step(run: Run, index_batches: list[list[int]]) -> StepResult:
     """One optimizer step on this process's share of ``grad_accum`` global micro-batches."""
-    units = train_units(run.data)
-    batches = [micro_batch(run, [units[i] for i in indices]) for indices in index_batches]
+    units, size = train_units(run.data), run.forward_rows or run.config.train.batch_size
+    batches = [micro_batch(run, [units[i] for i in indices[j:j + size]])  # a CPU split keeps the loss the same
+               for indices in index_batches for j in range(0, len(indices), size)]
     try:
         return train_step(run.loss_model, batches, run.optimizer, run.scheduler, run.config.train.max_grad_norm,
                           run.runtime.all_sum)
@@ -290,7 +330,7 @@ def one_step(run: Run, index_batches: list[list[int]]) -> StepResult:
 def micro_batch(run: Run, units: list[Any]) -> Batch:
     """This process's share of one global micro-batch, collated: rows (SFT), or pairs with both answers of each
     pair in one forward (packed into rows of up to two ``max_seq_len`` with ``data.packing``)."""
-    pad_id = run.tokenizer.pad_token_id
+    pad_id = pad_token_id(run.tokenizer)
     if not run.pairs:
         return run.runtime.batch(units, pad_id)
     pack_len = 2 * run.config.data.max_seq_len if run.config.data.packing else None
@@ -416,17 +456,6 @@ def total_steps(config: RunConfig, n_rows: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def prepare_run_dir(config: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise TuneforgeError(f"run directory '{run_dir}' already exists; pass --resume to continue "
-                                 "it, --overwrite to replace it, or set output_dir to a new path")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def keep_metrics_until(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint so the log has no duplicated steps."""
     if not path.exists():
@@ -447,8 +476,9 @@ def save_output(model: torch.nn.Module, tokenizer: Any, config: RunConfig, run_d
     if config.method.name in ("lora", "qlora"):
         return save_adapter(model, run_dir / "adapter", base_model_name_or_path=config.model)
     out = run_dir / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with replaced_atomically(out) as tmp:  # a kill never leaves half a model; its temp folder is cleaned on resume
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

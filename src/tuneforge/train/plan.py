@@ -43,6 +43,14 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # handles (0.75 GiB measured on an H200, torch 2.11) and the caching allocator's slack (0.2-0.7 GiB).
 OVERHEAD_BYTES = int(1.25 * GIB)
 SKIP_ENV = "TUNEFORGE_SKIP_MEMORY_CHECK"
+# On the CPU the tensors cost more than they count: peak RSS minus the RSS before training was 1.16-1.19x the
+# planned bytes without recomputation and 1.46x with it (SmolLM2-135M LoRA, 1-2 rows of 512, torch 2.13, glibc
+# malloc, 1 thread): 1.25x plus a fixed 0.3 GiB covers all three.
+CPU_SLACK = 1.25
+CPU_OVERHEAD_BYTES = int(0.3 * GIB)
+# Larger forwards buy the CPU little speed: a batch whose forward would need more than this runs as several
+# smaller forwards (the same rows per optimizer step, the same loss normalization).
+CPU_FORWARD_BUDGET = 4 * GIB
 
 @dataclass(frozen=True)
 class PlanInputs:
@@ -434,6 +442,67 @@ def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = No
             "this run is predicted not to fit in GPU memory; nothing was loaded.\n" + plan.table()
             + f"\n(the prediction is usually within 15%; set {SKIP_ENV}=1 to try anyway)")
     return plan
+
+
+# --- the CPU: memory is RAM ---------------------------------------------------------------------
+
+def available_ram() -> int | None:
+    """Bytes this process can still take: MemAvailable, capped by a cgroup limit; None where neither is readable."""
+    try:
+        meminfo = open("/proc/meminfo").read()
+        avail = int(next(ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
+
+
+def cpu_need(inputs: PlanInputs) -> int:
+    """Predicted RAM a CPU training step adds to the process (tensors × the allocator's measured slack)."""
+    return int(CPU_SLACK * plan_memory(inputs, advise=False, overhead_bytes=0).allocated) + CPU_OVERHEAD_BYTES
+
+
+def cpu_plan_inputs(config: Any, model: Any, recompute: str, rows: int) -> PlanInputs:
+    """A ``RunConfig`` run as the CPU runs it: fp32 (unless bf16 is asked), packed rows under a dense mask, ``rows``
+    rows per forward; ``model`` is the model's HF config when it is loaded already, else the reference."""
+    t = config.train
+    pairs = getattr(t, "objective", "sft") != "sft"  # a pair's two answers share one row of up to 2 × max_seq_len
+    return replace(plan_inputs(config, recompute, 1), model=model, batch=rows,
+                   seq=config.data.max_seq_len * (2 if pairs else 1),
+                   dtype="bf16" if t.dtype == "bf16" else "fp32", weight_dtype="fp32",
+                   attention_mask=config.data.packing)
+
+
+def cpu_rows_per_forward(config: Any, model: Any, recompute: str, ram: int | None = None) -> int:
+    """How many of a micro-batch's rows one forward takes on the CPU: all of them when that fits the RAM and
+    ``CPU_FORWARD_BUDGET``, else the most that do. Raises TuneforgeError, with advice, when one row cannot fit;
+    returns the whole batch when the planner does not model the model or the RAM is unknown."""
+    ram = available_ram() if ram is None else ram
+    batch = config.train.batch_size
+    try:
+        need = [cpu_need(cpu_plan_inputs(config, model, recompute, rows)) for rows in (1, batch)]
+    except TuneforgeError:
+        return batch  # an architecture the planner does not model
+    if ram is None:
+        return batch
+    if need[0] > HEADROOM * ram and os.environ.get(SKIP_ENV) != "1":
+        raise TuneforgeError(
+            f"this run is predicted to need {need[0] / GIB:.1f} GiB of RAM even one row per forward "
+            f"({config.data.max_seq_len} tokens), and {ram / GIB:.1f} GiB are available; nothing was written.\n"
+            "Try: a shorter data.max_seq_len; method.name=lora instead of full/freeze; "
+            "train.gradient_checkpointing=on; or close other programs. "
+            f"(set {SKIP_ENV}=1 to try anyway)")
+    budget = min(HEADROOM * ram, max(CPU_FORWARD_BUDGET, need[0]))
+    rows = batch
+    while rows > 1 and cpu_need(cpu_plan_inputs(config, model, recompute, rows)) > budget:
+        rows = math.ceil(rows / 2)
+    return rows
 
 
 # --- data classes ---------------------------------------------------------------------------------
