@@ -27,6 +27,7 @@ from tuneforge.log import emit, get_logger
 from tuneforge.models.load import load_model, load_tokenizer
 from tuneforge.models.resolve import resolve_model
 from tuneforge.train.loop import TrainResult, train
+from tuneforge.train.rundir import check_run_dir, run_inputs
 
 logger = get_logger(__name__)
 
@@ -64,10 +65,15 @@ def folder_bytes(path: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).glob(pattern))
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int | None = None) -> DemoResult:
-    """Measure, train, measure again, and emit the comparison."""
+def run_demo(output_dir: str = "runs/demo", steps: int | None = None, overwrite: bool = False) -> DemoResult:
+    """Measure, train, measure again, and emit the comparison.
+
+    An existing ``output_dir`` is replaced only when it is a tuneforge run and ``overwrite`` is given (checked
+    before anything is measured).
+    """
     t0 = time.perf_counter()
     config = demo_config(output_dir, steps)
+    check_run_dir(Path(output_dir), run_inputs(config), resume=False, overwrite=overwrite)
     tokenizer = load_tokenizer(DEMO_MODEL)
     model = load_model(DEMO_MODEL).eval()
     splits = builtin_tasks(seed=config.train.seed)
@@ -79,7 +85,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None) -> DemoRes
     logger.info(f"demo: base exact match: trained types {before_seen.accuracy:.1%}, "
                 f"held-out types {before_unseen.accuracy:.1%}")
 
-    result = train(config, overwrite=True, model=model, tokenizer=tokenizer)
+    result = train(config, overwrite=overwrite, model=model, tokenizer=tokenizer)
     model.eval()
     after_seen, after_unseen = evaluate_tasks(model, tokenizer, seen), evaluate_tasks(model, tokenizer, unseen)
     demo = DemoResult(before_seen, after_seen, before_unseen, after_unseen, result,
@@ -155,16 +161,18 @@ def measure_dpo(model, tokenizer, pairs: list[PreferencePair]) -> DpoMeasure:
                       sum(words) / max(len(words), 1))
 
 
-def run_dpo_demo(output_dir: str = "runs/demo-dpo", steps: int | None = None) -> DpoDemoResult:
-    """Measure, train DPO, measure again, and emit the comparison."""
+def run_dpo_demo(output_dir: str = "runs/demo-dpo", steps: int | None = None,
+                 overwrite: bool = False) -> DpoDemoResult:
+    """Measure, train DPO, measure again, and emit the comparison (``output_dir`` as in :func:`run_demo`)."""
     t0 = time.perf_counter()
     config = dpo_demo_config(output_dir, steps)
+    check_run_dir(Path(output_dir), run_inputs(config), resume=False, overwrite=overwrite)
     tokenizer = load_tokenizer(DEMO_MODEL)
     model = load_model(DEMO_MODEL).eval()
     pairs = held_out_pairs(config.train.seed)
     logger.info(f"demo --dpo: measuring the base model on {len(pairs)} held-out pairs")
     before = measure_dpo(model, tokenizer, pairs)
-    result = train(config, overwrite=True, model=model, tokenizer=tokenizer)
+    result = train(config, overwrite=overwrite, model=model, tokenizer=tokenizer)
     model.eval()
     demo = DpoDemoResult(before, measure_dpo(model, tokenizer, pairs), len(pairs), result)
     emit(format_dpo_demo(demo, time.perf_counter() - t0))
