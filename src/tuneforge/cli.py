@@ -9,14 +9,19 @@ loads no torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
+from tuneforge import __version__
 from tuneforge import config as cfg
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, user_error_message
 from tuneforge.log import emit, set_quiet
 
 # A named flag: its option strings, the config key it sets, extra argparse settings (help, action, metavar).
@@ -30,6 +35,7 @@ TRAIN_FLAGS: list[Flag] = [
     (("--max-steps",), "train.max_steps", {}),
     (("--lr",), "train.lr", {}),
     (("--skip-bad",), "data.skip_bad", {"action": "store_true"}),
+    (("--threads",), "train.threads", {}),
 ]
 EVAL_FLAGS: list[Flag] = [
     (("--model",), "model", {}),
@@ -47,6 +53,7 @@ EVAL_FLAGS: list[Flag] = [
     (("--system",), "system", {}),
     (("--no-base",), "include_base", {"action": "store_false", "help": "only the adapters, not the base alone"}),
     (("--output", "-o"), "output", {}),
+    (("--threads",), "threads", {}),
 ]
 ADVISE_FLAGS: list[Flag] = [
     (("--model",), "model", {}),
@@ -65,6 +72,7 @@ ADVISE_FLAGS: list[Flag] = [
     (("--expected-requests",), "expected_requests", {}),
     (("--seed",), "seed", {}),
     (("--output", "-o"), "output", {}),
+    (("--threads",), "threads", {}),
 ]
 SERVE_FLAGS: list[Flag] = [
     (("--model",), "model", {}),
@@ -77,6 +85,7 @@ SERVE_FLAGS: list[Flag] = [
     (("--max-body-bytes",), "max_body_bytes", {}),
     (("--dtype",), "dtype", {}),
     (("--device",), "device", {}),
+    (("--threads",), "threads", {}),
 ]
 LAB_FLAGS: list[Flag] = [
     (("--quick",), "quick", {"action": "store_true"}),
@@ -108,6 +117,10 @@ PLAN_FLAGS: list[Flag] = [
     (("--loss-chunk-tokens",), "train.loss_chunk_tokens", {}),
     (("--grad-accum",), "train.grad_accum", {}),
 ]
+
+
+# Config keys that name the command's output folder.
+OUTPUT_KEYS = ("output_dir", "output")
 
 
 def add_config_options(p: argparse.ArgumentParser, schema: type[BaseModel], flags: list[Flag]) -> None:
@@ -142,13 +155,22 @@ def config_of(args: argparse.Namespace) -> Any:
         value = getattr(args, dest_of(key))
         if value is not None:
             values[key], names[key] = value, options[0]
-    return cfg.load_config(args.config, args.overrides, values, schema=args.schema, flag_names=names)
+    config = cfg.load_config(args.config, args.overrides, values, schema=args.schema, flag_names=names)
+    for key in OUTPUT_KEYS:
+        out = getattr(config, key, None)
+        if out is not None and Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"{key} ({names.get(key, '--set ' + key)}): '{out}' is an existing file; give a "
+                                  "folder path (a new one, or an earlier output of this command)")
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from tuneforge.train.loop import train  # start-up time
 
     config = config_of(args)
+    args.run_dir = Path(config.output_dir)  # where a bug's traceback goes, once the run has its marker
+    check_device(config.train.device, "train.device")
+    use_threads(config.train.threads)
     callbacks, tokenizer = [], None
     if config.train.forgetting is not None:
         from tuneforge.eval.forgetting import forgetting_callback  # start-up time
@@ -163,6 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from tuneforge.eval.run import format_report, run_eval  # start-up time
 
     c = config_of(args)
+    use_threads(c.threads)
     report = run_eval(c.model, c.data, adapters=c.adapters, metrics=c.metrics, output=c.output, pattern=c.pattern,
                       schema_path=c.schema_file, refusal_detector=c.refusal_detector, limit=c.limit,
                       max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, include_base=c.include_base,
@@ -174,6 +197,7 @@ def cmd_advise(args: argparse.Namespace) -> None:
     from tuneforge.eval.advise import AdviseOptions, format_advice, run_advise  # start-up time
 
     c = config_of(args)
+    use_threads(c.threads)
     advice = run_advise(AdviseOptions(**c.model_dump() | {"shots": tuple(c.shots)}))
     emit(format_advice(advice))
     emit("\n".join(f"{k:<10} {v}" for k, v in advice.files.items()))
@@ -185,13 +209,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from tuneforge.serve import ServeOptions, serve  # start-up time
 
     c = config_of(args)
-    serve(ServeOptions(**c.model_dump() | {"api_key": c.api_key or os.environ.get("TUNEFORGE_API_KEY")}))
+    check_device(c.device, "device")
+    use_threads(c.threads)
+    key = c.api_key or os.environ.get("TUNEFORGE_API_KEY")
+    serve(ServeOptions(**c.model_dump(exclude={"threads"}) | {"api_key": key}))
 
 
 def cmd_lab(args: argparse.Namespace) -> None:
     from tuneforge.report.lab import run_lab  # start-up time
 
     c = config_of(args)
+    use_threads(c.threads)
     result = run_lab(output=c.output, quick=c.quick, general_text=c.general_text, threads=c.threads)
     emit(f"lab ({result.mode}) finished in {result.seconds / 60:.1f} min")
     emit("\n".join(f"{k:<9} {v}" for k, v in result.files.items()))
@@ -218,7 +246,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from tuneforge.data.inspect import format_report, inspect_data  # start-up time
     from tuneforge.models.load import load_tokenizer  # start-up time
 
-    fields = dict(kv.split("=", 1) for kv in args.field) if args.field else None
+    fields = field_mapping(args.field)
+    use_threads(args.threads)
     report = inspect_data(args.files, load_tokenizer(args.model), args.max_seq_len, Path(args.out),
                           n_show=args.show, format=args.format, fields=fields)
     emit(format_report(report))
@@ -228,6 +257,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from tuneforge.eval.interactive import load_prompts, run_generate  # start-up time
 
     prompts = load_prompts(args.prompt, args.file)
+    use_threads(args.threads)
     for prompt, out in zip(prompts, run_generate(args.model, args.adapter, prompts, args.max_new_tokens,
                                                  args.temperature, args.top_p, args.batch_size), strict=True):
         emit(f">>> {prompt}\n{out}\n")
@@ -236,6 +266,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from tuneforge.eval.interactive import chat_loop  # start-up time
 
+    use_threads(args.threads)
     chat_loop(args.model, args.adapter, args.max_new_tokens, args.temperature, args.system)
 
 
@@ -245,7 +276,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.dpo:
         run_dpo_demo(output_dir=args.output or "runs/demo-dpo", steps=args.steps)
     else:
-        run_demo(output_dir=args.output or "runs/demo", steps=args.steps)
+        use_threads(args.threads)
+    run_demo(output_dir=args.output or "runs/demo", steps=args.steps)
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> None:
@@ -273,7 +305,6 @@ def cmd_adapters_merge(args: argparse.Namespace) -> None:
 
 def cmd_adapters_combine(args: argparse.Namespace) -> None:
     from tuneforge.adapters.combine import combine_adapters  # start-up time
-    from tuneforge.errors import ConfigError  # start-up time
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
@@ -282,6 +313,62 @@ def cmd_adapters_combine(args: argparse.Namespace) -> None:
     result = combine_adapters(args.adapter, weights, args.out, method=args.method, rank=args.rank)
     emit(f"{result.method} combination written to {result.path}: rank {result.r}, "
          f"relative Frobenius error {result.relative_error:.3g} (worst module {result.max_module_error:.3g})")
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads before the library runs: ``threads``, else the one default rule."""
+    from tuneforge.models.threads import apply_threads  # start-up time
+
+    apply_threads(threads)
+
+
+def check_device(name: str, key: str) -> None:
+    """Refuse a CUDA device on a machine without one before anything loads, naming the key."""
+    if not name.startswith("cuda"):
+        return
+    import torch  # start-up time
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}: '{name}' but this machine has no CUDA GPU that torch can use; set {key} to "
+                          "cpu (or auto)")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}: '{name}' but this machine has {torch.cuda.device_count()} GPU(s) "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def field_mapping(items: list[str] | None) -> dict[str, str] | None:
+    """``--field CANONICAL=COLUMN`` values as a dict; a value without ``=`` is a ConfigError naming it."""
+    if not items:
+        return None
+    for kv in items:
+        if "=" not in kv or not kv.split("=", 1)[0] or not kv.split("=", 1)[1]:
+            raise ConfigError(f"--field {kv!r}: write CANONICAL=COLUMN, e.g. --field instruction=question "
+                              "(your column 'question' read as the field 'instruction')")
+    return dict(kv.split("=", 1) for kv in items)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number > 0."""
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {text!r}")
+    return int(text)
+
+
+def seq_len(text: str) -> int:
+    """An argparse type: a sequence length of at least 16 tokens (as ``data.max_seq_len``)."""
+    n = positive_int(text)
+    if n < 16:
+        raise argparse.ArgumentTypeError(f"expected at least 16 tokens (as data.max_seq_len), got {n}")
+    return n
+
+
+def threads_option() -> argparse.ArgumentParser:
+    """``--threads`` of the commands that have no config model."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the physical cores this process "
+                                                        "may use, or $OMP_NUM_THREADS)")
+    return p
 
 
 def quiet_option() -> argparse.ArgumentParser:
@@ -348,11 +435,12 @@ def add_adapter_commands(sub, common: list[argparse.ArgumentParser]) -> None:
 def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
     """`tuneforge data inspect`, `generate`, `chat` and `demo`."""
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    common = [*common, threads_option()]
     p = data.add_parser("inspect", parents=common,
                         help="formats, counts, token lengths and the loss mask of data files")
     p.add_argument("files", nargs="+")
     p.add_argument("--model", default="smollm2-135m", help="tokenizer and chat template to use")
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-seq-len", type=seq_len, default=512, help="row length in tokens (at least 16)")
     p.add_argument("--format", default="auto")
     p.add_argument("--field", action="append", metavar="CANONICAL=COLUMN", help="field mapping")
     p.add_argument("--show", type=int, default=3, help="examples to render with the loss mask")
@@ -363,13 +451,13 @@ def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
         p = sub.add_parser(name, parents=common, help=helptext)
         p.add_argument("--model", default="smollm2-135m")
         p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory")
-        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128)
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         if name == "generate":
             p.add_argument("prompt", nargs="*", help="prompts (user messages)")
             p.add_argument("--file", help="a text file with one prompt per line, or a JSONL of records")
             p.add_argument("--top-p", type=float, default=1.0)
-            p.add_argument("--batch-size", type=int, default=16)
+            p.add_argument("--batch-size", type=positive_int, default=16)
             p.set_defaults(func=cmd_generate)
         else:
             p.add_argument("--system", help="system prompt")
@@ -378,7 +466,7 @@ def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", parents=common,
                        help="LoRA-fine-tune the builtin SmolLM2 on builtin:tasks, before/after")
     p.add_argument("--output", default=None, help="run directory (default runs/demo, or runs/demo-dpo with --dpo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--dpo", action="store_true", help="DPO on builtin preference pairs instead: preference accuracy "
                                                       "and answers before/after")
     p.set_defaults(func=cmd_demo)
@@ -395,17 +483,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Exit codes: 0 done; 2 a problem the user can fix (one message, no traceback); 1 a bug in
+    tuneforge (a short note, the traceback saved to a file); 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     set_quiet(args.quiet)
     try:
         args.func(args)
-    except TuneforgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # every failure ends in one message: the user's to fix (2) or a bug of ours (1)
+        message = user_error_message(e)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        report = save_traceback(e, getattr(args, "run_dir", None))
+        print(f"error: this is a bug in tuneforge, please report it: {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}; the traceback is in {report}", file=sys.stderr)
+        return 1
     return 0
+
+
+def save_traceback(e: BaseException, run_dir: Path | None) -> Path:
+    """Write the traceback into the run directory when there is one (it carries ``tuneforge-run.json``), else
+    into ``<tmp>/tuneforge-crashes``; return the file's path."""
+    folder = Path(tempfile.gettempdir()) / "tuneforge-crashes"
+    if run_dir is not None:
+        from tuneforge.train.rundir import MARKER  # start-up time
+
+        folder = run_dir if (run_dir / MARKER).is_file() else folder
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = f"tuneforge {__version__}, argv {sys.argv}\n" + "".join(traceback.format_exception(e))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{stamp}-{os.getpid()}.txt"
+        path.write_text(text, encoding="utf-8")
+    except OSError:  # an unwritable run dir must not hide the bug: fall back to stderr
+        print(text, file=sys.stderr)
+        return Path("<stderr>")
+    return path
 
 
 if __name__ == "__main__":

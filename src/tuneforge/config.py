@@ -7,20 +7,48 @@ commands. ``docs/configuration.md`` is generated from these models (``tuneforge.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tuneforge.errors import ConfigError
 
 DEFAULT_LR = {"full": 1e-5, "freeze": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+THREADS_HELP = "CPU threads; null: the physical cores this process may use, or $OMP_NUM_THREADS (docs/reliability.md)"
 MODEL_HELP = "model reference: builtin name, local HF directory, .gguf file or hub id (docs/training.md)"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads true as 1: a number key given a boolean is refused instead."""
+        items = v if isinstance(v, list) else [v]
+        if any(isinstance(x, bool) for x in items) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, got a boolean (true/false)")
+        return v
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers and not booleans: int, float, optional or list of them."""
+    args = get_args(annotation)
+    if bool in args or annotation is bool:
+        return False
+    return annotation in (int, float) or any(_numeric(a) for a in args)
+
+
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _device(v: str) -> str:
+    if not DEVICE.match(v):
+        raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+    return v
 
 
 def _comma_list(v: Any) -> Any:
@@ -179,10 +207,12 @@ class TrainConfig(Strict):
     eval_every: int | None = Field(None, gt=0, description="steps between validation (and forgetting) points")
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     log_every: int = Field(1, gt=0, description="steps between metric lines")
-    threads: int | None = Field(None, gt=0, description="CPU threads; null: torch's default")
+    threads: int | None = Field(None, gt=0, description=THREADS_HELP)
     forgetting: ForgettingSettings | None = Field(None, description="track forgetting (docs/evaluation.md)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
         default_factory=list, description="experiment trackers that also receive every metrics record")
+
+    _device = field_validator("device")(_device)
 
 
 class RunConfig(Strict):
@@ -223,6 +253,7 @@ class EvalConfig(Strict):
     system: str | None = Field(None, description="system prompt for every record")
     include_base: bool = Field(True, description="also evaluate the base model alone")
     output: str = Field("runs/eval", description="where results.json, predictions.jsonl and the PNGs go")
+    threads: int | None = Field(None, gt=0, description=THREADS_HELP)
 
 
 class AdviseConfig(Strict):
@@ -252,7 +283,7 @@ class AdviseConfig(Strict):
     max_new_tokens: int | None = Field(None, gt=0, description="null: from the longest reference")
     output: str = Field("runs/advise", description="where advise.md, advise.json and crossover.png go")
     seed: int = Field(0, description="record split and training seed")
-    threads: int | None = Field(None, gt=0, description="CPU threads; null: torch's default")
+    threads: int | None = Field(None, gt=0, description=THREADS_HELP)
 
     @field_validator("shots", mode="before")
     @classmethod
@@ -277,6 +308,9 @@ class ServeConfig(Strict):
     scan_interval_s: float = Field(2.0, description="how often the adapters folder is rescanned")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu or cuda")
+    threads: int | None = Field(None, gt=0, description=THREADS_HELP)
+
+    _device = field_validator("device")(_device)
 
 
 class LabConfig(Strict):
@@ -286,7 +320,7 @@ class LabConfig(Strict):
     output: str = Field("runs/lab", description="where report.md, report.html, plots/ and lab.json go")
     general_text: str | None = Field(None, description="general text for perplexity; null: "
                                                        "../shared/data/general")
-    threads: int | None = Field(None, gt=0, description="CPU threads; null: torch's default")
+    threads: int | None = Field(None, gt=0, description=THREADS_HELP)
 
 
 class UiConfig(Strict):
@@ -333,15 +367,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(raw, source=str(path) if path else "config", schema=schema, flag_names=flag_names)
 
 
+class NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a 521-byte "billion laughs" of aliases expands to
+    gigabytes, and a config never needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a "
+                                                          "tuneforge config; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values (safe types only, no aliases); too deep a nesting is a YAMLError too."""
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply for a config") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a dict; a missing file, bad YAML or a non-mapping is a ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file '{path}' does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: byte 0x{data[e.start]:02x} is not UTF-8; save the config as UTF-8") from None
+    try:
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (model:, data:, ...)")
     return raw
@@ -352,7 +412,12 @@ def set_key(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key.path=value, e.g. train.lr=1e-4")
     key, value = item.split("=", 1)
-    set_value(raw, key.strip(), yaml.safe_load(value) if value != "" else None, item)
+    try:
+        parsed = parse_yaml(value) if value != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it, e.g. "
+                          f"--set '{key}=\"...\"'") from None
+    set_value(raw, key.strip(), parsed, item)
 
 
 def set_value(raw: dict[str, Any], key: str, value: Any, origin: str | None = None) -> None:
