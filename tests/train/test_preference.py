@@ -260,3 +260,23 @@ def test_full_fine_tuning_without_reference_is_refused(models, pairs, tiny_token
 def test_settings_validated(kw, key):
     with pytest.raises(ConfigError, match=key):
         PreferenceSettings(**kw)
+
+
+def test_disable_adapters_runs_the_base_and_restores(tiny_tokenizer):
+    from conftest import build_tiny_model
+    from tuneforge.errors import ModelError
+    from tuneforge.methods.lora import disable_adapters, merge_lora
+
+    model = build_tiny_model(len(tiny_tokenizer))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    base = model(ids).logits
+    apply_lora(model, r=4, alpha=8)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    tuned = model(ids).logits
+    with disable_adapters(model):
+        torch.testing.assert_close(model(ids).logits, base)
+    torch.testing.assert_close(model(ids).logits, tuned)
+    merge_lora(model)
+    with pytest.raises(ModelError, match="merged"), disable_adapters(model):
+        pass
