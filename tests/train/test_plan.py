@@ -9,7 +9,7 @@ import torch
 from tuneforge.cli import main
 from tuneforge.config import validate
 from tuneforge.errors import ConfigError, TuneforgeError
-from tuneforge.models.shapes import ModelShape, model_shape, shape_config
+from tuneforge.models.shapes import SMOLLM2_135M, ModelShape, model_shape, shape_config
 from tuneforge.train import loop
 from tuneforge.train import plan as plan_module
 from tuneforge.train.plan import (
@@ -232,3 +232,37 @@ def test_cli_plan_picks_recomputation_as_train_would(capsys):
     assert "recomputation: on" in capsys.readouterr().out
     assert main(["plan", "--model", "llama-3-8b", "--batch", "3", "--gpus", "2"]) == 2
     assert "divisible by --gpus 2" in capsys.readouterr().err
+
+
+# Peak RSS minus the RSS before training, SmolLM2-135M LoRA (r=16, all-linear, the defaults), fp32 on the CPU,
+# 1 thread, torch 2.13, 2 steps of packed builtin:tasks rows (measured 2026-12-01): (rows, seq, recompute, GiB).
+CPU_MEASURED = [(1, 512, "off", 1.963), (2, 512, "off", 3.385), (2, 512, "on", 1.735)]
+
+
+def _cpu_config(batch=8, seq=512, **train):
+    return validate({"data": {"max_seq_len": seq}, "train": {"batch_size": batch, **train}})
+
+
+@pytest.mark.parametrize(("rows", "seq", "recompute", "measured_gib"), CPU_MEASURED)
+def test_cpu_ram_prediction_covers_the_measured_peak(rows, seq, recompute, measured_gib):
+    need = plan_module.cpu_need(plan_module.cpu_plan_inputs(_cpu_config(rows, seq), SMOLLM2_135M, recompute, rows))
+    assert measured_gib <= need / GIB <= 1.35 * measured_gib
+
+
+def test_the_default_cpu_batch_runs_as_smaller_forwards_within_budget():
+    config = _cpu_config()  # the default train: 8 rows x 512 tokens
+    rows = plan_module.cpu_rows_per_forward(config, SMOLLM2_135M, "off", ram=64 * GIB)
+    assert 1 <= rows < 8
+    need = plan_module.cpu_need(plan_module.cpu_plan_inputs(config, SMOLLM2_135M, "off", rows))
+    assert need <= plan_module.CPU_FORWARD_BUDGET
+    assert plan_module.cpu_rows_per_forward(_cpu_config(batch=2, seq=64), SMOLLM2_135M, "off", ram=64 * GIB) == 2
+
+
+def test_cpu_run_that_cannot_fit_the_ram_is_refused_with_advice(monkeypatch):
+    with pytest.raises(TuneforgeError) as e:
+        plan_module.cpu_rows_per_forward(_cpu_config(), SMOLLM2_135M, "off", ram=1 * GIB)
+    message = str(e.value)
+    for advice in ("data.max_seq_len", "method.name=lora", "gradient_checkpointing"):
+        assert advice in message
+    monkeypatch.setenv("TUNEFORGE_SKIP_MEMORY_CHECK", "1")
+    assert plan_module.cpu_rows_per_forward(_cpu_config(), SMOLLM2_135M, "off", ram=1 * GIB) == 1
