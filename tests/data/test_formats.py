@@ -343,3 +343,31 @@ def test_oasst_tree_with_bad_node_names_its_path(tmp_path):
     tree = msg("m1", "prompter", "q", replies=[msg("m2", "assistant", 7)])
     msg_ = load_error(jsonl(tmp_path, [{"message_tree_id": "t", "prompt": tree}], "tree.jsonl"))
     assert "tree.jsonl:1" in msg_ and "prompt.replies[0].text" in msg_ and "must be a string" in msg_
+
+
+@pytest.mark.parametrize(("turns_", "expect"), [
+    ([("user", "q"), ("user", "q2"), ("assistant", "a")], "messages[1] is a user turn where a assistant turn belongs "
+                                                           "(two user turns in a row)"),
+    ([("user", "q"), ("assistant", "a"), ("assistant", "b")], "(two assistant turns in a row)"),
+    ([("assistant", "a"), ("user", "q"), ("assistant", "b")], "(it starts with an assistant turn)"),
+    ([("user", "q"), ("system", "s"), ("assistant", "a")], "messages[1] is a system turn after other turns"),
+    ([("user", "q"), ("assistant", "a"), ("user", "more?")], "ends with a user turn (messages[2]) that has no answer"),
+])
+def test_malformed_conversations_are_bad_records_with_the_fix(tmp_path, turns_, expect):
+    record = {"messages": [{"role": r, "content": c} for r, c in turns_]}
+    p = jsonl(tmp_path, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                         record])
+    msg = load_error(p)
+    assert msg.startswith(f"{p}:2: ") and expect in msg
+    assert load_examples(p, skip_bad=True).skipped[0][0] == f"{p}:2"
+
+
+def test_sharegpt_turn_order_and_a_leading_system_turn(tmp_path):
+    ok = {"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                            {"from": "gpt", "value": "a"}, {"from": "human", "value": "q2"},
+                            {"from": "gpt", "value": "a2"}]}
+    bad = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                             {"from": "gpt", "value": "b"}]}
+    p = jsonl(tmp_path, [ok, bad])
+    result = load_examples(p, skip_bad=True)
+    assert len(result.examples) == 1 and "conversations[2]" in result.skipped[0][1]

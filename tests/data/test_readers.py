@@ -216,3 +216,59 @@ def test_error_sink_collects_bad_lines_and_keeps_good_ones(tmp_path):
     assert [loc for loc, _ in records(p, errors=sink)] == [f"{p}:1", f"{p}:5"]
     assert [loc for loc, _ in sink] == [f"{p}:2", f"{p}:3", f"{p}:4"]
     assert "invalid JSON" in sink[0][1] and "array" in sink[1][1] and "UTF-8" in sink[2][1]
+
+
+# --- inputs that used to crash even with skip_bad (issue 12) ----------------------------------------
+
+
+def test_lone_surrogate_is_a_bad_record_named_by_line(tmp_path):
+    p = write(tmp_path, "s.jsonl", '{"text": "ok"}\n{"text": "a\\ud800b"}\n{"text": "fine \\u00e9"}\n')
+    assert "s.jsonl:2: a string holds a lone UTF-16 surrogate" in error(p)
+    skipped: list = []
+    assert [loc for loc, _ in records(p, errors=skipped)] == [f"{p}:1", f"{p}:3"]
+    assert [loc for loc, _ in skipped] == [f"{p}:2"]
+    doc = write(tmp_path, "s.json", '[{"text": "ok"},\n {"text": "\\udc00"}]')
+    assert "s.json:2 ([1]): a string holds a lone UTF-16 surrogate" in error(doc)
+
+
+def test_deeply_nested_json_is_a_bad_record(tmp_path):
+    deep = '{"text": "x", "extra": ' + "[" * 5000 + "]" * 5000 + "}"
+    less = '{"text": "x", "extra": ' + "[" * 300 + "]" * 300 + "}"
+    p = write(tmp_path, "deep.jsonl", f'{deep}\n{less}\n{{"text": "ok"}}\n')
+    assert "deep.jsonl:1: the JSON is nested deeper than 200 levels" in error(p)
+    skipped: list = []
+    assert len(records(p, errors=skipped)) == 1 and [loc for loc, _ in skipped] == [f"{p}:1", f"{p}:2"]
+    assert "nested too deeply" in error(write(tmp_path, "deep.json", "[" + deep + "]"))
+
+
+def test_huge_integer_is_a_bad_record(tmp_path):
+    p = write(tmp_path, "big.jsonl", '{"text": "ok"}\n{"text": "x", "n": ' + "9" * 5000 + "}\n")
+    assert "big.jsonl:2: invalid JSON" in error(p)
+
+
+def test_corrupt_deflate_stream_names_the_file_and_lines_read_even_with_skip_bad(tmp_path):
+    data = bytearray(gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(50))))
+    data[10] = 0xFF  # the first deflate block header: an invalid block type
+    p = write(tmp_path, "c.jsonl.gz", bytes(data))
+    for errors in (None, []):
+        msg = error(p, errors=errors)
+        assert msg.startswith(f"{p}: ") and "gzip -t" in msg and "invalid block type" in msg
+    good = gzip.compress(b"".join(b'{"text": "line %d"}\n' % i for i in range(5000)))
+    cut = write(tmp_path, "cut.jsonl.gz", good[: len(good) // 2])
+    msg = error(cut, errors=[])
+    assert "damaged after line" in msg and "cannot skip them" in msg
+
+
+def test_csv_unterminated_quote_is_refused_at_its_line(tmp_path):
+    p = write(tmp_path, "q.csv", 'prompt,completion\na,b\nc,"d\ne,f\ng,h\n')
+    for errors in (None, []):
+        assert error(p, errors=errors).startswith(f"{p}:3: a quoted value opened on this line is never closed")
+
+
+def test_csv_quote_closed_late_is_refused_not_skipped_as_one_row(tmp_path):
+    p = write(tmp_path, "late.csv", 'prompt,completion\na,b\n"c,d\ne,f\ng,"h\ni,j\n')
+    assert error(p, errors=[]).startswith(f"{p}:3:")
+    p = write(tmp_path, "late1.csv", 'prompt,completion\na,b\nx,"c\nd,e\nf",g\ni,j\n')
+    assert error(p, errors=[]).startswith(f"{p}:3: a quoted value opened here runs to line 5, making one row of 3")
+    p = write(tmp_path, "late2.csv", 'prompt,completion\na,b\nc,"d\ne,f\ng" x,h\n')
+    assert error(p, errors=[]).startswith(f"{p}:3:")

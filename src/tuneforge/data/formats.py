@@ -269,13 +269,35 @@ def _turns(r: dict, key: str, loc: str, label: str, role_key: str, text_key: str
 
 
 def _check_conversation(messages: list[Message], loc: str, label: str) -> None:
+    """The turn order every chat template assumes: an optional system turn first, then user and assistant
+    alternating, ending on an assistant turn. Anything else would render as a conversation the model never
+    sees at inference, so it is refused rather than trained."""
     assistant = [m for m in messages if m.role == "assistant"]
     if not assistant:
         raise RecordError(loc, f"'{label}' has no assistant turn, so there is nothing to learn; add the "
                                f"answer as an assistant turn")
+    _check_order(messages, loc, label)
     if all(m.train is False for m in assistant):
         raise RecordError(loc, f"'{label}': every assistant turn has weight 0, so nothing is trained; "
                                f"set weight 1 on at least one")
+
+
+def _check_order(messages: list[Message], loc: str, label: str) -> None:
+    body = messages[1:] if messages and messages[0].role == "system" else messages
+    for i, m in enumerate(body, len(messages) - len(body)):
+        if m.role == "system":
+            raise RecordError(loc, f"{label}[{i}] is a system turn after other turns; put the system prompt first "
+                                   "(one per conversation)")
+        want = "user" if (i - (len(messages) - len(body))) % 2 == 0 else "assistant"
+        if m.role != want:
+            what = "two user turns in a row" if m.role == "user" else (
+                "two assistant turns in a row" if i > len(messages) - len(body) else "it starts with an assistant turn")
+            raise RecordError(loc, f"{label}[{i}] is a {m.role} turn where a {want} turn belongs ({what}); user and "
+                                   "assistant turns must alternate, starting with user: merge consecutive turns of "
+                                   "one role, or add the missing turn")
+    if body and body[-1].role == "user":
+        raise RecordError(loc, f"'{label}' ends with a user turn ({label}[{len(messages) - 1}]) that has no answer, "
+                               "so it teaches nothing; drop that turn or add the assistant's reply")
 
 
 def _messages(r: dict, loc: str, fields: dict | None) -> list[Message]:

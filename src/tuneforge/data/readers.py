@@ -14,8 +14,10 @@ import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tuneforge.errors import DataError
 
@@ -29,6 +31,8 @@ _WS = re.compile(r"[ \t\n\r]*")
 # A single-record file is not a wrapper {"data": [...]}, even though its one list value looks like one.
 _RECORD_LIST_KEYS = ("messages", "conversations")
 _CSV_FIELD_LIMIT = 2**31 - 1  # long articles exceed csv's 128 KiB default
+# Deeper JSON is no record any format describes, and recursive code further on (repr, oasst trees) would fail.
+MAX_DEPTH = 200
 
 
 def read_records(path: str | Path, errors: ErrorSink = None) -> Iterator[Record]:
@@ -107,6 +111,7 @@ def _read_jsonl(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
     opener = gzip.open if p.name.lower().endswith(".gz") else open
     seen = False
     offset = 0
+    lineno = 0
     try:
         with opener(p, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -119,8 +124,12 @@ def _read_jsonl(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
                 record = _parse_line(raw, f"{name}:{lineno}", start, p, errors)
                 if record is not None:
                     yield f"{name}:{lineno}", record
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise DataError(f"{name}: not a valid gzip file ({e}); check it with `gzip -t {p.name}`, "
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        # A corrupt stream hides how many records follow it, so it is never skipped, even with skip_bad.
+        where = (f"the compressed data is damaged after line {lineno} ({lineno} lines were read before it; "
+                 "the records after it cannot be read or counted, so --skip-bad cannot skip them)"
+                 if lineno else "not a valid gzip file")
+        raise DataError(f"{name}: {where} ({e}); check it with `gzip -t {p.name}` and re-create it, "
                         f"or rename it without '.gz' if it is not compressed") from None
     if not seen:
         raise _empty(name, "one JSON object per line")
@@ -135,6 +144,10 @@ def _parse_line(raw: bytes, loc: str, start: int, p: Path, errors: ErrorSink) ->
         return None
     try:
         value = json.loads(text)
+    except RecursionError:
+        _line_error(errors, loc, f"the JSON is nested deeper than {MAX_DEPTH} levels; a record is an object of "
+                                 "text fields and turns")
+        return None
     except json.JSONDecodeError as e:
         hint = "each line must be one complete JSON object"
         if e.msg == "Extra data":
@@ -144,11 +157,40 @@ def _parse_line(raw: bytes, loc: str, start: int, p: Path, errors: ErrorSink) ->
                     "or write one object per line")
         _line_error(errors, loc, f"invalid JSON at column {e.colno}: {e.msg}; {hint}")
         return None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        _line_error(errors, loc, f"invalid JSON: {e}")
+        return None
     if not isinstance(value, dict):
         _line_error(errors, loc, f"expected a JSON object {{...}} on each line, got {_kind_of(value)}; "
                                  f"write each record as an object such as {{\"text\": \"...\"}}")
         return None
+    # Only an escape can make a lone surrogate, and only that many brackets can nest too deep: skip the walk.
+    problem = _bad_value(value) if b"\\u" in raw or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH else None
+    if problem:
+        _line_error(errors, loc, problem)
+        return None
     return value
+
+
+def _bad_value(value: object) -> str | None:
+    """Why a parsed JSON record cannot be used: nested deeper than ``MAX_DEPTH``, or a string holding a lone
+    UTF-16 surrogate (``"\\ud800"``: valid JSON, but no tokenizer can encode it); None when fine."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"the JSON is nested deeper than {MAX_DEPTH} levels; a record is an object of text fields and turns"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"a string holds a lone UTF-16 surrogate ({v[e.start]!r} at character {e.start} of "
+                        f"{v[max(0, e.start - 20):e.start + 1]!r}), which is not text; fix the escape or remove it")
+        elif isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in (*v.keys(), *v.values()))
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return None
 
 
 # --- JSON document ----------------------------------------------------------------------------
@@ -160,17 +202,25 @@ def _read_json(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
         raise _empty(name, "an array of objects [{...}, ...]")
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{name}: the JSON is nested too deeply to read; a .json file holds an array of "
+                        "records") from None
     except json.JSONDecodeError as e:
         hint = "fix the JSON (a .json file holds one array of objects)"
         if e.msg == "Extra data":
             hint = "the file holds several JSON values; if it is one object per line, rename it to .jsonl"
         raise DataError(f"{name}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}; {hint}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{name}: invalid JSON: {e}") from None
     key = _records_key(doc, name)
     n = 0
     for i, (line, item) in enumerate(_array_items(text, key)):
         n += 1
         loc = f"{name}:{line} ({'.' + key if key else ''}[{i}])"
-        if isinstance(item, dict):
+        problem = _bad_value(item) if isinstance(item, dict) else None
+        if problem:
+            _line_error(errors, loc, problem)
+        elif isinstance(item, dict):
             yield loc, item
         else:
             _line_error(errors, loc, f"expected an object {{...}} for each record, got {_kind_of(item)}")
@@ -228,8 +278,9 @@ def _read_csv(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
     if not text.strip():
         raise _empty(name, "a header row and one row per record")
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
+    # strict: a quote never closed is an error at the end of the file, not a value swallowing the rest of it
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header = _csv_row(reader, text, name, 1)
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes or any(not h.strip() for h in header):
         raise DataError(f"{name}:1: the header row needs unique, non-empty column names "
@@ -237,16 +288,19 @@ def _read_csv(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
     rows = 0
     while True:
         start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
+        row = _csv_row(reader, text, name, start)
+        if row is None:
             break
-        except csv.Error as e:
-            raise DataError(f"{name}:{start}: malformed CSV ({e}); quote values that contain commas, "
-                            f"quotes or newlines") from None
         if not row:
             continue  # blank line
         rows += 1
+        if len(row) != len(header) and reader.line_num > start:
+            # One row over several lines with the wrong count: a quote opened and closed late swallowed the lines
+            # between, so skipping "one row" would silently drop the records in them.
+            opened = start + sum(v.count("\n") for v in row[:next(i for i, v in enumerate(row) if "\n" in v)])
+            raise DataError(f"{name}:{opened}: a quoted value opened here runs to line "
+                            f"{reader.line_num}, making one row of {len(row)} values (the header has "
+                            f"{len(header)}); close the quote on its line (write a quote inside a value as \"\")")
         if len(row) != len(header):
             _line_error(errors, f"{name}:{start}", f"{len(row)} values but the header has {len(header)} "
                                                    f"columns; quote values that contain commas")
@@ -254,6 +308,35 @@ def _read_csv(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
         yield f"{name}:{start}", dict(zip(header, row, strict=True))
     if rows == 0:
         raise _empty(name, "rows below the header")
+
+
+def _csv_row(reader: Any, text: str, name: str, start: int) -> list[str] | None:
+    """The next row, None at the end; a malformed row is a DataError naming the line."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataError(f"{name}:{_open_quote_line(text, start)}: a quoted value opened on this line is never "
+                            "closed, so the rest of the file would be read as one value; close the quote (write a "
+                            "quote inside a value as \"\")") from None
+        raise DataError(f"{name}:{start}: malformed CSV ({e}); quote values that contain commas, "
+                        "quotes or newlines, and write a quote inside a quoted value as \"\"") from None
+
+
+def _open_quote_line(text: str, start: int) -> int:
+    """The line of the quote still open after reading from line ``start`` (1-based)."""
+    pos = 0
+    for _ in range(start - 1):
+        pos = text.index("\n", pos) + 1
+    opened, inside = pos, False
+    for i in range(pos, len(text)):
+        if text[i] == '"':
+            inside = not inside
+            if inside:
+                opened = i
+    return text.count("\n", 0, opened) + 1
 
 
 def _read_parquet(p: Path, name: str, errors: ErrorSink) -> Iterator[Record]:
