@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.config import load_config
 from tuneforge.errors import TuneforgeError
+from tuneforge.train import loop, runtime
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.loop import train
 from tuneforge.train.step import CausalLMLoss, batch_loss
@@ -154,3 +155,28 @@ def test_a_callback_can_stop_the_run_early_and_the_output_is_saved(tiny_model_di
     assert result.steps == 4 and rows[-1]["stopped_early"].startswith("perplexity rose")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4] and rows[1]["probe"] == 1.0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_cpu_batch_split_to_save_ram_trains_the_same_and_says_so(tiny_model_dir, alpaca_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    common = ("method.name=full", "train.max_steps=2", "train.lr=1e-3", "train.batch_size=4", "data.packing=false")
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "whole", *common), quiet=True)
+    monkeypatch.setattr(loop, "cpu_rows_per_forward", lambda *a, **k: 1)  # as when RAM allows one row per forward
+    capsys.readouterr()
+    train(config(tiny_model_dir, alpaca_file, tmp_path / "split", *common))
+    assert "runs as forwards of 1 rows" in capsys.readouterr().err
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    assert 1 <= runtime.physical_cores() <= len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "physical_cores", lambda: 4)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert runtime.default_threads() == 4
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert runtime.default_threads() == 1
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert runtime.default_threads() == 1
