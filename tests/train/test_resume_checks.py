@@ -63,7 +63,9 @@ def test_extending_needs_resume_with_changes_and_then_continues(run, tiny_model_
     with pytest.raises(TuneforgeError, match="--resume-with-changes") as e:
         train(longer, resume=True, quiet=True)
     assert "train.max_steps: 6 -> 8" in str(e.value)
+    (run / ".adapter.k1ll3d0n.tmp").mkdir()  # what a kill during the final save leaves
     result = train(longer, resume=True, resume_with_changes=True, quiet=True)
+    assert not (run / ".adapter.k1ll3d0n.tmp").exists()
     assert result.steps == 8 and "max_steps: 8" in (run / "config.yaml").read_text()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # resumed at the step-4 checkpoint; no line twice (bar the final)
