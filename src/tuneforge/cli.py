@@ -372,9 +372,12 @@ def threads_option() -> argparse.ArgumentParser:
 
 
 def quiet_option() -> argparse.ArgumentParser:
-    """``--quiet``, shared by every command."""
+    """``--quiet`` and ``--allow-pickle``, shared by every command."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--quiet", "-q", action="store_true", help="print only warnings, errors and the result")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a model folder whose weights are only .bin/.pt pickle files (read with "
+                        "torch.load(weights_only=True)); sets TUNEFORGE_ALLOW_PICKLE=1")
     return p
 
 
@@ -491,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     set_quiet(args.quiet)
     try:
+        if args.allow_pickle:
+            from tuneforge.models.load import ALLOW_PICKLE_ENV  # start-up time
+
+            os.environ[ALLOW_PICKLE_ENV] = "1"  # an environment variable reaches every loader and torchrun's workers
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
