@@ -1,4 +1,5 @@
-"""Predict a run's peak GPU memory before loading anything, and say what to change if it won't fit.
+"""Predict a run's peak GPU memory (and on the CPU, its RAM) before loading anything, and say what to change if
+it won't fit.
 
 peak = weights + gradients + optimizer state + activations + overhead, each term following what
 tuneforge's own loop does rather than a rule of thumb:
@@ -25,6 +26,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -447,19 +449,18 @@ def check_memory(config: Any, device: Any = None, gpu_mem_gib: float | None = No
 # --- the CPU: memory is RAM ---------------------------------------------------------------------
 
 def available_ram() -> int | None:
-    """Bytes this process can still take: MemAvailable, capped by a cgroup limit; None where neither is readable."""
+    """Bytes this process can still take: MemAvailable, capped by a cgroup v2 limit; None where unreadable."""
     try:
-        meminfo = open("/proc/meminfo").read()
+        meminfo = Path("/proc/meminfo").read_text()
         avail = int(next(ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemAvailable:"))) * 1024
     except (OSError, StopIteration, ValueError):
         return None
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
-            avail = min(avail, int(limit) - used)
+            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
     except (OSError, ValueError):
-        pass
+        pass  # no cgroup limit to honour
     return max(avail, 0)
 
 
