@@ -185,7 +185,8 @@ class TrainConfig(Strict):
                                                      "(lora/qlora 2e-4, freeze 2e-5, full 1e-5)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; null: run `epochs` over the data")
     epochs: float = Field(1.0, gt=0, description="passes over the data (max_steps wins)")
-    batch_size: int = Field(8, gt=0, description="rows per micro-batch (global: split over torchrun processes)")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch, pairs for a preference objective (global: "
+                                                 "split over torchrun processes)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     warmup_steps: int | None = Field(None, ge=0, description="linear warm-up; null: 5% of the steps")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warm-up")
