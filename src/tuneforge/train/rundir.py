@@ -22,7 +22,6 @@ import yaml
 from tuneforge import __version__
 from tuneforge.errors import TuneforgeError
 from tuneforge.log import get_logger
-from tuneforge.train.checkpoint import latest_checkpoint
 
 logger = get_logger(__name__)
 
@@ -234,6 +233,8 @@ def _listing(changes: list[tuple[str, Any, Any]]) -> str:
 def resume_point(run_dir: Path) -> Path | None:
     """The checkpoint a resumed run starts from. With none intact, a run that has logged steps is refused (they
     would be trained and logged twice); one that never logged a step starts from the beginning."""
+    from tuneforge.train.checkpoint import latest_checkpoint  # start-up time: MARKER is read without torch
+
     ckpt = latest_checkpoint(Path(run_dir))
     metrics = Path(run_dir) / "metrics.jsonl"
     if ckpt is None and metrics.is_file() and metrics.stat().st_size > 0:
