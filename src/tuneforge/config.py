@@ -99,9 +99,9 @@ class DataConfig(Strict):
     @field_validator("train", "eval", mode="before")
     @classmethod
     def _paths_as_specs(cls, v: Any) -> Any:
-        if isinstance(v, str):
+        if isinstance(v, str | dict):  # one path, or one dataset written without the list
             v = [v]
-        return [{"path": x} if isinstance(x, str) else x for x in v]
+        return [{"path": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
 
 class LoraSettings(Strict):
@@ -452,7 +452,7 @@ def _error_line(err: Any, flag_names: dict[str, str]) -> str:
         return f"  {named}: unknown key (check the spelling; the keys are in docs/configuration.md)"
     if err["type"] == "missing":
         return f"  {named}: required (set it in the config file, with its flag, or with --set {key}=...)"
-    return f"  {named}: {err['msg']} (got {err.get('input')!r})"
+    return f"  {named}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def _prefixes(key: str) -> list[str]:
