@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_model, build_tiny_tokenizer
 
+from conftest import build_tiny_model, build_tiny_tokenizer
 from tuneforge import cli
 
 CORPUS = Path(__file__).parent / "bad_inputs"
