@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from tuneforge.errors import ConfigError
 
 DEFAULT_LR = {"full": 1e-5, "freeze": 2e-5, "lora": 2e-4, "qlora": 2e-4}
-THREADS_HELP = "CPU threads; null: the physical cores this process may use, or $OMP_NUM_THREADS (docs/reliability.md)"
+THREADS_HELP = "CPU threads; null: the physical cores this process may use, or $OMP_NUM_THREADS (docs/cli.md)"
 MODEL_HELP = "model reference: builtin name, local HF directory, .gguf file or hub id (docs/training.md)"
 
 
