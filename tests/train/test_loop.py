@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.config import load_config
 from tuneforge.errors import TuneforgeError
-from tuneforge.train import loop, runtime
+from tuneforge.train import loop
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.loop import train
 from tuneforge.train.step import CausalLMLoss, batch_loss
@@ -170,13 +170,3 @@ def test_a_cpu_batch_split_to_save_ram_trains_the_same_and_says_so(tiny_model_di
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
 
-
-def test_default_threads_leave_busy_cores_alone(monkeypatch):
-    assert 1 <= runtime.physical_cores() <= len(os.sched_getaffinity(0))
-    monkeypatch.setattr(runtime, "physical_cores", lambda: 4)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert runtime.default_threads() == 4
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-    assert runtime.default_threads() == 1
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert runtime.default_threads() == 1

@@ -31,6 +31,7 @@ from tuneforge.methods.lora import count_parameters, format_trainable
 from tuneforge.methods.peft_format import load_adapter, save_adapter
 from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer, pad_token_id
+from tuneforge.models.threads import apply_threads
 from tuneforge.plotting import plot_loss
 from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import use_document_attention
@@ -40,7 +41,7 @@ from tuneforge.train.kernels import apply_kernels
 from tuneforge.train.plan import GIB, check_memory, choose_recompute, cpu_need, cpu_plan_inputs, cpu_rows_per_forward
 from tuneforge.train.preference import frozen_reference, precompute_reference_logps, settings_for
 from tuneforge.train.rundir import RunStatus, check_run, run_inputs
-from tuneforge.train.runtime import Runtime, default_threads
+from tuneforge.train.runtime import Runtime
 from tuneforge.train.schedule import make_scheduler
 from tuneforge.train.step import Batch, CausalLMLoss, PreferenceLoss, StepResult, train_step, validate
 from tuneforge.train.tracking import trackers_for
@@ -153,7 +154,7 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     Nothing is written before the run directory's checks, the data and the model have passed.
     """
     t = config.train
-    torch.set_num_threads(t.threads or default_threads())
+    apply_threads(t.threads)  # the one rule: train.threads, else what does not oversubscribe the machine
     torch.manual_seed(t.seed)
     runtime = Runtime(t.batch_size, resolve_device(t.device))
     recompute = choose_recompute(config, runtime.device)

@@ -7,7 +7,6 @@ The work is done by :mod:`tuneforge.train.distributed` (ranks, the batch split, 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,35 +18,6 @@ from tuneforge.train import distributed, sharding
 from tuneforge.train.step import CausalLMLoss
 
 T = TypeVar("T")
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads counted once) of the CPUs this process may run on."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    cores, cpu, key = set(), None, [None, None]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name == "processor":
-                    cpu, key = int(value), [None, None]
-                elif name in ("physical id", "core id"):
-                    key[name == "core id"] = value.strip()
-                    if cpu in allowed and None not in key:
-                        cores.add(tuple(key))
-    except OSError:
-        pass
-    return len(cores) or len(allowed)
-
-
-def default_threads() -> int:
-    """Torch threads that do not oversubscribe the machine: the physical cores this process may use, less the
-    cores other processes keep busy (the 1-minute load average), at least 1. One thread per busy core is what
-    made a shared 2-core machine run 6x slower than with one thread."""
-    cores = physical_cores()
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    return max(1, min(cores, cores - busy))
 
 
 class Runtime:
