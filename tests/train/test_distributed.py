@@ -74,7 +74,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     """A run directory as a kill after the step-2 checkpoint would leave it."""
     dst.mkdir()
     shutil.copytree(src / "checkpoints" / "step-2", dst / "checkpoints" / "step-2")
-    for name in ("config.yaml", "metrics.jsonl"):
+    for name in ("config.yaml", "metrics.jsonl", "tuneforge-run.json"):
         shutil.copy(src / name, dst / name)
 
 
