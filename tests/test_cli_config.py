@@ -106,8 +106,9 @@ def test_train_builds_the_forgetting_callback_and_passes_it(monkeypatch, tmp_pat
         seen["callbacks"], seen["train_tokenizer"] = callbacks, tokenizer
 
     monkeypatch.setattr("tuneforge.eval.forgetting.forgetting_callback", fake_callback, raising=False)
-    monkeypatch.setattr("tuneforge.models.load.load_tokenizer", lambda ref, trust=False: f"tokenizer of {ref}")
+    # train.loop first: imported while load_tokenizer is patched, it would keep the fake for later tests
     monkeypatch.setattr("tuneforge.train.loop.train", fake_train)
+    monkeypatch.setattr("tuneforge.models.load.load_tokenizer", lambda ref, trust=False: f"tokenizer of {ref}")
     assert cli.main(["train", "--model", "m", "--set", "train.forgetting={n_probes: 5}"]) == 0
     assert seen["settings"].n_probes == 5 and seen["tokenizer"] == "tokenizer of m"
     assert seen["callbacks"] == ["forgetting-callback"] and seen["train_tokenizer"] == "tokenizer of m"

@@ -92,8 +92,8 @@ def test_every_command_takes_threads_and_sets_them_before_the_library(monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(library, stop)
-    monkeypatch.setattr("tuneforge.models.load.load_tokenizer", lambda *a, **kw: None)
     monkeypatch.setattr("tuneforge.eval.interactive.load_prompts", lambda *a: ["hi"])
+    monkeypatch.setattr("tuneforge.models.load.load_tokenizer", lambda *a, **kw: None)  # last: nothing imports it now
     with pytest.raises(KeyboardInterrupt):
         parsed.func(parsed)
     assert called["threads"] == [3]
