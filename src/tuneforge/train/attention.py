@@ -53,7 +53,7 @@ def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool
 
 def document_mask(seq_ids: torch.Tensor) -> BlockMask:
     """A FlexAttention BlockMask from ``seq_ids`` [B, L]: a query sees earlier keys of its own example."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # optional dependency: torch>=2.5, GPU path
 
     def same_example_causal(b, h, q, kv):
         return (seq_ids[b, q] == seq_ids[b, kv]) & (q >= kv)

@@ -24,7 +24,7 @@ def apply_kernels(model: torch.nn.Module, kernels: str, device: torch.device) ->
         raise ConfigError("train.kernels=liger needs a CUDA GPU (Liger's kernels are Triton); set "
                           "train.kernels=torch on this machine")
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # optional dependency
     except ImportError as e:
         raise ConfigError("train.kernels=liger needs the liger-kernel package: pip install liger-kernel "
                           f"(or set train.kernels=torch) [{e}]") from e
@@ -48,7 +48,7 @@ def apply_kernels(model: torch.nn.Module, kernels: str, device: torch.device) ->
 
 def liger_available() -> bool:
     try:
-        import liger_kernel.transformers  # noqa: F401
+        import liger_kernel.transformers  # noqa: F401  (optional dependency)
     except ImportError:
         return False
     return True

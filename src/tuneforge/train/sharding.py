@@ -87,8 +87,9 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """
     if not is_distributed():
         return model
+    # optional dependency: FSDP2 is needed only under torchrun and is missing from some torch builds
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # optional dependency (as above)
 
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in decoder_layers(model):
@@ -111,7 +112,7 @@ def _seed_dropout_for_rank() -> None:
 
 
 def _fsdp_modules(model: nn.Module) -> Iterator[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # optional dependency (see shard_model)
 
     return (m for m in model.modules() if isinstance(m, FSDPModule))
 
@@ -188,7 +189,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
 
 def _shard_like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's piece of ``full`` laid out as the sharded ``param`` (a DTensor sharded on dim 0)."""
-    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import Shard  # optional dependency (see shard_model)
 
     if not hasattr(param, "to_local"):
         return full.to(param.device, param.dtype)

@@ -114,7 +114,7 @@ class TensorBoardTracker(TrainCallback):
         self.writer: Any = None
 
     def on_start(self, model: torch.nn.Module, run_dir: Path, config: Any) -> None:
-        from torch.utils.tensorboard.summary import hparams
+        from torch.utils.tensorboard.summary import hparams  # optional dependency (tensorboard)
 
         self.writer = self.tb.SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
         for summary in hparams(hyperparameters(run_dir, config), {}):  # the HParams tab of this same run
@@ -125,7 +125,7 @@ class TensorBoardTracker(TrainCallback):
             self.writer.add_scalar(key, value, record["step"])
 
     def on_end(self, run_dir: Path) -> None:
-        from matplotlib.image import imread
+        from matplotlib.image import imread  # start-up time
 
         for png in plot_files(run_dir):
             self.writer.add_image(f"plots/{png.stem}", imread(png)[..., :3], dataformats="HWC")
@@ -169,7 +169,7 @@ class MlflowTracker(TrainCallback):
         self.run_id = ""
 
     def on_start(self, model: torch.nn.Module, run_dir: Path, config: Any) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # optional dependency
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self.client = self.mlflow.MlflowClient(tracking_uri=uri)
@@ -182,7 +182,7 @@ class MlflowTracker(TrainCallback):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
     def on_record(self, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional dependency
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, record["step"])
