@@ -178,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         tokenizer = load_tokenizer(config.model, config.trust_remote_code)
         callbacks.append(forgetting_callback(config.train.forgetting, tokenizer))
-    train(config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks, tokenizer=tokenizer)
+    train(config, resume=args.resume or args.resume_with_changes, overwrite=args.overwrite, callbacks=callbacks,
+          tokenizer=tokenizer, resume_with_changes=args.resume_with_changes)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -273,11 +274,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from tuneforge.demo import run_demo, run_dpo_demo  # start-up time
 
+    use_threads(args.threads)
     if args.dpo:
-        run_dpo_demo(output_dir=args.output or "runs/demo-dpo", steps=args.steps)
+        run_dpo_demo(output_dir=args.output or "runs/demo-dpo", steps=args.steps, overwrite=args.overwrite)
     else:
-        use_threads(args.threads)
-    run_demo(output_dir=args.output or "runs/demo", steps=args.steps)
+        run_demo(output_dir=args.output or "runs/demo", steps=args.steps, overwrite=args.overwrite)
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> None:
@@ -386,6 +387,8 @@ def add_configured_commands(sub, common: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", parents=common, help="fine-tune a model (full, freeze, lora or qlora)")
     add_config_options(p, cfg.RunConfig, TRAIN_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--resume-with-changes", action="store_true",
+                   help="resume and accept changed max_steps/epochs/eval_every/save_every/threads/device/forgetting")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=cmd_train)
 
@@ -472,6 +475,7 @@ def add_tool_commands(sub, common: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo's)")
     p.add_argument("--dpo", action="store_true", help="DPO on builtin preference pairs instead: preference accuracy "
                                                       "and answers before/after")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it is an earlier demo run")
     p.set_defaults(func=cmd_demo)
 
 
