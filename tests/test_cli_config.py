@@ -102,7 +102,7 @@ def test_train_builds_the_forgetting_callback_and_passes_it(monkeypatch, tmp_pat
         seen["settings"], seen["tokenizer"] = settings, tokenizer
         return "forgetting-callback"
 
-    def fake_train(config, resume, overwrite, callbacks, tokenizer):
+    def fake_train(config, resume, overwrite, callbacks, tokenizer, resume_with_changes):
         seen["callbacks"], seen["train_tokenizer"] = callbacks, tokenizer
 
     monkeypatch.setattr("tuneforge.eval.forgetting.forgetting_callback", fake_callback, raising=False)
