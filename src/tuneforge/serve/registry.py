@@ -170,7 +170,7 @@ class AdapterRegistry:
             self._fail(name, fp, str(e))
             return
         except Exception as e:  # noqa: BLE001 (one malformed folder must not stop the others)
-            self._fail(name, fp, f"{type(e).__name__}: {e}")
+            self._fail(name, fp, f"{path}: malformed adapter_config.json or weights ({type(e).__name__}: {e})")
             return
         with self._lock:
             self._served[name] = Version(name, key, path, fp)
