@@ -243,6 +243,8 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
     if "mc" in chosen:
         items = auto_choices(items)  # label sets from the whole file, before --limit
     items = spread(items, limit)
+    if not metrics and not any(it.choices for it in items):  # --limit kept no record of a closed label set
+        chosen = [c for c in chosen if c != "mc"]
     check_metrics(chosen, items, pattern, schema)
     detector = load_detector(refusal_detector)
     aset, plan = _variants(model_ref, adapters, include_base)
