@@ -89,6 +89,7 @@ def commands(text: str) -> list[str]:
     joined = re.sub(r"\\\n\s*", " ", text)
     out = []
     for line in joined.splitlines():
+        line = re.sub(r"\s*\[--[^\]]*\]", "", line)  # "[--port 8000]": optional, run without it
         words = shlex.split(line, comments=True)
         if words:
             out.append(shlex.join(words))
@@ -113,11 +114,6 @@ def shortened(words: list[str]) -> list[str]:
                 kept += [flag, value]
         i += 2
     return words + kept
-
-
-def optional_brackets(cmd: str) -> str:
-    """``[--port 8000]`` in the text means optional: run the command without it."""
-    return re.sub(r"\s*\[[^\]]*\]", "", cmd)
 
 
 def setup_scratch(tmp: Path) -> None:
@@ -228,7 +224,6 @@ def test_every_readme_command_runs_as_printed(tmp_path, capsys, monkeypatch):
                     ran.append(f"{where} (python)")
                     continue
                 for cmd in commands(text):
-                    cmd = optional_brackets(cmd)
                     if not_run_reason(cmd):
                         skipped.append(cmd)
                         continue

@@ -67,6 +67,8 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     peak_gpu_gib: float | None = None
     peak_ram_gib: float | None = None
+    base_weights: str = "as loaded"  # qlora: "4-bit nf4 (double quant)"
+    processes: int = 1  # under torchrun: the world size
 
 
 @dataclass
@@ -176,6 +178,9 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=runtime.device.type == "cuda")
     steps = total_steps(config, len(train_units(data)))
+    if not quiet:
+        for warning in small_data_warnings(config, data, steps):
+            logger.warning(warning)
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(0.05 * steps))
     scheduler = make_scheduler(optimizer, steps, warmup, t.schedule, t.min_lr_ratio)
     run = Run(config=config, runtime=runtime, run_dir=run_dir, tokenizer=tokenizer, data=data, model=model,
@@ -412,7 +417,8 @@ def finish(run: Run, callbacks: Sequence[TrainCallback]) -> TrainResult:
                          trainable=trainable, total=total, output=output,
                          loss_png=run.runtime.on_main(plot_loss, run.metrics_path, run.run_dir / "plots" / "loss.png"),
                          metrics=state.records, peak_gpu_gib=peak_gpu_gib(run.runtime.device),
-                         peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20))
+                         peak_ram_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20),
+                         base_weights=base_weights_text(config), processes=world_size())
     if not run.quiet:
         logger.info(summary_table(result))
     if run.runtime.is_main:
@@ -490,6 +496,30 @@ def peak_gpu_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / (1 << 30)
 
 
+# Below these a run is mostly warm-up and its validation loss is noise (docs/training.md, "Small data").
+FEW_STEPS = 20
+FEW_VALIDATION = 10
+
+
+def small_data_warnings(config: RunConfig, data: TrainData | PreferenceData, steps: int) -> list[str]:
+    """What a user should know before a run on little data: few optimizer steps, a tiny validation set."""
+    t, out = config.train, []
+    per_epoch = max(1, math.ceil(len(train_units(data)) / t.batch_size / t.grad_accum))
+    if steps < FEW_STEPS:
+        epochs = math.ceil(FEW_STEPS / per_epoch)
+        out.append(f"this run takes only {steps} optimizer step(s) ({per_epoch} per epoch at train.batch_size "
+                   f"{t.batch_size} × train.grad_accum {t.grad_accum}); little will change. Set "
+                   f"train.epochs={epochs} or train.max_steps={FEW_STEPS} (or a smaller train.batch_size)")
+    n_val = len(data.val_pairs) if isinstance(data, PreferenceData) else data.n_val_examples
+    if 0 < n_val < FEW_VALIDATION:
+        out.append(f"the validation set has {n_val} example(s): its loss is noise. Give data.eval a file, or "
+                   "raise data.val_fraction")
+    elif n_val == 0 and t.eval_every is not None:
+        out.append("train.eval_every is set but there is no validation set (fewer than 20 examples, or "
+                   "data.val_fraction 0); give data.eval a file")
+    return out
+
+
 def report_data(data: TrainData | PreferenceData) -> None:
     held = f", {len(data.held_out)} held out" if data.held_out else ""
     if isinstance(data, PreferenceData):
@@ -504,9 +534,19 @@ def report_data(data: TrainData | PreferenceData) -> None:
             logger.info(f"    {loc}: {why.splitlines()[0]}")
 
 
+def base_weights_text(config: RunConfig) -> str:
+    """How the frozen base was held: the summary says so, since QLoRA's quality cost comes from it."""
+    if config.method.name != "qlora":
+        return "as loaded"
+    q = config.method.quant
+    return f"4-bit {q.quant_type}" + (" (double quant)" if q.double_quant else "") + ", quantized on load"
+
+
 def summary_table(r: TrainResult) -> str:
     rows = [
         ("run directory", str(r.run_dir)),
+        ("base weights", r.base_weights),
+        ("processes", f"{r.processes} (torchrun)" if r.processes > 1 else "1"),
         ("steps", str(r.steps)),
         ("final train loss", f"{r.final_loss:.4f}"),
         ("validation loss", f"{r.val_loss:.4f}" if r.val_loss is not None else "-"),
