@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     report = run_eval(c.model, c.data, adapters=c.adapters, metrics=c.metrics, output=c.output, pattern=c.pattern,
                       schema_path=c.schema_file, refusal_detector=c.refusal_detector, limit=c.limit,
                       max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, include_base=c.include_base,
-                      format=c.format, system_prompt=c.system)
+                      format=c.format, system_prompt=c.system, overwrite=args.overwrite)
     emit(format_report(report))
 
 
@@ -409,6 +409,8 @@ def add_configured_commands(sub, common: list[argparse.ArgumentParser]) -> None:
         p = sub.add_parser(name, parents=common, help=text)
         add_config_options(p, schema, flags)
         p.set_defaults(func=func)
+        if name == "eval":
+            p.add_argument("--overwrite", action="store_true", help="replace --output when it is an earlier evaluation")
 
 
 def add_adapter_commands(sub, common: list[argparse.ArgumentParser]) -> None:

@@ -81,6 +81,8 @@ def check_metrics(metrics: Sequence[str], items: list[EvalItem], pattern: str | 
         raise ConfigError("--metric json_schema needs a schema: pass --schema FILE.json or give records a "
                           "'schema' field")
     needs_ref = {"exact", "normalized", "contains", "json", "loss", "mc"} & set(metrics)
+    if s.plain_text:  # loss on plain text is perplexity: it needs no reference answer
+        needs_ref -= {"loss"}
     if needs_ref and not s.with_reference:
         raise DataError(f"metrics {sorted(needs_ref)} need reference answers, and no record has one")
 
@@ -230,11 +232,14 @@ def run_eval(model_ref: str, data: str, adapters: Sequence[str] = (), metrics: S
              output: str | Path | None = None, pattern: str | None = None, schema_path: str | None = None,
              refusal_detector: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
              batch_size: int = 16, include_base: bool = True, format: str = "auto",
-             system_prompt: str | None = None) -> EvalReport:
+             system_prompt: str | None = None, overwrite: bool = False) -> EvalReport:
     """Evaluate the base model and each adapter on ``data``; write results.json, predictions and PNGs.
 
     A file of preference pairs is scored by preference accuracy (the only metric that applies to it).
+    ``output`` must be new or empty, or an earlier evaluation's folder with ``overwrite``.
     """
+    if output:
+        check_output(Path(output), overwrite)
     if is_pair_file(data, format):
         return run_preference_eval(model_ref, data, adapters, output, limit, batch_size, include_base, format)
     items = load_items(data, format=format)
@@ -306,6 +311,18 @@ def _read_schema(path: str) -> dict:
     if not isinstance(schema, dict):
         raise DataError(f"--schema {path}: a JSON Schema is an object")
     return schema
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write over earlier results unless asked, and over anything that is not an evaluation's."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "results.json").is_file():
+        raise ConfigError(f"--output {out}: the folder holds files that are not a tuneforge evaluation's "
+                          "(no results.json); give a new folder")
+    if not overwrite:
+        raise ConfigError(f"--output {out}: it holds an earlier evaluation (results.json); pass --overwrite to "
+                          "replace it, or give a new folder")
 
 
 def write_eval_outputs(report: EvalReport, items: list[EvalItem], out: Path) -> None:
