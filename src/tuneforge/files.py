@@ -10,6 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def replaced_atomically(out: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; when the block succeeds it becomes ``out``.
@@ -21,6 +28,7 @@ def replaced_atomically(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the result must look like any folder the user makes
     old = tmp.with_suffix(".old")
     try:
         yield tmp

@@ -63,7 +63,8 @@ def test_peft_loads_our_adapter_with_same_logits(tiny_model, tmp_path, target, u
     randomize_b(tiny_model)
     ours = logits(tiny_model.eval())
     out = save_adapter(tiny_model, tmp_path / "adapter", base_model_name_or_path="tiny")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "tuneforge.json"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["use_rslora"] is use_rslora and config["lora_dropout"] == 0.1

@@ -1,5 +1,9 @@
 """Save and load LoRA adapters as PEFT directories (adapter_config.json + adapter_model.safetensors).
 
+``base_model_name_or_path`` is what peft's auto-loaders can open (the converted folder of a builtin model or
+a .gguf, a local folder as an absolute path, else the hub id); the reference the user gave tuneforge
+(``smollm2-135m``) is kept in ``tuneforge.json`` beside it, since peft warns about keys it does not know.
+
 PEFT's keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
 ([out, r]), without the adapter name. Never unpickles: ``adapter_model.bin`` is refused.
 """
@@ -34,9 +38,10 @@ from tuneforge.methods.lora import (
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
+TUNEFORGE_NAME = "tuneforge.json"
 KEY_PREFIX = "base_model.model."
 # Files an adapter directory may hold; anything else makes save_adapter refuse to replace it.
-_OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+_OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, TUNEFORGE_NAME, "README.md"}
 # PEFT LoRA features our LoRALinear does not implement: loading would silently change the outputs.
 _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "trainable_token_indices",
                 "target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
@@ -122,20 +127,37 @@ def save_adapter(
             f"cannot save adapter {adapter_name!r}: the model has no LoRA layers with that name "
             "(apply_lora or load_adapter first)"
         )
-    config = _adapter_config(model, layers, adapter_name, base_model_name_or_path)
+    config = _adapter_config(model, layers, adapter_name, peft_base_reference(base_model_name_or_path))
     tensors = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone()
                for k, v in lora_state_dict(model, adapter_name).items()}
+    ours = {"base_model": base_model_name_or_path} if base_model_name_or_path else None
+    return write_adapter_files(out_dir, tensors, config, ours)
 
-    return write_adapter_files(out_dir, tensors, config)
+
+def peft_base_reference(ref: str) -> str:
+    """``ref`` as peft's loaders can resolve it: a local folder (absolute) or a hub id; ``ref`` if unresolvable."""
+    from tuneforge.models.resolve import resolve_model  # start-up time: resolve imports transformers
+
+    if not ref:
+        return ref
+    try:
+        resolved = resolve_model(ref)  # a builtin name or .gguf: the converted folder (made once, cached)
+    except ModelError:  # a path that is gone: keep what the user gave
+        return ref
+    return str(Path(resolved).resolve()) if Path(resolved).is_dir() else resolved
 
 
-def write_adapter_files(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write PEFT-keyed weights and an adapter config as an adapter directory (atomically); returns its path."""
+def write_adapter_files(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict,
+                        ours: dict | None = None) -> Path:
+    """Write PEFT-keyed weights and an adapter config (+ ``ours`` as tuneforge.json) as an adapter directory,
+    atomically; returns its path."""
     out = Path(out_dir)
     _check_out_dir(out)
     with replaced_atomically(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if ours:
+            (tmp / TUNEFORGE_NAME).write_text(json.dumps(ours, indent=2) + "\n", encoding="utf-8")
     return out
 
 
