@@ -58,19 +58,46 @@ def run_generate(model_ref: str, adapter: str | None, prompts: list[str], max_ne
                     top_p=top_p, batch_size=batch_size)
 
 
+def read_message(read=input) -> str | None:
+    """One user message from the terminal; None at the end (an empty line or Ctrl-D).
+
+    A line ending in a backslash continues on the next line; a line of three double quotes opens a block
+    that the next such line closes (blank lines inside are kept). Pasting code or a document needs one of them.
+    """
+    first = _read_or_end(read, "you> ")
+    if first is None:
+        return None
+    if first.strip() == '"""':
+        lines = []
+        while (line := _read_or_end(read, "... ")) is not None and line.strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines).strip() or None
+    lines = [first]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        line = _read_or_end(read, "... ")
+        if line is None:
+            break
+        lines.append(line)
+    return "\n".join(lines).strip() or None
+
+
+def _read_or_end(read, prompt: str) -> str | None:
+    try:
+        return read(prompt)
+    except EOFError:
+        return None
+
+
 def chat_loop(model_ref: str, adapter: str | None, max_new_tokens: int, temperature: float,
               system: str | None) -> None:
-    """An interactive conversation on the terminal; an empty line or Ctrl-D ends it."""
+    """An interactive conversation on the terminal (multi-line: :func:`read_message`); an empty line or Ctrl-D
+    ends it."""
     model, tokenizer = load_with_adapter(model_ref, adapter)
     history: list[Message] = [Message("system", system)] if system else []
-    emit("chat: type a message, an empty line to quit")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
+    emit('chat: type a message (end a line with \\ to go on, or wrap several lines in """), an empty line '
+         "to quit")
+    while (text := read_message()) is not None:
         history.append(Message("user", text))
         reply = generate(model, tokenizer, [history], max_new_tokens=max_new_tokens,
                          temperature=temperature)[0]
