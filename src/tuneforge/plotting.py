@@ -31,14 +31,31 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def grouped_bars(ax, groups: list[str], series: dict[str, list[float]], percent: bool = True) -> None:
-    """Bars for each series (e.g. model variant) within each group (e.g. metric)."""
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion ``p`` measured on ``n`` records (sound at 0% and 100%)."""
+    if n <= 0 or p != p:
+        return float("nan"), float("nan")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]], percent: bool = True,
+                 counts: dict[str, int] | None = None) -> None:
+    """Bars for each series (e.g. model variant) within each group (e.g. metric); with ``counts`` (records per
+    series), rates get 95% Wilson error bars."""
     n = max(len(series), 1)
     width = 0.8 / n
     for k, (name, values) in enumerate(series.items()):
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(groups))]
         vals = [100 * v if percent else v for v in values]
-        bars = ax.bar(xs, vals, width, label=name)
+        yerr = None
+        if counts and percent and counts.get(name):
+            ci = [wilson_interval(v, counts[name]) for v in values]
+            yerr = [[max(0.0, 100 * (v - lo)) for v, (lo, _) in zip(values, ci, strict=True)],
+                    [max(0.0, 100 * (hi - v)) for v, (_, hi) in zip(values, ci, strict=True)]]
+        bars = ax.bar(xs, vals, width, label=name, yerr=yerr, capsize=3 if yerr else 0,
+                      error_kw={"elinewidth": 0.8, "ecolor": "black"})
         for b, v in zip(bars, vals, strict=True):
             if v == v:  # not NaN
                 ax.annotate(f"{v:.0f}" if percent else f"{v:.2f}", (b.get_x() + b.get_width() / 2, v),
@@ -70,7 +87,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
     if not train:
         return None
     fig, ax = pyplot().subplots(figsize=(7, 4))
-    ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
+    # markers while points are few: a 1-step run's single point would be an invisible line otherwise
+    ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2, marker="o" if len(train) <= 30 else None, ms=4)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")

@@ -199,9 +199,15 @@ def _histogram(lengths: list[int], too_long: list[int], max_len: int, title: str
     bins = np.histogram_bin_edges(both, bins=min(50, max(5, len(set(both)))))
     ax.hist([lengths, too_long], bins=bins, stacked=True, color=["tab:blue", "tab:orange"],
             label=["kept", "too long (skipped)"])
-    ax.axvline(max_len, color="tab:red", linestyle="--", label=f"max_len {max_len}")
+    longest = max(both, default=0)
+    note = ""
+    if max_len <= 1.5 * longest:
+        ax.axvline(max_len, color="tab:red", linestyle="--", label=f"max_len {max_len}")
+    else:  # scaled to the data: a far-away max_len line would squeeze every bar into the left edge
+        note = f"; max_len {max_len} is {max_len / max(longest, 1):.0f}× the longest"
+        ax.set_xlim(0, longest * 1.05 + 1)
     ax.set_xlabel("tokens per example")
     ax.set_ylabel("examples")
-    ax.set_title(f"{Path(title).name}: {len(lengths)} kept, {len(too_long)} over max_len")
+    ax.set_title(f"{Path(title).name}: {len(lengths)} kept, {len(too_long)} over max_len{note}", fontsize=10)
     ax.legend()
     return save_figure(fig, out)

@@ -25,8 +25,8 @@ def plot_eval(report: EvalReport, out_png: Path) -> Path | None:
     axes = list(axes) if panels > 1 else [axes]
     if rates:
         grouped_bars(axes[0], rates, {v.name: [v.overall.get(c, float("nan")) for c in rates]
-                                      for v in report.variants})
-        axes[0].set_ylabel("% of records")
+                                      for v in report.variants}, counts={v.name: v.n for v in report.variants})
+        axes[0].set_ylabel("% of records (95% Wilson interval)")
         axes[0].set_ylim(0, 110)
     if has_loss:
         ax = axes[-1]
@@ -50,13 +50,41 @@ def plot_per_task(report: EvalReport, out_png: Path) -> Path | None:
     tasks = sorted({t for v in report.variants for t in v.per_task.get(col, {})})
     if len(tasks) < 2:
         return None
+    percent = col != "loss"
+    if len(tasks) * max(len(report.variants), 1) > MAX_BARS:
+        return per_task_heatmap(report, col, tasks, percent, out_png)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(tasks) * max(len(report.variants), 1) + 2), 4.5))
-    percent = col != "loss"
     grouped_bars(ax, tasks, {v.name: [v.per_task.get(col, {}).get(t, float("nan")) for t in tasks]
                              for v in report.variants}, percent=percent)
     ax.set_ylabel(f"{col} (%)" if percent else col)
     ax.set_title(f"{col} by task", fontsize=10)
+    return save_figure(fig, out_png)
+
+
+# Beyond this many bars a per-task bar chart becomes a strip thousands of pixels wide: draw a heat map.
+MAX_BARS = 24
+
+
+def per_task_heatmap(report: EvalReport, col: str, tasks: list[str], percent: bool, out_png: Path) -> Path:
+    """Tasks as rows, variants as columns, the value written in each cell; height grows with the tasks."""
+    plt = pyplot()
+    names = [v.name for v in report.variants]
+    grid = np.array([[v.per_task.get(col, {}).get(t, np.nan) for v in report.variants] for t in tasks], float)
+    fig, ax = plt.subplots(figsize=(3 + 1.3 * len(names), 1.2 + 0.28 * len(tasks)))
+    im = ax.imshow(grid * (100 if percent else 1), aspect="auto", cmap="viridis" if percent else "viridis_r",
+                   vmin=0 if percent else None, vmax=100 if percent else None)
+    for i in range(len(tasks)):
+        for j in range(len(names)):
+            if grid[i, j] == grid[i, j]:
+                value = 100 * grid[i, j] if percent else grid[i, j]
+                ax.text(j, i, f"{value:.0f}" if percent else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if (value < 50 if percent else False) else "black")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.xaxis.tick_top()
+    fig.colorbar(im, ax=ax, label=f"{col} (%)" if percent else col, shrink=0.6)
+    ax.set_title(f"{col} by task ({len(tasks)} tasks)", fontsize=10, pad=20)
     return save_figure(fig, out_png)
 
 
