@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from tuneforge.data.conversation import Message
 from tuneforge.data.template import CHATML_TEMPLATE, EOT_MARKERS
+from tuneforge.log import get_logger
 from tuneforge.models.load import pad_token_id
 
 
@@ -62,6 +67,14 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
+def progress_bar(total: int, desc: str, unit: str, single_step: bool) -> tqdm:
+    """A progress bar with ETA on stderr: minutes of silence look like a hang. Hidden under --quiet, on ranks
+    other than 0, and when the work is one step (nothing to estimate)."""
+    quiet = get_logger("tuneforge").getEffectiveLevel() > logging.INFO
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True,
+                disable=quiet or single_step or os.environ.get("RANK", "0") != "0")
+
+
 def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
              system_prompt: str | None = None) -> list[str]:
@@ -83,6 +96,7 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
     was_training = model.training
     model.eval()
     outputs: list[str] = []
+    bar = progress_bar(len(encoded), "generate", "prompt", single_step=len(encoded) <= batch_size)
     try:
         cuda = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
@@ -94,6 +108,8 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
                 for row in out[:, input_ids.shape[1]:].tolist():
                     text = tokenizer.decode(cut_at_stop(row, set(stops)), skip_special_tokens=True)
                     outputs.append(text.strip())
+                bar.update(len(out))
     finally:
+        bar.close()
         model.train(was_training)
     return outputs
