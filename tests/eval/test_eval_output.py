@@ -32,3 +32,16 @@ def test_loss_on_plain_text_needs_no_reference(tmp_path):
     check_metrics(["loss"], load_items(str(text)), None, None)
     with pytest.raises(Exception, match="reference"):
         check_metrics(["exact"], load_items(str(text)), None, None)
+
+
+def test_cli_eval_twice_needs_overwrite(tiny_model_dir, tmp_path, capsys):
+    from tuneforge.cli import main
+
+    text = tmp_path / "general.txt"
+    text.write_text("Hello world. The quick brown fox jumps over the lazy dog.\n")
+    args = ["eval", "--model", str(tiny_model_dir), "--data", str(text), "--metric", "loss", "-o", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert "ppl" in capsys.readouterr().out  # perplexity of plain text
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
