@@ -170,16 +170,20 @@ def start_server(words: list[str], tmp: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "tuneforge.cli", *words[1:], "--port", str(port), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    expected = {p.name for p in adapters.iterdir() if p.is_dir()} if adapters is not None else set()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"{shlex.join(words)} exited: {proc.stderr.read()[-2000:]}"
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-            return proc, port
+            listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read())
+            if expected <= {m["id"] for m in listed["data"]}:  # adapters load in the background after start
+                return proc, port
         except OSError:
-            time.sleep(1)
+            pass
+        time.sleep(1)
     proc.kill()
-    raise AssertionError(f"{shlex.join(words)} did not answer within 180 s")
+    raise AssertionError(f"{shlex.join(words)} did not serve {sorted(expected)} within 180 s: "
+                         f"{proc.stderr.read()[-2000:]}")
 
 
 def check_outputs(words: list[str], tmp: Path, output: str) -> None:
