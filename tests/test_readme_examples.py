@@ -5,8 +5,9 @@ a copy of ``examples/`` (commands are written for the repository root), so a lat
 one made, as it would for a user following the text. What the text leaves to the user (``my.jsonl``: "your
 data") is supplied from ``examples/data`` (``USER_FILES``). To keep CI to a few minutes the harness appends short
 settings to the heavy commands (``SHORT``: 2 optimizer steps, a few eval records, few new tokens); nothing else
-changes. A command that must not run here is listed in ``NOT_RUN`` with the reason; a command or snippet
-neither run nor listed fails the test, so a new README line is either runnable or explained.
+changes. A command that must not run here is listed in ``NOT_RUN`` with the reason, and the example configs
+that tests/test_examples.py runs are in ``RUN_ELSEWHERE``; every other line runs, so a new README line is
+either runnable or explained.
 """
 
 from __future__ import annotations
