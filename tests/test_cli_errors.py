@@ -119,3 +119,9 @@ def test_cuda_device_without_cuda_names_the_key(monkeypatch, capsys):
     assert "train.device: 'cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
     assert cli.main(["serve", "--model", "m", "--adapters", "a", "--device", "cuda"]) == 2
     assert "device: 'cuda' but this machine has no CUDA GPU" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_empty_api_key_given_on_the_command_line(tmp_path, capsys):
+    # before the model loads: "" must not silently mean "no key"
+    assert cli.main(["serve", "--model", str(tmp_path / "none"), "--adapters", str(tmp_path), "--api-key", ""]) == 2
+    assert "API key" in capsys.readouterr().err

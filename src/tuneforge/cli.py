@@ -212,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     c = config_of(args)
     check_device(c.device, "device")
     use_threads(c.threads)
-    key = c.api_key or os.environ.get("TUNEFORGE_API_KEY")
+    key = c.api_key if c.api_key is not None else os.environ.get("TUNEFORGE_API_KEY")  # "" is refused, not "no key"
     serve(ServeOptions(**c.model_dump(exclude={"threads"}) | {"api_key": key}))
 
 

@@ -307,6 +307,8 @@ class ServeConfig(Strict):
     max_queue: int = Field(256, description="prompts waiting for the model; beyond it new requests get 429")
     batch_wait_ms: float = Field(5.0, description="how long a batch collects requests")
     scan_interval_s: float = Field(2.0, description="how often the adapters folder is rescanned")
+    read_timeout_s: float = Field(30.0, gt=0, description="seconds a client has to send a whole request; also the "
+                                  "idle keep-alive limit")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu or cuda")
     threads: int | None = Field(None, gt=0, description=THREADS_HELP)
