@@ -173,6 +173,9 @@ class PreferenceConfig(Strict):
         "auto", description="the DPO/IPO reference: adapters_off (lora/qlora: the base, no second copy), model "
                             "(full/freeze: a frozen copy), precomputed (one pass over the data before step 1); "
                             "auto: adapters_off for a fresh adapter, else precomputed")
+    share_prompt: bool = Field(True, description="with data.packing: each pair is one document [prompt | chosen | "
+                                                 "rejected], the prompt computed once (models with sliding-window "
+                                                 "or other non-full attention keep two documents)")
 
 
 class TrainConfig(Strict):

@@ -185,6 +185,30 @@ def test_collate_packed_keeps_pairs_together(tiny_tokenizer):
         collate_pairs(pairs, pad_id=0, pack_len=longest - 1)
 
 
+def test_collate_shared_prompt_lays_out_prompt_once():
+    from tuneforge.data.conversation import Tokenized
+    from tuneforge.data.preference import CHOSEN, PROMPT, REJECTED, TokenizedPair
+
+    def side(answer):
+        return Tokenized([1, 2, 3] + answer, [IGNORE] * 3 + answer)
+
+    pairs = [TokenizedPair(side([10, 11]), side([20, 21, 22]), 3), TokenizedPair(side([30]), side([40]), 3)]
+    assert [p.shared_len for p in pairs] == [8, 5]
+    batch = collate_pairs(pairs, pad_id=0, pack_len=13, share_prompt=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 20, 21, 22, 1, 2, 3, 30, 40]]
+    assert batch["labels"].tolist() == [[IGNORE] * 3 + [10, 11, 20, 21, 22] + [IGNORE] * 3 + [30, 40]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 3, 3]]
+    assert batch["seq_ids"].tolist() == [[0] * 8 + [1] * 5]
+    assert batch["sequence_index"].tolist() == [[0] * 5 + [1] * 3 + [2] * 4 + [3]]
+    assert batch["branch_ids"].tolist() == [[PROMPT] * 3 + [CHOSEN] * 2 + [REJECTED] * 3 + [PROMPT] * 3
+                                            + [CHOSEN, REJECTED]]
+    unpacked = collate_pairs(pairs, pad_id=0, share_prompt=True)
+    assert unpacked["input_ids"].shape == (2, 8) and unpacked["seq_ids"][1, 5:].eq(-1).all()
+    assert "branch_ids" not in collate_pairs(pairs, pad_id=0, pack_len=13)
+    with pytest.raises(DataError, match="the prompt once and both answers"):
+        collate_pairs(pairs, pad_id=0, pack_len=7, share_prompt=True)
+
+
 def test_collate_carries_reference_logps(tiny_tokenizer):
     from dataclasses import replace
 

@@ -280,3 +280,64 @@ def test_disable_adapters_runs_the_base_and_restores(tiny_tokenizer):
     merge_lora(model)
     with pytest.raises(ModelError, match="merged"), disable_adapters(model):
         pass
+
+
+def _lora_policy(tiny_tokenizer):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(len(tiny_tokenizer), seed=0).train()
+    apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.3)  # the policy differs from the reference
+    return model
+
+
+def test_shared_prompt_equals_two_documents(pairs, tiny_tokenizer):
+    """[prompt | chosen | rejected] in one document: the same log-probs, DPO loss and LoRA gradients as two rows."""
+    pad = tiny_tokenizer.pad_token_id
+    assert all(p.prompt_len > 0 for p in pairs)
+    two_rows = collate_pairs(pairs, pad)
+    one_per_row = collate_pairs(pairs, pad, share_prompt=True)
+    several = collate_pairs(pairs, pad, pack_len=sum(p.shared_len for p in pairs), share_prompt=True)
+    assert several["input_ids"].shape[0] == 1 and one_per_row["input_ids"].shape[0] == len(pairs)
+    assert int((several["seq_ids"] >= 0).sum()) == sum(len(p) - p.prompt_len for p in pairs)
+    policy = _lora_policy(tiny_tokenizer)
+    with torch.no_grad():
+        expected, counts = batch_logps(policy, two_rows)
+        for batch in (one_per_row, several):
+            logps, n = batch_logps(policy, batch)
+            assert n.tolist() == counts.tolist()
+            torch.testing.assert_close(logps, expected, atol=TOL, rtol=TOL)
+    settings = {"objective": "dpo", "reference": "adapters_off"}
+    results = [_ours(copy.deepcopy(policy), b, **settings) for b in (two_rows, one_per_row, several)]
+    assert all("lora_" in name for name in results[0][2])
+    for loss, metrics, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=TOL, rtol=TOL)
+        assert metrics == pytest.approx(results[0][1], abs=TOL)
+        _assert_close_grads(grads, results[0][2])
+
+
+def test_shared_prompt_scores_the_first_rejected_token_from_the_prompt():
+    from tuneforge.data.preference import CHOSEN, PROMPT, REJECTED
+    from tuneforge.train.preference import predictor_positions
+
+    # two pairs in a row: prompt 2, chosen 2, rejected 3; then prompt 1, chosen 1, rejected 1; padding
+    branch = torch.tensor([[PROMPT] * 2 + [CHOSEN] * 2 + [REJECTED] * 3 + [PROMPT, CHOSEN, REJECTED, PROMPT]])
+    assert predictor_positions(branch).tolist() == [[-1, 0, 1, 2, 1, 4, 5, 6, 7, 7, 9]]
+
+
+def test_sliding_window_models_keep_two_documents(pairs, tiny_tokenizer, caplog):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tuneforge.train.preference import can_share_prompt
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    model = MistralForCausalLM(config)
+    assert not can_share_prompt(model, PreferenceSettings())
+    assert "sliding-window" in caplog.text
+    with pytest.raises(ConfigError, match="preference.share_prompt"):
+        batch_logps(model, collate_pairs(pairs, tiny_tokenizer.pad_token_id, share_prompt=True))
+    assert can_share_prompt(_lora_policy(tiny_tokenizer), PreferenceSettings())
+    assert not can_share_prompt(_lora_policy(tiny_tokenizer), PreferenceSettings(share_prompt=False))

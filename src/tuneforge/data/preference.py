@@ -13,7 +13,9 @@ Formats (``PREFERENCE_FORMATS``), detected from the first record like the SFT fo
 A pair is tokenized as two conversations (prompt + chosen, prompt + rejected) with the chat template of
 :mod:`tuneforge.data.template`, so the labels are the SFT ones: -100 on the prompt, the answer and its
 end-of-turn token trained. A batch holds both answers of each pair, ``[chosen_0, rejected_0, chosen_1, ...]``,
-one per row or packed into rows with document ids (:mod:`tuneforge.data.packing`), in one forward.
+one per row or packed into rows with document ids (:mod:`tuneforge.data.packing`), in one forward; or, sharing
+the prompt, each pair as one document ``[prompt | chosen answer | rejected answer]`` whose ``branch_ids`` let the
+attention mask keep the answers apart (:mod:`tuneforge.train.attention`), so the prompt is computed once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ EXPECTED_PREFERENCE_FIELDS = {
 # HH transcripts: a turn starts at a blank line followed by the speaker's name.
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+"""``branch_ids`` of a pair sharing its prompt: the prompt's tokens (and padding), the chosen, the rejected answer's."""
 
 
 @dataclass
@@ -87,6 +91,11 @@ class TokenizedPair:
 
     def __len__(self) -> int:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    @property
+    def shared_len(self) -> int:
+        """Tokens of the pair with its prompt once: ``[prompt | chosen answer | rejected answer]``."""
+        return len(self) - self.prompt_len
 
 
 @dataclass
@@ -384,58 +393,91 @@ def render_pair(pair: TokenizedPair, tokenizer: Any, color: bool = False) -> str
 @dataclass
 class _Rows:
     rows: list[PackedRow] = field(default_factory=list)
-    sequences: list[list[int]] = field(default_factory=list)  # per row: batch sequence index of each document
+    index: list[list[int]] = field(default_factory=list)  # per row: each token's sequence in the batch
+    branch: list[list[int]] = field(default_factory=list)  # per row, sharing the prompt: each token's branch
+
+    def new_row(self) -> int:
+        self.rows.append(PackedRow())
+        self.index.append([])
+        self.branch.append([])
+        return len(self.rows) - 1
 
 
-def _add(rows: _Rows, row: int, tok: Tokenized, index: int) -> None:
+def _add_answer(rows: _Rows, row: int, tok: Tokenized, index: int) -> None:
+    """One answer with its own copy of the prompt, as a document."""
     rows.rows[row].add(tok)
-    rows.sequences[row].append(index)
+    rows.index[row] += [index] * len(tok.input_ids)
 
 
-def _pack(pairs: list[TokenizedPair], pack_len: int | None) -> _Rows:
-    """Rows in order; with ``pack_len`` both answers of a pair go first-fit into one row of at most that many tokens."""
+def _add_shared(rows: _Rows, row: int, pair: TokenizedPair, i: int) -> None:
+    """Pair ``i`` as one document ``[prompt | chosen answer | rejected answer]``.
+
+    Each answer's positions continue the prompt's, and its labels are those it has in its own row (whose first
+    label is masked, as :meth:`PackedRow.add` does), so both answers are scored as in two documents.
+    """
+    p, chosen, rejected = pair.prompt_len, pair.chosen, pair.rejected
+    packed = rows.rows[row]
+    n = len(chosen.input_ids) + len(rejected.input_ids) - p
+    packed.input_ids += chosen.input_ids + rejected.input_ids[p:]
+    packed.labels += [IGNORE] + chosen.labels[1:] + ([IGNORE] + rejected.labels[1:])[p:]
+    packed.position_ids += list(range(len(chosen.input_ids))) + list(range(p, len(rejected.input_ids)))
+    packed.seq_ids += [len(packed.lengths)] * n
+    packed.lengths.append(n)
+    packed.sources.append(pair.source)
+    rows.index[row] += [2 * i] * len(chosen.input_ids) + [2 * i + 1] * (len(rejected.input_ids) - p)
+    rows.branch[row] += ([PROMPT] * p + [CHOSEN] * (len(chosen.input_ids) - p)
+                         + [REJECTED] * (len(rejected.input_ids) - p))
+
+
+def _pack(pairs: list[TokenizedPair], pack_len: int | None, share_prompt: bool) -> _Rows:
+    """Rows in order; with ``pack_len`` each pair goes first-fit into one row of at most that many tokens."""
     out = _Rows()
     for i, pair in enumerate(pairs):
-        if pack_len is None:
-            for k, tok in enumerate((pair.chosen, pair.rejected)):
-                out.rows.append(PackedRow())
-                out.sequences.append([])
-                _add(out, len(out.rows) - 1, tok, 2 * i + k)
-            continue
-        if len(pair) > pack_len:
-            raise DataError(f"{pair.source or '<pair>'}: the pair is {len(pair)} tokens (chosen + rejected with "
-                            f"their prompts), more than the packed row length {pack_len}. Raise "
-                            "`data.max_seq_len`, or pass `--skip-bad` to skip such pairs.")
-        row = next((r for r, packed in enumerate(out.rows) if len(packed) + len(pair) <= pack_len), None)
+        size = pair.shared_len if share_prompt else len(pair)
+        if pack_len is not None and size > pack_len:
+            what = "the prompt once and both answers" if share_prompt else "chosen + rejected with their prompts"
+            raise DataError(f"{pair.source or '<pair>'}: the pair is {size} tokens ({what}), more than the packed "
+                            f"row length {pack_len}. Raise `data.max_seq_len`, or pass `--skip-bad` to skip such "
+                            "pairs.")
+        row = None if pack_len is None else next(
+            (r for r, packed in enumerate(out.rows) if len(packed) + size <= pack_len), None)
         if row is None:
-            out.rows.append(PackedRow())
-            out.sequences.append([])
-            row = len(out.rows) - 1
-        _add(out, row, pair.chosen, 2 * i)
-        _add(out, row, pair.rejected, 2 * i + 1)
+            row = out.new_row()
+        if share_prompt:
+            _add_shared(out, row, pair, i)
+            continue
+        _add_answer(out, row, pair.chosen, 2 * i)
+        _add_answer(out, row if pack_len is not None else out.new_row(), pair.rejected, 2 * i + 1)
     return out
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_len: int | None = None) -> dict[str, torch.Tensor]:
+def _padded(per_row: list[list[int]], length: int, fill: int) -> torch.Tensor:
+    out = torch.full((len(per_row), length), fill, dtype=torch.long)
+    for b, values in enumerate(per_row):
+        out[b, :len(values)] = torch.tensor(values, dtype=torch.long)
+    return out
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_id: int, pack_len: int | None = None,
+                  share_prompt: bool = False) -> dict[str, torch.Tensor]:
     """One batch holding both answers of every pair, for one forward.
 
     Without ``pack_len``: rows ``[chosen_0, rejected_0, chosen_1, ...]`` padded to the longest. With it:
     pairs packed first-fit into rows of at most ``pack_len`` tokens, a pair never split across rows.
+    With ``share_prompt`` each pair is one document ``[prompt | chosen answer | rejected answer]`` (one per row
+    without ``pack_len``), and the batch has ``branch_ids`` [B, L] (``PROMPT``, ``CHOSEN``, ``REJECTED``).
     Keys: those of :func:`tuneforge.data.packing.collate`, plus ``sequence_index`` [B, L] (the token's
-    sequence, ``2i`` chosen and ``2i + 1`` rejected of pair ``i``; -1 on padding) and, when every pair has
-    them, ``ref_logps`` [2 * pairs] in that order.
+    sequence, ``2i`` chosen and ``2i + 1`` rejected of pair ``i``, a shared prompt's with its chosen answer;
+    -1 on padding) and, when every pair has them, ``ref_logps`` [2 * pairs] in that order.
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    packed = _pack(pairs, pack_len)
+    packed = _pack(pairs, pack_len, share_prompt)
     batch = collate(packed.rows, pad_id)
-    index = torch.full_like(batch["seq_ids"], -1)
-    for b, seqs in enumerate(packed.sequences):
-        lookup = torch.tensor(seqs, dtype=torch.long)
-        docs = batch["seq_ids"][b]
-        real = docs != PAD_SEQ_ID
-        index[b, real] = lookup[docs[real]]
-    batch["sequence_index"] = index
+    length = batch["input_ids"].shape[1]
+    batch["sequence_index"] = _padded(packed.index, length, PAD_SEQ_ID)
+    if share_prompt:
+        batch["branch_ids"] = _padded(packed.branch, length, PROMPT)
     if all(p.ref_logps is not None for p in pairs):
         batch["ref_logps"] = torch.tensor([x for p in pairs for x in p.ref_logps], dtype=torch.float32)
     return batch

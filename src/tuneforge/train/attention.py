@@ -4,13 +4,21 @@ Rows that hold one example each only need a padding mask, and SDPA keeps its fus
 rows need each example to see only itself. On a GPU that is a FlexAttention document mask: a block-sparse
 mask that skips every tile lying between two examples, so attention costs what the examples cost, not what
 the row's length would. On the CPU, where FlexAttention has no fast kernel, it is a dense block-causal mask.
+
+Preference pairs can share their prompt (:func:`tuneforge.data.preference.collate_pairs` with ``share_prompt``):
+one document ``[prompt | chosen | rejected]`` whose ``branch_ids`` say which part a token is in. Both answers see
+the prompt and their own earlier tokens, never the other answer, so the prompt runs once for both. Only models
+whose every layer is full causal attention over position ids take that mask (:func:`shared_prompt_refusal`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
+
+from tuneforge.data.preference import PROMPT
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -18,15 +26,18 @@ if TYPE_CHECKING:
 FLEX = "flex_attention"
 
 
-def block_causal_mask(seq_ids: torch.Tensor) -> torch.Tensor:
+def block_causal_mask(seq_ids: torch.Tensor, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask [B, 1, L, L] from ``seq_ids`` [B, L]: True where a query may attend a key.
 
-    A query attends keys of its own example at or before it. HF models take it as ``attention_mask``.
+    A query attends keys of its own example at or before it; with ``branch_ids`` [B, L] only those in the
+    prompt or in its own branch. HF models take it as ``attention_mask``.
     """
     length = seq_ids.shape[-1]
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
-    return (same & causal)[:, None]
+    allowed = seq_ids[:, :, None] == seq_ids[:, None, :]
+    allowed &= torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
+    if branch_ids is not None:
+        allowed &= (branch_ids[:, None, :] == PROMPT) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    return allowed[:, None]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,21 +62,51 @@ def use_document_attention(model: torch.nn.Module, device: torch.device) -> bool
     return model.config._attn_implementation == FLEX
 
 
-def document_mask(seq_ids: torch.Tensor) -> BlockMask:
-    """A FlexAttention BlockMask from ``seq_ids`` [B, L]: a query sees earlier keys of its own example."""
+def document_mask(seq_ids: torch.Tensor, branch_ids: torch.Tensor | None = None) -> BlockMask:
+    """A FlexAttention BlockMask from ``seq_ids`` [B, L]: a query sees earlier keys of its own example (and, with
+    ``branch_ids``, only those in the prompt or its own branch: the rule of :func:`block_causal_mask`)."""
     from torch.nn.attention.flex_attention import create_block_mask  # optional dependency: torch>=2.5, GPU path
 
     def same_example_causal(b, h, q, kv):
         return (seq_ids[b, q] == seq_ids[b, kv]) & (q >= kv)
 
+    def same_branch_causal(b, h, q, kv):
+        branch = (branch_ids[b, kv] == PROMPT) | (branch_ids[b, q] == branch_ids[b, kv])
+        return same_example_causal(b, h, q, kv) & branch
+
     batch, length = seq_ids.shape
-    return create_block_mask(same_example_causal, batch, None, length, length, device=seq_ids.device)
+    mask_mod = same_example_causal if branch_ids is None else same_branch_causal
+    return create_block_mask(mask_mod, batch, None, length, length, device=seq_ids.device)
 
 
-def attention_mask(model: torch.nn.Module, seq_ids: torch.Tensor, device: torch.device) -> torch.Tensor | BlockMask:
-    """The ``attention_mask`` to pass with a batch whose example ids are ``seq_ids`` (-1 = padding)."""
+def attention_mask(model: torch.nn.Module, seq_ids: torch.Tensor, device: torch.device,
+                   branch_ids: torch.Tensor | None = None) -> torch.Tensor | BlockMask:
+    """The ``attention_mask`` to pass with a batch whose example ids are ``seq_ids`` (-1 = padding) and, for pairs
+    sharing their prompt, whose branches are ``branch_ids``."""
+    if branch_ids is not None:
+        branch_ids = branch_ids.to(device)
     if getattr(model.config, "_attn_implementation", None) == FLEX:
-        return document_mask(seq_ids.to(device))
-    if int(seq_ids.max()) <= 0:
+        return document_mask(seq_ids.to(device), branch_ids)
+    if branch_ids is None and int(seq_ids.max()) <= 0:
         return (seq_ids >= 0).long().to(device)
-    return block_causal_mask(seq_ids).to(device)
+    return block_causal_mask(seq_ids.to(device), branch_ids)
+
+
+def shared_prompt_refusal(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot take a shared-prompt mask (None when it can).
+
+    The layout places the rejected answer after the chosen one in the row, so it is only equal to two rows when
+    every layer is full causal attention that reads positions from ``position_ids`` and the mask from the one
+    passed: a sliding window, chunked or linear attention would see the row's layout, not the mask's.
+    """
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"its layers are {', '.join(sorted(kinds))}, not all full attention"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return f"it uses sliding-window attention (window {config.sliding_window})"
+    if getattr(config, "attention_chunk_size", None):
+        return f"it uses chunked attention (chunks of {config.attention_chunk_size})"
+    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        return "its forward takes no position_ids"
+    return None

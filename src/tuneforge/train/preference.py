@@ -3,7 +3,9 @@
 Every objective is a function of four numbers per pair: the summed log-prob of the chosen and of the
 rejected answer under the policy (and, for DPO/IPO, under a reference), and the two answers' trained-token
 counts. Those come from one forward over a batch holding both answers of each pair
-(:func:`tuneforge.data.preference.collate_pairs`).
+(:func:`tuneforge.data.preference.collate_pairs`): as two documents, or as one ``[prompt | chosen | rejected]``
+that computes the prompt once (``share_prompt``); there the prompt's last hidden state predicts the first token
+of both answers (:func:`predictor_positions`).
 
 The log-probs are computed from the final hidden states and the output head a chunk of trained positions
 at a time, never as full-vocabulary logits (like :mod:`tuneforge.train.loss`). Unlike the SFT loss, the
@@ -30,11 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.config import RunConfig
-from tuneforge.data.preference import TokenizedPair, collate_pairs
+from tuneforge.data.packing import IGNORE
+from tuneforge.data.preference import PROMPT, REJECTED, TokenizedPair, collate_pairs
 from tuneforge.errors import ConfigError
+from tuneforge.log import get_logger
 from tuneforge.methods.lora import disable_adapters, lora_layers
-from tuneforge.train.attention import attention_mask
-from tuneforge.train.loss import _compute_dtype, shifted_targets
+from tuneforge.train.attention import attention_mask, shared_prompt_refusal
+from tuneforge.train.loss import _compute_dtype
+
+logger = get_logger(__name__)
 
 OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
 REFERENCE_MODES = ("auto", "adapters_off", "model", "precomputed")
@@ -51,7 +57,8 @@ class PreferenceSettings:
     labels assumed flipped). ``simpo_gamma``: SimPO's target margin. ``reference`` (DPO/IPO only):
     ``adapters_off`` (LoRA/QLoRA), ``model`` (a frozen copy passed to the step), ``precomputed`` (batch
     ``ref_logps``), or ``auto`` (precomputed when the batch has them, else adapters_off when the model has
-    LoRA layers, else the model passed).
+    LoRA layers, else the model passed). ``share_prompt``: with packing, each pair is one document
+    ``[prompt | chosen | rejected]`` (the prompt computed once) where the model's attention can take that mask.
     """
 
     objective: str = "dpo"
@@ -61,6 +68,7 @@ class PreferenceSettings:
     orpo_lambda: float = 0.1
     reference: str = "auto"
     chunk_tokens: int = 1024
+    share_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -104,7 +112,19 @@ def settings_for(config: RunConfig) -> PreferenceSettings:
                           "use model (a frozen copy) or precomputed")
     return PreferenceSettings(objective=config.train.objective, beta=p.beta, label_smoothing=p.label_smoothing,
                               simpo_gamma=p.simpo_gamma, orpo_lambda=p.orpo_lambda, reference=reference,
-                              chunk_tokens=config.train.loss_chunk_tokens)
+                              chunk_tokens=config.train.loss_chunk_tokens, share_prompt=p.share_prompt)
+
+
+def can_share_prompt(model: torch.nn.Module, settings: PreferenceSettings) -> bool:
+    """Whether pair batches for ``model`` may share their prompt: ``settings`` ask for it and the model's attention
+    takes the mask (when it cannot, the two-document layout is used, and the user is told why)."""
+    if not settings.share_prompt:
+        return False
+    reason = shared_prompt_refusal(model)
+    if reason is not None:
+        logger.info(f"preference.share_prompt: {model.config.model_type} cannot compute the prompt once for both "
+                    f"answers ({reason}); each answer is a document with its own copy of the prompt")
+    return reason is None
 
 
 # --- objectives: pure functions of per-sequence log-probs -----------------------------------------
@@ -265,7 +285,8 @@ class _SequenceLogps(torch.autograd.Function):
         d_hidden = d_weight = d_bias = None
         if grad_h is not None and ctx.needs_input_grad[0]:
             d_hidden = grad_h.new_zeros((math.prod(ctx.hidden_shape[:-1]), grad_h.shape[-1]))
-            d_hidden.index_copy_(0, rows, grad_h * g[:, None].to(grad_h.dtype))
+            # add, not copy: a shared prompt's last position predicts the first token of both answers
+            d_hidden.index_add_(0, rows, grad_h * g[:, None].to(grad_h.dtype))
             d_hidden = d_hidden.view(ctx.hidden_shape)
         if ctx.need_w or ctx.need_b:
             d_weight, d_bias = _head_grads(hidden, weight, bias, rows, targets, g, ctx)
@@ -292,23 +313,42 @@ def _head_grads(hidden, weight, bias, rows, targets, g, ctx):
     return (gw.to(weight.dtype) if gw is not None else None, gb.to(bias.dtype) if gb is not None else None)
 
 
+def predictor_positions(branch_ids: torch.Tensor) -> torch.Tensor:
+    """The position [B, L] whose hidden state predicts each token: the one before it, except that the first token
+    of a rejected answer sharing its prompt is predicted from the prompt's last token (as in its own row)."""
+    positions = torch.arange(branch_ids.shape[1], device=branch_ids.device).expand_as(branch_ids)
+    rejected = branch_ids == REJECTED
+    first_rejected = rejected.clone()
+    first_rejected[:, 1:] &= ~rejected[:, :-1]
+    last_prompt = torch.where(branch_ids == PROMPT, positions, -1).cummax(dim=1).values
+    return torch.where(first_rejected, last_prompt, positions - 1)
+
+
+def _scored(labels: torch.Tensor, sequence_index: torch.Tensor, branch_ids: torch.Tensor | None,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat hidden rows that predict the trained tokens, the tokens, and their sequences (row-major order)."""
+    labels = labels.to(device)
+    keep = labels != IGNORE
+    keep[:, 0] = False  # nothing predicts a row's first token
+    b, j = keep.nonzero(as_tuple=True)
+    before = j - 1 if branch_ids is None else predictor_positions(branch_ids.to(device))[b, j]
+    return b * labels.shape[1] + before, labels[b, j], sequence_index.to(device)[b, j]
+
+
 def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                   sequence_index: torch.Tensor, n_sequences: int,
-                   chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                   sequence_index: torch.Tensor, n_sequences: int, chunk_tokens: int = 1024,
+                   branch_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the trained tokens of each sequence [S] (fp32), and their counts [S].
 
-    ``labels`` [B, L] are aligned with the inputs (-100 = not scored; position i predicts labels[i + 1]);
-    ``sequence_index`` [B, L] gives each token's sequence in ``range(n_sequences)`` (-1 on padding).
-    ``head`` is the output projection (``weight``, optional ``bias``). Differentiable w.r.t. ``hidden``
-    and a trainable head, without full-vocabulary logits.
+    ``labels`` [B, L] are aligned with the inputs (-100 = not scored; position i predicts labels[i + 1], or as
+    :func:`predictor_positions` says for ``branch_ids``); ``sequence_index`` [B, L] gives each token's sequence
+    in ``range(n_sequences)`` (-1 on padding). ``head`` is the output projection (``weight``, optional ``bias``).
+    Differentiable w.r.t. ``hidden`` and a trainable head, without full-vocabulary logits.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     device = hidden.device
-    targets = shifted_targets(labels).reshape(-1).to(device)
-    keep = targets != -100
-    rows = keep.nonzero().squeeze(1)
-    seq = shifted_targets(sequence_index).reshape(-1).to(device)[rows]  # the sequence of the predicted token
+    rows, targets, seq = _scored(labels, sequence_index, branch_ids, device)
     counts = torch.bincount(seq, minlength=n_sequences)
     weight, bias = head.weight, getattr(head, "bias", None)
     grad_on = torch.is_grad_enabled()
@@ -322,7 +362,7 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
             if need:
                 zero = zero + p.sum() * 0.0
         return torch.zeros(n_sequences, device=device) + zero, counts
-    args = (hidden, weight, bias, rows, targets[keep], seq, n_sequences, chunk_tokens, _compute_dtype(hidden))
+    args = (hidden, weight, bias, rows, targets, seq, n_sequences, chunk_tokens, _compute_dtype(hidden))
     if not (need_h or need_w or need_b):
         with torch.no_grad():
             return _sums(*args, need_h=False)[0], counts
@@ -338,9 +378,14 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_to
     """Summed log-probs and trained-token counts of every sequence of a pair batch, in batch order.
 
     ``activations`` is entered around the decoder (e.g. activation offloading), as in the SFT loss.
+    A batch whose pairs share their prompt (``branch_ids``) is refused for a model that cannot take its mask.
     """
     device = next(model.parameters()).device
-    mask = attention_mask(model, batch["seq_ids"], device)
+    branch_ids = batch.get("branch_ids")
+    if branch_ids is not None and (reason := shared_prompt_refusal(model)) is not None:
+        raise ConfigError(f"preference.share_prompt: {model.config.model_type} cannot compute the prompt once for "
+                          f"both answers ({reason}); set preference.share_prompt: false")
+    mask = attention_mask(model, batch["seq_ids"], device, branch_ids)
     n_seq = int(batch["sequence_index"].max()) + 1
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         with activations():
@@ -348,7 +393,7 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_to
                                       position_ids=batch["position_ids"].to(device),
                                       use_cache=False).last_hidden_state
         return sequence_logps(hidden, model.get_output_embeddings(), batch["labels"],
-                              batch["sequence_index"], n_seq, chunk_tokens)
+                              batch["sequence_index"], n_seq, chunk_tokens, branch_ids)
 
 
 def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from tuneforge.data.packing import IGNORE, PackedRow, collate
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.attention import attention_mask
 from tuneforge.train.loss import chunked_lm_loss
-from tuneforge.train.preference import PreferenceSettings, preference_step_loss
+from tuneforge.train.preference import PreferenceSettings, can_share_prompt, preference_step_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -80,7 +80,9 @@ class PreferenceLoss(CausalLMLoss):
     count, and the pairs' mean metrics (rewards, margins, accuracy, log-probs).
 
     ``reference``: the frozen copy for ``settings.reference == "model"``. It is kept out of the module tree:
-    it is not trained, not checkpointed and not sharded.
+    it is not trained, not checkpointed and not sharded. ``share_prompt``: whether packed pair batches for this
+    model should share their prompt (``collate_pairs(..., share_prompt=)``): the settings ask for it and the
+    model's attention can take the mask.
     """
 
     def __init__(self, model: torch.nn.Module, settings: PreferenceSettings, amp: torch.dtype | None = None,
@@ -88,15 +90,17 @@ class PreferenceLoss(CausalLMLoss):
                  reference: torch.nn.Module | None = None) -> None:
         super().__init__(model, settings.chunk_tokens, amp, activations)
         self.settings = settings
+        self.share_prompt = can_share_prompt(model, settings)
         object.__setattr__(self, "reference", reference)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                seq_ids: torch.Tensor, sequence_index: torch.Tensor,
-                ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
+                seq_ids: torch.Tensor, sequence_index: torch.Tensor, ref_logps: torch.Tensor | None = None,
+                branch_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_ids": seq_ids,
                  "sequence_index": sequence_index}
-        if ref_logps is not None:
-            batch["ref_logps"] = ref_logps
+        for key, value in (("ref_logps", ref_logps), ("branch_ids", branch_ids)):
+            if value is not None:
+                batch[key] = value
         loss, metrics = preference_step_loss(self.model, batch, self.settings, self.reference, self.amp,
                                              self.activations)
         n = int(metrics.pop("pairs"))
@@ -108,7 +112,7 @@ class PreferenceLoss(CausalLMLoss):
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, int, dict[str, float]]:
         return self(batch["input_ids"], batch["labels"], batch["position_ids"], batch["seq_ids"],
-                    batch["sequence_index"], batch.get("ref_logps"))
+                    batch["sequence_index"], batch.get("ref_logps"), batch.get("branch_ids"))
 
 
 def batch_loss(loss_model: CausalLMLoss, batch: Batch) -> tuple[torch.Tensor, int]:
