@@ -11,8 +11,13 @@ adapters off, through the reference. tuneforge runs ``train``'s step (``train.st
 ``PreferenceLoss``: both answers in one forward, the fused chunked log-probs). The peer is TRL's DPOTrainer at its
 fastest setting that fits: gradient checkpointing off, its own fused LM head (no full logits), reference = PEFT
 adapters off, with and without Liger's layer kernels (``use_liger_kernel``; TRL 1.16 has padding-free DPO disabled).
-Its step is ``trainer.compute_loss`` + backward + clip + AdamW, the parts Trainer.training_step times. Tokens/s count
-the 8,192 policy tokens; the first step's chosen log-prob is reported by both as a check that they saw the same batch.
+Its step is ``trainer.compute_loss`` + backward + clip + AdamW, the parts Trainer.training_step times.
+
+The ``-shared`` cases are tuneforge with each pair as one document ``[prompt | chosen | rejected]`` (``collate_pairs``
+with ``share_prompt``, a FlexAttention mask that keeps the answers apart): the prompt runs once, 6,144 tokens computed
+per pass instead of 8,192. Tokens/s count the logical 8,192 policy tokens per step (2 pairs × (prompt + chosen +
+prompt + rejected)) in every case, the peer's unit; pairs/s is the same rate per pair. The first step's chosen
+log-prob is reported by every case as a check that they saw the same batch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from speed_gpu import build_peer_dense  # noqa: E402
 from tuneforge.data.conversation import Tokenized  # noqa: E402
 from tuneforge.data.preference import TokenizedPair, collate_pairs  # noqa: E402
 from tuneforge.models.shapes import shape_config  # noqa: E402
+from tuneforge.train.attention import use_document_attention  # noqa: E402
 from tuneforge.train.kernels import apply_kernels  # noqa: E402
 from tuneforge.train.preference import PreferenceSettings  # noqa: E402
 from tuneforge.train.step import PreferenceLoss, train_step  # noqa: E402
@@ -54,6 +60,7 @@ class Case:
     prompt: int = 1024
     answer: int = 1024
     liger: bool = False
+    share_prompt: bool = False
     warmup: int = 2
     steps: int = 5
     optional: bool = False
@@ -65,9 +72,13 @@ CASES = [
     Case("peer-8b-dpo-lora-liger", "peer", liger=True),
     Case("ours-8b-dpo-lora", "ours"),
     Case("ours-8b-dpo-lora-liger", "ours", liger=True),
+    Case("ours-8b-dpo-lora-shared", "ours", share_prompt=True),
+    Case("ours-8b-dpo-lora-liger-shared", "ours", liger=True, share_prompt=True),
 ]
 ROUNDS = 2
-COMPARE = [("ours-8b-dpo-lora-liger", "peer-8b-dpo-lora-liger"), ("ours-8b-dpo-lora", "peer-8b-dpo-lora"),
+COMPARE = [("ours-8b-dpo-lora-liger-shared", "peer-8b-dpo-lora-liger"), ("ours-8b-dpo-lora-shared", "peer-8b-dpo-lora"),
+           ("ours-8b-dpo-lora-shared", "peer-8b-dpo-lora-liger"),
+           ("ours-8b-dpo-lora-liger", "peer-8b-dpo-lora-liger"), ("ours-8b-dpo-lora", "peer-8b-dpo-lora"),
            ("ours-8b-dpo-lora", "peer-8b-dpo-lora-liger"), ("ours-8b-dpo-lora-liger", "peer-8b-dpo-lora")]
 
 
@@ -81,12 +92,13 @@ def pair_ids(cfg: dict, case: Case, smoke: bool) -> list[tuple[list[int], list[i
     return [(row[:p], row[p:p + a], row[p + a:]) for row in ids]
 
 
-def ours_batch(pairs: list) -> dict:
-    """tuneforge's layout: rows [chosen_0, rejected_0, ...], -100 on the prompt."""
+def ours_batch(pairs: list, share_prompt: bool) -> dict:
+    """tuneforge's layout: rows [chosen_0, rejected_0, ...], -100 on the prompt; or, sharing the prompt, one row
+    [prompt | chosen | rejected] per pair."""
     def side(prompt, answer):
         return Tokenized(prompt + answer, [-100] * len(prompt) + answer)
     tokenized = [TokenizedPair(side(p, c), side(p, r), len(p)) for p, c, r in pairs]
-    return collate_pairs(tokenized, pad_id=0)
+    return collate_pairs(tokenized, pad_id=0, share_prompt=share_prompt)
 
 
 def peer_batch(pairs: list) -> dict:
@@ -158,6 +170,8 @@ def build(case: Case, cfg: dict, device: torch.device):
         model = build_ours(cfg, case.method, device)
         if case.liger:
             apply_kernels(model, "liger", device)
+        if case.share_prompt:  # as train() does for packed pairs: the mask is block-sparse on a GPU
+            use_document_attention(model, device)
         return model
     if case.liger:  # before the model's classes are used; TRL's fused head replaces Liger's loss
         from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -176,8 +190,10 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     model = build(case, cfg, device)
     out: dict = {"build_s": time.perf_counter() - t0, "config": cfg}
     pairs = pair_ids(cfg, case, smoke)
-    batch = ours_batch(pairs) if case.impl == "ours" else peer_batch(pairs)
-    tokens = sum(len(p) + len(c) + len(p) + len(r) for p, c, r in pairs)
+    batch = ours_batch(pairs, case.share_prompt) if case.impl == "ours" else peer_batch(pairs)
+    tokens = sum(len(p) + len(c) + len(p) + len(r) for p, c, r in pairs)  # logical: the prompt counted per answer
+    computed = int((batch["seq_ids"] >= 0).sum()) if case.impl == "ours" else int(batch["attention_mask"].sum())
+    out["attention"] = model.config._attn_implementation
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -191,22 +207,28 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     sync(device)
     seconds = time.perf_counter() - t1
     out.update(losses=[x[0] for x in first + timed], logps_chosen0=first[0][1], seconds=seconds,
-               tokens_per_s=tokens * len(timed) / seconds, tokens_per_step=tokens,
+               tokens_per_s=tokens * len(timed) / seconds, tokens_per_step=tokens, computed_tokens_per_step=computed,
+               pairs_per_s=len(pairs) * len(timed) / seconds,
                peak_gib=gib(device, "max_memory_allocated"), reserved_gib=gib(device, "max_memory_reserved"))
     return out
 
 
 # --- orchestration ---------------------------------------------------------------------------------
 
+def _median(values: list[float]) -> float:
+    values, mid = sorted(values), len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def merge_round(first: dict | None, rec: dict) -> dict:
-    """Keep every round's tokens/s and peak; report the median tokens/s and the largest peak."""
-    rounds = (first or {}).get("rounds", []) + [{k: rec.get(k) for k in ("tokens_per_s", "peak_gib")}]
-    speeds = sorted(r["tokens_per_s"] for r in rounds if r.get("tokens_per_s"))
+    """Keep every round's speeds and peak; report the median speeds and the largest peak."""
+    rounds = (first or {}).get("rounds", []) + [{k: rec.get(k) for k in ("tokens_per_s", "pairs_per_s", "peak_gib")}]
+    measured = [r for r in rounds if r.get("tokens_per_s")]
     peaks = [r["peak_gib"] for r in rounds if r.get("peak_gib") is not None]
     merged = {**(first or rec), "rounds": rounds}
-    if speeds:
-        mid = len(speeds) // 2
-        merged["tokens_per_s"] = speeds[mid] if len(speeds) % 2 else (speeds[mid - 1] + speeds[mid]) / 2
+    if measured:
+        merged["tokens_per_s"] = _median([r["tokens_per_s"] for r in measured])
+        merged["pairs_per_s"] = _median([r["pairs_per_s"] for r in measured])
     merged["peak_gib"] = max(peaks) if peaks else None
     return merged
 
@@ -228,8 +250,9 @@ def skip(case: Case) -> str | None:
 
 
 def summary_line(rec: dict) -> str:
-    return (f"{rec['tokens_per_s']:,.0f} tok/s, peak {gib_text(rec.get('peak_gib'))}, "
-            f"first loss {rec['losses'][0]:.4f}, first logps/chosen {rec['logps_chosen0']:.2f}")
+    return (f"{rec['tokens_per_s']:,.0f} tok/s, {rec['pairs_per_s']:.3f} pairs/s, "
+            f"peak {gib_text(rec.get('peak_gib'))}, first loss {rec['losses'][0]:.4f}, "
+            f"first logps/chosen {rec['logps_chosen0']:.2f}")
 
 
 def compare(cases: dict) -> dict:
@@ -242,17 +265,23 @@ def markdown(results: dict) -> str:
     title = (f"GPU DPO speed — {env['date']}, {env['gpu']}, torch {env['torch']}, transformers {env['transformers']}, "
              f"peft {env['peft']}, trl {env['trl']}, liger-kernel {env['liger_kernel']}")
     lines = heading(results, title, " (median of the rounds)") + [
-        "| case | kernels | tokens/step | tokens/s (rounds) | peak GiB | first loss | first logps/chosen |",
-        "|---|---|---|---|---|---|---|"]
+        "| case | kernels | layout | tokens/step (computed) | tokens/s (rounds) | pairs/s | peak GiB | first loss "
+        "| first logps/chosen |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for name, rec in results["cases"].items():
         c = rec["case"]
         kernels = "Liger" if c["liger"] else "torch"
+        layout = "prompt once" if c.get("share_prompt") else "prompt per answer"
         if "tokens_per_s" not in rec:
-            lines.append(f"| {name} | {kernels} | | {rec.get('skipped') or rec.get('error')} | | | |")
+            lines.append(f"| {name} | {kernels} | {layout} | | {rec.get('skipped') or rec.get('error')} | | | | |")
             continue
         each = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rec.get("rounds", []) if r.get("tokens_per_s"))
-        lines.append(f"| {name} | {kernels} | {rec['tokens_per_step']:,} | {rec['tokens_per_s']:,.0f} ({each}) | "
-                     f"{fmt(rec['peak_gib'])} | {rec['losses'][0]:.4f} | {rec['logps_chosen0']:.2f} |")
+        lines.append(f"| {name} | {kernels} | {layout} | {rec['tokens_per_step']:,} "
+                     f"({rec['computed_tokens_per_step']:,}) | {rec['tokens_per_s']:,.0f} ({each}) | "
+                     f"{rec['pairs_per_s']:.3f} | {fmt(rec['peak_gib'])} | {rec['losses'][0]:.4f} | "
+                     f"{rec['logps_chosen0']:.2f} |")
+    lines += ["", "tokens/s count the logical policy tokens of a step (every pair's prompt once per answer, the unit "
+              "of TRL's DPOTrainer) in every case; computed: the tokens a pass runs through the model."]
     comps = results.get("comparisons", {})
     if comps:
         lines += ["", "| tuneforge / TRL (same call) | speed | peak memory |", "|---|---|---|"]
