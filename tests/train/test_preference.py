@@ -341,3 +341,23 @@ def test_sliding_window_models_keep_two_documents(pairs, tiny_tokenizer, caplog)
         batch_logps(model, collate_pairs(pairs, tiny_tokenizer.pad_token_id, share_prompt=True))
     assert can_share_prompt(_lora_policy(tiny_tokenizer), PreferenceSettings())
     assert not can_share_prompt(_lora_policy(tiny_tokenizer), PreferenceSettings(share_prompt=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fast path is for GPUs")
+def test_shared_prompt_with_flex_equals_two_documents_on_gpu(pairs, tiny_tokenizer):
+    from tuneforge.train.attention import FLEX, use_document_attention
+
+    device = torch.device("cuda")
+    policy = _lora_policy(tiny_tokenizer).to(device)
+    pad = tiny_tokenizer.pad_token_id
+    pairs = pairs * 2  # a row of 128+ tokens: inductor has no flex kernel for fp32 rows shorter than a block
+    two_rows = collate_pairs(pairs, pad)
+    shared = collate_pairs(pairs, pad, pack_len=sum(p.shared_len for p in pairs), share_prompt=True)
+    settings = {"objective": "dpo", "reference": "adapters_off"}
+    expected = _ours(copy.deepcopy(policy), two_rows, **settings)
+    assert use_document_attention(policy, device) and policy.config._attn_implementation == FLEX
+    loss, metrics, grads = _ours(policy, shared, **settings)
+    torch.testing.assert_close(loss, expected[0], atol=1e-4, rtol=1e-4)
+    assert metrics == pytest.approx(expected[1], abs=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[2][name], atol=1e-4, rtol=1e-4, msg=name)
