@@ -214,3 +214,73 @@ def test_loaded_adapter_follows_the_models_eval_mode(tiny_model, tmp_path):
     load_adapter(base.eval(), out)
     torch.testing.assert_close(logits(base), logits(base), atol=0, rtol=0)  # no dropout noise in eval mode
     torch.testing.assert_close(logits(base), logits(tiny_model.eval()), atol=1e-5, rtol=0)
+
+
+Q_KEY = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_modules": 5}, "target_modules=5; give a list"),
+    ({"target_modules": ["q_proj", 1]}, "target_modules=['q_proj', 1]; give a list"),
+    ({"target_modules": "q_proj("}, "target_modules='q_proj('; a string is a regex and this one is invalid"),
+    ({"rank_pattern": 5}, "rank_pattern=5; give an object"),
+    ({"alpha_pattern": ["q_proj"]}, "alpha_pattern=['q_proj']; give an object"),
+    ({"rank_pattern": {"q_proj": "4"}}, "the value of 'q_proj' is '4'; give positive integer ranks"),
+    ({"rank_pattern": {"q_proj(": 4}}, "the key 'q_proj(' is not a valid regex"),
+    ({"alpha_pattern": {"v_proj": -1}}, "the value of 'v_proj' is -1; give alphas > 0"),
+    ({"r": "4"}, "r='4'; the rank must be a positive integer"),
+    ({"r": 4.0}, "r=4.0; the rank must be a positive integer"),
+    ({"r": True}, "r=True; the rank must be a positive integer"),
+    ({"lora_alpha": "8"}, "lora_alpha='8'; alpha must be a number > 0"),
+    ({"lora_alpha": None}, "lora_alpha=None; alpha must be a number > 0"),
+    ({"lora_alpha": float("nan")}, "lora_alpha=nan; alpha must be a number > 0"),
+    ({"lora_dropout": "0.1"}, "lora_dropout='0.1'; dropout must be a number in [0, 1)"),
+    ({"use_rslora": "false"}, "use_rslora='false'; give true or false"),
+    ({"base_model_name_or_path": 5}, "base_model_name_or_path=5; give the base model's path"),
+])
+def test_malformed_config_names_file_key_and_fix(saved, change, message):
+    base, out, _ = saved
+    path = out / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    for call in (lambda: read_adapter_config(out), lambda: load_adapter(base, out)):
+        with pytest.raises(ModelError) as e:  # a TypeError/IndexError would escape this and fail the test
+            call()
+        assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+        assert "re-save or re-download the adapter" in str(e.value)
+    assert not lora_layers(base)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({f"{Q_KEY}.lora_A.weight": torch.tensor(1.0), f"{Q_KEY}.lora_B.weight": torch.tensor(1.0)},
+     f"{Q_KEY}.lora_A.weight has shape []; LoRA weights are matrices"),
+    ({f"{Q_KEY}.lora_A.weight": torch.zeros(4)}, f"{Q_KEY}.lora_A.weight has shape [4]; LoRA weights"),
+    ({f"{Q_KEY}.lora_B.weight": torch.zeros(64, 4, 1)}, f"{Q_KEY}.lora_B.weight has shape [64, 4, 1]"),
+    ({f"{Q_KEY}.lora_A.weight": torch.zeros(2, 64)}, f"{Q_KEY}: adapter_config.json gives rank 4 but the weights "
+                                                     "have rank 2"),
+    ({f"{Q_KEY}.lora_A.weight": torch.zeros(4, 64, dtype=torch.int32)}, f"{Q_KEY}.lora_A.weight has dtype"),
+    ({f"{Q_KEY}.lora_A.weight": torch.zeros(4, 32)}, f"different base model: {Q_KEY}.lora_A.weight has shape [4, 32]"),
+    ({"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.zeros(4, 64),
+      "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(64, 4)},
+     "self_attn.k_proj is not selected by target_modules=['q_proj', 'v_proj']"),
+    ({"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+      "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
+     "model.layers.9.self_attn.q_proj is not a Linear layer of this model; load the adapter onto the base"),
+])
+def test_malformed_weights_name_file_and_key(saved, tensors, message):
+    base, out, _ = saved
+    path = out / "adapter_model.safetensors"
+    save_file(load_file(path) | tensors, path)
+    with pytest.raises(ModelError) as e:
+        load_adapter(base, out)
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value)
+    assert not lora_layers(base)
+
+
+def test_all_linear_adapter_with_output_head_weights_is_refused(tiny_model, tmp_path):
+    apply_lora(tiny_model, r=2, alpha=4, target_modules=["q_proj", "lm_head"])
+    out = save_adapter(tiny_model, tmp_path / "a")
+    path = out / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": "all-linear"}))
+    other = variant(tiny_model)
+    with pytest.raises(ModelError, match=r"lm_head is not selected by target_modules .*all-linear leaves out"):
+        load_adapter(other, out)

@@ -11,17 +11,19 @@ PEFT's keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and `
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneforge.errors import ConfigError, ModelError
+from tuneforge.errors import ModelError
 from tuneforge.files import replaced_atomically
 from tuneforge.methods.lora import (
     ALL_LINEAR,
@@ -32,7 +34,6 @@ from tuneforge.methods.lora import (
     lora_layers,
     lora_state_dict,
     matches_target,
-    validate_lora_args,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -48,14 +49,16 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "t
                 "use_bdlora")
 
 
-def _pattern_value(pattern: dict | None, path: str, default):
+def _pattern_regex(key: str) -> re.Pattern:
     # PEFT's rule (utils.other.get_pattern_key): the key is a regex matching a trailing part of the path.
+    return re.compile(rf"(.*\.)?({key})$")
+
+
+def _pattern_value(pattern: dict | None, path: str, default):
+    """The value of the first rank_pattern/alpha_pattern key matching ``path`` (keys checked on read)."""
     for key, value in (pattern or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return value
-        except re.error as e:
-            raise ModelError(f"{CONFIG_NAME}: pattern key {key!r} is not a valid regex ({e})") from e
+        if _pattern_regex(key).match(path):
+            return value
     return default
 
 
@@ -190,18 +193,63 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         raise ModelError(f"{path}: bias={config['bias']!r} is not supported; only bias \"none\" is")
     config.setdefault("r", 8)  # PEFT's LoraConfig defaults
     config.setdefault("lora_alpha", 8)
-    try:
-        validate_lora_args(config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0)
-        for value in {**(config.get("rank_pattern") or {})}.values():
-            validate_lora_args(value, config["lora_alpha"], 0.0)
-        for value in {**(config.get("alpha_pattern") or {})}.values():
-            validate_lora_args(config["r"], value, 0.0)
-    except ConfigError as e:
-        raise ModelError(f"{path}: {e}") from e
+    _check_values(config, path)
     return config
 
 
-def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def _is_rank(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_values(config: dict, path: Path) -> None:
+    """The types and ranges of every key tuneforge reads, so a malformed file fails here with its key named."""
+    def bad(key: str, fix: str) -> ModelError:
+        value = config[key] if key in config else None
+        return ModelError(f"{path}: {key}={value!r}; {fix} (edit the file, or re-save or re-download the adapter)")
+
+    if not _is_rank(config["r"]):
+        raise bad("r", "the rank must be a positive integer, e.g. 8")
+    if not _is_alpha(config["lora_alpha"]):
+        raise bad("lora_alpha", "alpha must be a number > 0, e.g. 16")
+    dropout = config.get("lora_dropout") or 0.0
+    if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "dropout must be a number in [0, 1), e.g. 0.05")
+    for key in ("use_rslora", "inference_mode"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise bad(key, "give true or false")
+    if not isinstance(config.get("base_model_name_or_path") or "", str):
+        raise bad("base_model_name_or_path", "give the base model's path or hub id as a string")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise bad("target_modules", f"a string is a regex and this one is invalid ({e})") from e
+    elif not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise bad("target_modules", 'give a list of module names, a regex string or "all-linear"')
+    for key, valid, what in (("rank_pattern", _is_rank, "positive integer ranks"),
+                             ("alpha_pattern", _is_alpha, "alphas > 0")):
+        pattern = config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise bad(key, f"give an object mapping module-name regexes to {what}, e.g. {{\"q_proj\": 16}}")
+        for name, value in pattern.items():
+            try:
+                _pattern_regex(name)
+            except re.error as e:
+                raise bad(key, f"the key {name!r} is not a valid regex ({e})") from e
+            if not valid(value):
+                raise bad(key, f"the value of {name!r} is {value!r}; give {what}")
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    """The adapter's safetensors file; a pickle file is refused."""
     path = adapter_dir / WEIGHTS_NAME
     if not path.is_file():
         if (adapter_dir / PICKLE_NAME).is_file():
@@ -211,15 +259,30 @@ def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
                 "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')`"
             )
         raise ModelError(f"{path} is missing: the adapter directory has no weights")
+    return path
+
+
+def _read_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    path = _weights_file(adapter_dir)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"{path} is not a valid safetensors file ({e}); re-save or re-download it") from e
 
 
-def _split_keys(weights: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """module path → {"lora_A": tensor, "lora_B": tensor}."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+def _read_shapes(adapter_dir: Path) -> dict[str, list[int]]:
+    """The tensors' shapes from the safetensors header (no tensor is read)."""
+    path = _weights_file(adapter_dir)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{path} is not a valid safetensors file ({e}); re-save or re-download it") from e
+
+
+def _split_keys(weights: Mapping, path: Path) -> dict[str, dict]:
+    """module path → {"lora_A": value, "lora_B": value} (the values are tensors or shapes)."""
+    pairs: dict[str, dict] = {}
     for key, tensor in weights.items():
         name = key.removeprefix(KEY_PREFIX)
         for part in ("lora_A", "lora_B"):
@@ -241,19 +304,51 @@ def _split_keys(weights: dict[str, torch.Tensor], path: Path) -> dict[str, dict[
     return pairs
 
 
-def _check_shapes(module: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor, r: int) -> None:
-    out_f, in_f = module.out_features, module.in_features
-    for part, tensor, expected in (("lora_A", a, [a.shape[0], in_f]), ("lora_B", b, [out_f, b.shape[-1]])):
-        if tensor.ndim != 2 or list(tensor.shape) != expected:
+def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_path: Path) -> dict[str, dict]:
+    """Check the weights' keys and shapes against the adapter's config (no model needed).
+
+    Returns module path → {"lora_A": shape, "lora_B": shape}; ModelError naming the file and key otherwise.
+    """
+    pairs = _split_keys(shapes, weights_path)
+    targets = config.get("target_modules")
+    for module, pair in pairs.items():
+        key = KEY_PREFIX + module
+        for part, shape in pair.items():
+            if len(shape) != 2:
+                raise ModelError(f"{weights_path}: {key}.{part}.weight has shape {list(shape)}; LoRA weights are "
+                                 "matrices (2 dims): re-save or re-download the adapter")
+        r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+        a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
+        if a_rank != r or b_rank != r:
             raise ModelError(
-                f"adapter was trained on a different base model: {key}.{part}.weight has shape "
-                f"{list(tensor.shape)}, the model's module has weight [{out_f}, {in_f}] (needs {expected})"
+                f"{weights_path}: {key}: {CONFIG_NAME} gives rank {r} but the weights have rank "
+                f"{a_rank if a_rank != r else b_rank}; the config and the weights do not belong together"
             )
-    if a.shape[0] != r or b.shape[1] != r:
-        raise ModelError(
-            f"{key}: adapter_config.json gives rank {r} but the weights have rank {a.shape[0]}; "
-            "the config and the weights do not belong together"
-        )
+        if targets and targets != ALL_LINEAR and not matches_target(module, targets):
+            raise ModelError(f"{weights_path}: {key} is not selected by target_modules={targets!r} in "
+                             f"{CONFIG_NAME}; the config and the weights do not belong together")
+    return {module: {part: list(shape) for part, shape in pair.items()} for module, pair in pairs.items()}
+
+
+def inspect_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
+    """An adapter directory's checked config and module path → {"lora_A": shape, "lora_B": shape}.
+
+    Reads the safetensors header only; the same checks ``load_adapter`` makes before it needs a model.
+    """
+    directory = _check_dir(adapter_dir)
+    config = read_adapter_config(directory)
+    return config, check_weights(_read_shapes(directory), config, directory / WEIGHTS_NAME)
+
+
+def _check_shapes(module: nn.Module, weights_path: Path, key: str, a: list[int], b: list[int]) -> None:
+    out_f, in_f = module.out_features, module.in_features
+    for part, shape, expected in (("lora_A", a, [a[0], in_f]), ("lora_B", b, [out_f, b[1]])):
+        if shape != expected:
+            raise ModelError(
+                f"{weights_path}: adapter was trained on a different base model: {key}.{part}.weight has shape "
+                f"{shape}, the model's module has weight [{out_f}, {in_f}] (needs {expected}); load the adapter "
+                "onto the base model it was trained on"
+            )
 
 
 def load_adapter(
@@ -271,31 +366,38 @@ def load_adapter(
     directory = _check_dir(adapter_dir)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
-    pairs = _split_keys(_read_weights(directory), weights_path)
+    weights = _read_weights(directory)
+    shapes = check_weights({k: list(t.shape) for k, t in weights.items()}, config, weights_path)
+    pairs = _split_keys(weights, weights_path)
     linears = linear_modules(model)
     targets = config.get("target_modules")
     if targets == ALL_LINEAR:
         targets = find_target_modules(model, ALL_LINEAR)
     ranks, alphas = {}, {}
     for path, pair in pairs.items():
-        key = KEY_PREFIX + path
+        where = f"{weights_path}: {KEY_PREFIX}{path}"
         module = linears.get(path)
         if module is None:
             raise ModelError(
-                f"adapter was trained on a different base model: {key}.lora_A.weight refers to {path}, "
-                "which is not a Linear layer of this model"
+                f"{where}: adapter was trained on a different base model: {path} is not a Linear layer of this "
+                "model; load the adapter onto the base model it was trained on"
             )
-        if targets and not _targets(path, targets):
-            raise ModelError(f"{weights_path}: {key} is not selected by target_modules in {CONFIG_NAME}")
+        if targets and not matches_target(path, targets):  # "all-linear" is only known with the model
+            raise ModelError(f"{where} is not selected by target_modules in {CONFIG_NAME} (all-linear leaves "
+                             "out the output head); the config and the weights do not belong together")
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise ModelError(
                 f"{path} already has an adapter named {adapter_name!r}; pass another adapter_name"
             )
+        for part in ("lora_A", "lora_B"):
+            if not pair[part].is_floating_point():
+                raise ModelError(f"{where}.{part}.weight has dtype {pair[part].dtype}; LoRA weights are floating "
+                                 "point: re-save or re-download the adapter")
         ranks[path] = _pattern_value(config.get("rank_pattern"), path, config["r"])
         alphas[path] = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-        _check_shapes(module, key, pair["lora_A"], pair["lora_B"], ranks[path])
+        _check_shapes(module, weights_path, KEY_PREFIX + path, shapes[path]["lora_A"], shapes[path]["lora_B"])
     if targets and not config.get("layers_to_transform") and not config.get("exclude_modules"):
-        missing = sorted(n for n in linears if _targets(n, targets) and n not in pairs)
+        missing = sorted(n for n in linears if matches_target(n, targets) and n not in pairs)
         if missing:
             raise ModelError(
                 f"{weights_path} has no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
@@ -314,9 +416,3 @@ def load_adapter(
     model.train(model.training)
     return names
 
-
-def _targets(path: str, targets: str | list[str]) -> bool:
-    try:
-        return matches_target(path, targets)
-    except re.error as e:
-        raise ModelError(f"{CONFIG_NAME}: target_modules {targets!r} is not a valid regex ({e})") from e
