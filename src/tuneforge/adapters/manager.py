@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
@@ -28,9 +27,11 @@ from tuneforge.methods.lora import (
     row_adapters,
     unmerge_lora,
 )
-from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
+from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME, inspect_adapter, load_adapter
 from tuneforge.models.generate import generate
 from tuneforge.models.load import load_model, load_tokenizer
+
+RUN_ADAPTER = "adapter"  # where `tuneforge train` writes a run's adapter
 
 # An adapter selection: a name, names (weight 1 each), {name: weight}, or (name, weight) pairs.
 AdapterSpec = str | Sequence[str] | Mapping[str, float] | Sequence[tuple[str, float]]
@@ -58,33 +59,13 @@ class AdapterInfo:
 
 def adapter_info(adapter_dir: str | os.PathLike, name: str | None = None) -> AdapterInfo:
     """Describe a PEFT LoRA directory without loading its tensors; ModelError if it is broken."""
-    config = read_adapter_config(adapter_dir)
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise ModelError(f"{path} is missing: the adapter directory has no weights")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path} is not a valid safetensors file ({e}); re-save or re-download it") from e
-    modules = {k.rsplit(".lora_", 1)[0] for k in shapes if k.endswith((".lora_A.weight", ".lora_B.weight"))}
-    if not modules or len(modules) * 2 != len(shapes):
-        raise ModelError(f"{path} does not hold LoRA A/B pairs only ({len(shapes)} tensors); "
-                         "re-save or re-download the adapter")
-    flat = [k for k, s in shapes.items() if len(s) != 2]
-    if flat:
-        raise ModelError(f"{path}: {flat[0]} has shape {shapes[flat[0]]}; LoRA weights are matrices (2 dims). "
-                         "Re-save or re-download the adapter")
-    targets = config.get("target_modules")
-    if not (targets is None or isinstance(targets, str)
-            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise ModelError(f"{Path(adapter_dir) / CONFIG_NAME}: target_modules={targets!r}; give a list of module "
-                         "names, a regex string or \"all-linear\"")
+    config, modules = inspect_adapter(adapter_dir)
     return AdapterInfo(
-        name=name or Path(adapter_dir).name, path=str(Path(adapter_dir)), r=int(config["r"]),
+        name=name or Path(adapter_dir).name, path=str(Path(adapter_dir)), r=config["r"],
         lora_alpha=config["lora_alpha"], use_rslora=bool(config.get("use_rslora")),
         target_modules=config.get("target_modules") or [], n_modules=len(modules),
-        n_params=sum(_numel(s) for s in shapes.values()), size_bytes=path.stat().st_size,
+        n_params=sum(_numel(s) for pair in modules.values() for s in pair.values()),
+        size_bytes=(Path(adapter_dir) / WEIGHTS_NAME).stat().st_size,
         base_model_name_or_path=config.get("base_model_name_or_path") or "",
         rank_pattern=dict(config.get("rank_pattern") or {}),
     )
@@ -97,21 +78,57 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def scan_adapters(root: str | os.PathLike) -> tuple[list[AdapterInfo], dict[str, str]]:
-    """The adapters in ``root``'s subdirectories (or ``root`` itself), and {name: error} for broken ones."""
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a folder without read permission: not an adapter we can use
+        return False
+
+
+def adapter_in(folder: Path) -> Path | None:
+    """The adapter folder ``folder`` holds: itself, or a run directory's ``adapter/`` (None: neither)."""
+    for candidate in (folder, folder / RUN_ADAPTER):
+        if _exists(candidate / CONFIG_NAME) or _exists(candidate / WEIGHTS_NAME):
+            return candidate
+    return None
+
+
+def find_adapter_dirs(root: str | os.PathLike) -> dict[str, Path]:
+    """{name: adapter folder} in ``root``: ``root`` itself when it is one (or a run directory), else each
+    subfolder that is an adapter (named by the folder) or a run directory with an adapter (named by the run).
+
+    Unreadable or vanished folders are left out (a server rescans this while folders change).
+    """
     base = Path(root)
-    if not base.is_dir():
-        raise ModelError(f"adapters directory {base} does not exist; pass a folder of adapter folders")
-    dirs = [base] if (base / CONFIG_NAME).is_file() else sorted(
-        p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    infos, errors = [], {}
-    for d in dirs:
-        if not (d / CONFIG_NAME).exists() and not (d / WEIGHTS_NAME).exists():
-            continue  # not an adapter folder at all
+    own = adapter_in(base)
+    if own is not None:
+        return {base.name: own}
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:  # the directory went away: nothing to list
+        return {}
+    found = {}
+    for entry in entries:
         try:
-            infos.append(adapter_info(d))
+            is_dir = not entry.name.startswith(".") and entry.is_dir()
+        except OSError:
+            continue
+        adapter = adapter_in(entry) if is_dir else None
+        if adapter is not None:
+            found[entry.name] = adapter
+    return found
+
+
+def scan_adapters(root: str | os.PathLike) -> tuple[list[AdapterInfo], dict[str, str]]:
+    """The adapters in ``root`` (see ``find_adapter_dirs``), and {name: error} for broken ones."""
+    if not Path(root).is_dir():
+        raise ModelError(f"adapters directory {root} does not exist; pass a folder of adapter folders or of runs")
+    infos, errors = [], {}
+    for name, path in find_adapter_dirs(root).items():
+        try:
+            infos.append(adapter_info(path, name))
         except ModelError as e:
-            errors[d.name] = str(e)
+            errors[name] = str(e)
     return infos, errors
 
 

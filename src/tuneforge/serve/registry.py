@@ -1,8 +1,9 @@
 """The adapters directory as the server's model registry: hot add, change and removal, without a restart.
 
-Every subfolder holding a PEFT adapter is served under the folder's name. Each folder is loaded on
-its own: one that cannot be loaded, for whatever reason, is listed as failed with the reason and
-retried only when its files change; the others keep serving. A changed folder is loaded as a new
+Every subfolder holding a PEFT adapter is served under the folder's name, and every run directory
+holding one (``runs/NAME/adapter``) under the run's name. Each adapter is loaded on its own: one that
+cannot be loaded, for whatever reason, is listed as failed with the reason and retried only when its
+files change; the others keep serving. A changed folder is loaded as a new
 version beside the old one and swapped in; requests that already hold the old version finish on
 it, and the old version is freed when the last of them ends. A rescan is a handful of ``stat``
 calls (no file is read unless something changed), so it runs on GET /v1/models, on every request
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.adapters.manager import AdapterSet
+from tuneforge.adapters.manager import AdapterSet, adapter_in, find_adapter_dirs
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.log import get_logger
 from tuneforge.methods.peft_format import CONFIG_NAME, WEIGHTS_NAME
@@ -54,25 +55,6 @@ def fingerprint(adapter_dir: Path) -> Fingerprint:
             continue
         out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # e.g. a folder without read permission: not an adapter we can serve
-        return False
-
-
-def list_adapter_dirs(root: Path) -> dict[str, Path]:
-    """{name: folder} of the candidate adapters: ``root`` itself when it is one, else its subfolders."""
-    if _exists(root / CONFIG_NAME):
-        return {root.name: root}
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:  # the directory went away: nothing to serve
-        return {}
-    return {p.name: p for p in entries if not p.name.startswith(".") and p.is_dir()
-            and (_exists(p / CONFIG_NAME) or _exists(p / WEIGHTS_NAME))}
 
 
 @dataclass
@@ -126,7 +108,7 @@ class AdapterRegistry:
 
     def public(self, message: str) -> str:
         """``message`` with the adapters folder's location removed: clients see paths inside it only."""
-        base = self.root.parent if _exists(self.root / CONFIG_NAME) else self.root
+        base = self.root.parent if adapter_in(self.root) is not None else self.root
         for prefix in sorted({str(base.resolve()), str(base.absolute()), str(base)}, key=len, reverse=True):
             message = message.replace(prefix + os.sep, "").replace(prefix, "the adapters directory")
         return message
@@ -135,7 +117,7 @@ class AdapterRegistry:
         """Load new or changed adapters, retire removed ones; never raises (a failed scan is logged once)."""
         with self._sync_lock:
             try:
-                found = list_adapter_dirs(self.root)
+                found = find_adapter_dirs(self.root)
                 prints = {name: fingerprint(path) for name, path in found.items()}
             except Exception as e:  # noqa: BLE001 (the server must outlive whatever the file system does)
                 if str(e) != self._scan_error:
