@@ -340,7 +340,8 @@ def micro_batch(run: Run, units: list[Any]) -> Batch:
     if not run.pairs:
         return run.runtime.batch(units, pad_id)
     pack_len = 2 * run.config.data.max_seq_len if run.config.data.packing else None
-    return collate_pairs(run.runtime.local_rows(units), pad_id, pack_len)
+    return collate_pairs(run.runtime.local_rows(units), pad_id, pack_len,
+                         share_prompt=pack_len is not None and run.loss_model.share_prompt)
 
 
 def train_units(data: TrainData | PreferenceData) -> list[Any]:
