@@ -22,7 +22,7 @@ trained. Nothing else in the content is changed.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -506,7 +506,7 @@ def _records(path: str | Path, format: str, fields: dict | None, skip_bad: bool,
                 fmt, first = detect_format(record, loc), loc
                 chosen.append(fmt)
             elif format == "auto":
-                _check_same_shape(record, loc, fmt, first)
+                check_same_shape(record, loc, fmt, first, detect_format)
             if fmt == "oasst":
                 # Whole trees at once: a flat export may list replies before their parent.
                 examples, notes = oasst_examples(chain([(loc, record)], records), task, skip_bad)
@@ -520,9 +520,11 @@ def _records(path: str | Path, format: str, fields: dict | None, skip_bad: bool,
             skipped.append((e.location, e.reason))
 
 
-def _check_same_shape(record: dict, loc: str, fmt: str, first: str) -> None:
+def check_same_shape(record: dict, loc: str, fmt: str, first: str,
+                     detect: Callable[[dict, str], str]) -> None:
+    """Refuse a record whose shape (by ``detect``) differs from the file's format, detected at ``first``."""
     try:
-        shape = detect_format(record, loc)
+        shape = detect(record, loc)
     except RecordError:
         return  # the format's own checks say which field is missing, more usefully
     if shape != fmt:

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from tuneforge.data.conversation import ROLES, Example, Message, Tokenized
-from tuneforge.data.formats import RecordError, _string, _type_name, map_fields, strip_end_of_text
+from tuneforge.data.formats import (
+    RecordError,
+    _string,
+    _type_name,
+    check_same_shape,
+    map_fields,
+    strip_end_of_text,
+)
 from tuneforge.data.packing import PAD_SEQ_ID, PackedRow, collate
 from tuneforge.data.readers import read_records
 from tuneforge.data.template import IGNORE, TooLongError, encode, render_masked
@@ -281,23 +288,12 @@ def _pairs(path: str | Path, format: str, fields: dict | None, skip_bad: bool, t
                 fmt, first = detect_preference_format(record, loc), loc
                 chosen.append(fmt)
             elif format == "auto":
-                _check_same_shape(record, loc, fmt, first)
+                check_same_shape(record, loc, fmt, first, detect_preference_format)
             yield normalize_pair(record, fmt, loc, task, fields)
         except RecordError as e:
             if not skip_bad:
                 raise
             skipped.append((e.location, e.reason))
-
-
-def _check_same_shape(record: dict, loc: str, fmt: str, first: str) -> None:
-    try:
-        shape = detect_preference_format(record, loc)
-    except RecordError:
-        return  # the format's own checks say which field is missing, more usefully
-    if shape != fmt:
-        raise RecordError(loc, f"this record looks like '{shape}' (fields {sorted(record)}) but the file's "
-                               f"format is '{fmt}', detected at {first}; give every record the same shape, "
-                               "or set skip_bad to skip such records")
 
 
 def is_pair_file(path: str | Path, format: str = "auto", fields: dict[str, str] | None = None) -> bool:
