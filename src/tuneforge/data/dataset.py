@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuneforge.config import DataConfig, DatasetSpec
@@ -69,30 +70,36 @@ def rows_of(tokenized: list[Tokenized], cfg: DataConfig) -> list[PackedRow]:
     return pack(tokenized, cfg.max_seq_len) if cfg.packing else no_pack(tokenized)
 
 
+def read_and_split(cfg: DataConfig, read: Callable[[DatasetSpec, bool, int], tuple[list, list]], seed: int,
+                   skipped: list[tuple[str, str]]) -> tuple[list, list, list, dict]:
+    """Read each training spec with ``read``, mix, hold out tasks, and take the validation set (``data.eval``
+    files, else ``val_fraction`` of 20+ items): (train, val, held out, per-source counts); bad records land in
+    ``skipped``. Examples and preference pairs go through the same steps."""
+    sources = []
+    for spec in cfg.train:
+        items, bad = read(spec, cfg.skip_bad, seed)
+        skipped.extend(bad)
+        sources.append(MixSource(name=spec.path, examples=items, weight=spec.weight, max_examples=spec.max_examples))
+    items, per_source = mix(sources, seed=seed)
+    held_out: list = []
+    if cfg.holdout_tasks:
+        items, held_out = hold_out_tasks(items, cfg.holdout_tasks)
+    if cfg.eval:
+        val: list = []
+        for spec in cfg.eval:
+            more, bad = read(spec, cfg.skip_bad, seed)
+            val.extend(more)
+            skipped.extend(bad)
+        return items, val, held_out, per_source
+    if cfg.val_fraction > 0 and len(items) >= 20:
+        return (*split_validation(items, cfg.val_fraction, seed), held_out, per_source)
+    return items, [], held_out, per_source
+
+
 def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:
     """Read, validate, mix, hold out, split, tokenize and pack the configured datasets."""
     skipped: list[tuple[str, str]] = []
-    sources = []
-    for spec in cfg.train:
-        examples, bad = read_spec(spec, cfg.skip_bad, seed)
-        skipped.extend(bad)
-        sources.append(MixSource(name=spec.path, examples=examples, weight=spec.weight,
-                                 max_examples=spec.max_examples))
-    examples, per_source = mix(sources, seed=seed)
-    held_out: list[Example] = []
-    if cfg.holdout_tasks:
-        examples, held_out = hold_out_tasks(examples, cfg.holdout_tasks)
-    if cfg.eval:
-        val: list[Example] = []
-        for spec in cfg.eval:
-            more, bad = read_spec(spec, cfg.skip_bad, seed)
-            val.extend(more)
-            skipped.extend(bad)
-        train = examples
-    elif cfg.val_fraction > 0 and len(examples) >= 20:
-        train, val = split_validation(examples, cfg.val_fraction, seed)
-    else:
-        train, val = examples, []
+    train, val, held_out, per_source = read_and_split(cfg, read_spec, seed, skipped)
     train_tok = encode_all(train, tokenizer, cfg, skipped)
     if not train_tok:
         raise DataError("no training examples are left after validation; check the data files "
@@ -127,26 +134,7 @@ def build_preference_data(cfg: DataConfig, tokenizer, seed: int = 0) -> Preferen
     """The preference branch of :func:`build_training_data`: read, validate, mix, hold out, split and tokenize
     pairs (batches are made per step, both answers of each pair in one forward)."""
     skipped: list[tuple[str, str]] = []
-    sources = []
-    for spec in cfg.train:
-        pairs, bad = read_pair_spec(spec, cfg.skip_bad, seed)
-        skipped.extend(bad)
-        sources.append(MixSource(name=spec.path, examples=pairs, weight=spec.weight, max_examples=spec.max_examples))
-    pairs, per_source = mix(sources, seed=seed)
-    held_out: list[PreferencePair] = []
-    if cfg.holdout_tasks:
-        pairs, held_out = hold_out_tasks(pairs, cfg.holdout_tasks)
-    if cfg.eval:
-        val = []
-        for spec in cfg.eval:
-            more, bad = read_pair_spec(spec, cfg.skip_bad, seed)
-            val.extend(more)
-            skipped.extend(bad)
-        train = pairs
-    elif cfg.val_fraction > 0 and len(pairs) >= 20:
-        train, val = split_validation(pairs, cfg.val_fraction, seed)
-    else:
-        train, val = pairs, []
+    train, val, held_out, per_source = read_and_split(cfg, read_pair_spec, seed, skipped)
     train_tok, bad = encode_pairs(train, tokenizer, cfg.max_seq_len, cfg.skip_bad)
     skipped.extend(bad)
     if not train_tok:

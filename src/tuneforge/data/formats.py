@@ -138,14 +138,16 @@ def detect_format(record: dict, location: str) -> str:
                                 f"e.g. fields: {{instruction: question, output: answer}}")
 
 
-def _check_args(format: str, fields: dict[str, str] | None) -> None:
-    if format != "auto" and format not in FORMATS:
-        raise ConfigError(f"format: '{format}' is not a known dataset format; use auto or one of "
-                          f"{', '.join(FORMATS)}")
+def check_format_args(format: str, fields: dict[str, str] | None, formats: tuple[str, ...] = FORMATS,
+                      field_names: tuple[str, ...] = CANONICAL_FIELDS, kind: str = "known dataset format",
+                      field_kind: str = "field name tuneforge knows") -> None:
+    """Refuse a ``format:`` outside ``formats`` and a ``fields:`` key outside ``field_names``, naming the key."""
+    if format != "auto" and format not in formats:
+        raise ConfigError(f"format: '{format}' is not a {kind}; use auto or one of {', '.join(formats)}")
     for key, column in (fields or {}).items():
-        if key not in CANONICAL_FIELDS:
-            raise ConfigError(f"fields.{key}: '{key}' is not a field name tuneforge knows; map one of "
-                              f"{', '.join(CANONICAL_FIELDS)} to your column name")
+        if key not in field_names:
+            raise ConfigError(f"fields.{key}: '{key}' is not a {field_kind}; map one of "
+                              f"{', '.join(field_names)} to your column name")
         if not isinstance(column, str) or not column:
             raise ConfigError(f"fields.{key}: the column name must be a non-empty string, got {column!r}")
 
@@ -543,7 +545,7 @@ def load_examples(path: str | Path, format: str = "auto", fields: dict[str, str]
     A bad record raises ``DataError`` naming its location; with ``skip_bad`` bad records are listed in
     ``skipped`` instead, but a file with no usable record still raises.
     """
-    _check_args(format, fields)
+    check_format_args(format, fields)
     skipped: list[tuple[str, str]] = []
     chosen: list[str] = [] if format == "auto" else [format]
     examples = list(_records(path, format, fields, skip_bad, task, skipped, chosen))

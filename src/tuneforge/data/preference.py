@@ -33,6 +33,7 @@ from tuneforge.data.formats import (
     RecordError,
     _string,
     _type_name,
+    check_format_args,
     check_same_shape,
     map_fields,
     strip_end_of_text,
@@ -40,7 +41,7 @@ from tuneforge.data.formats import (
 from tuneforge.data.packing import PAD_SEQ_ID, PackedRow, collate
 from tuneforge.data.readers import read_records
 from tuneforge.data.template import IGNORE, TooLongError, encode, render_masked
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.errors import DataError
 
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "messages_pairs", "hh_rlhf")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected", "system", "task", "dataset")
@@ -265,18 +266,6 @@ def normalize_pair(record: dict, format: str, location: str, task: str | None = 
     return _NORMALIZERS[format](record, location, fields, _task(record, task))
 
 
-def _check_args(format: str, fields: dict[str, str] | None) -> None:
-    if format != "auto" and format not in PREFERENCE_FORMATS:
-        raise ConfigError(f"format: '{format}' is not a preference format; use auto or one of "
-                          f"{', '.join(PREFERENCE_FORMATS)}")
-    for key, column in (fields or {}).items():
-        if key not in PREFERENCE_FIELDS:
-            raise ConfigError(f"fields.{key}: '{key}' is not a preference field; map one of "
-                              f"{', '.join(PREFERENCE_FIELDS)} to your column name")
-        if not isinstance(column, str) or not column:
-            raise ConfigError(f"fields.{key}: the column name must be a non-empty string, got {column!r}")
-
-
 def _pairs(path: str | Path, format: str, fields: dict | None, skip_bad: bool, task: str | None,
            skipped: list[tuple[str, str]], chosen: list[str]) -> Iterator[PreferencePair]:
     fmt = None if format == "auto" else format
@@ -316,7 +305,8 @@ def load_pairs(path: str | Path, format: str = "auto", fields: dict[str, str] | 
     record raises ``DataError`` naming ``file:line``; with ``skip_bad`` it is listed in ``skipped``
     instead, but a file with no usable pair still raises.
     """
-    _check_args(format, fields)
+    check_format_args(format, fields, PREFERENCE_FORMATS, PREFERENCE_FIELDS, "preference format",
+                      "preference field")
     skipped: list[tuple[str, str]] = []
     chosen: list[str] = [] if format == "auto" else [format]
     pairs = list(_pairs(path, format, fields, skip_bad, task, skipped, chosen))
