@@ -87,7 +87,9 @@ class DataConfig(Strict):
                                      description="paths, or datasets with the keys below (a mixture)")
     eval: list[DatasetSpec] = Field(default_factory=list,
                                     description="validation files (else `val_fraction` of train)")
-    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of training examples held for validation")
+    val_fraction: float | None = Field(None, ge=0, lt=1, description="share of training examples held for "
+                                       "validation; null: from the data size (none under 100 examples, else 5% "
+                                       "kept within 10..1000)")
     holdout_tasks: list[str] = Field(default_factory=list, description="task names/globs removed from training")
     max_seq_len: int = Field(512, ge=16, description="row length in tokens; longer examples are errors "
                                                      "(or skipped with skip_bad)")
@@ -187,7 +189,8 @@ class TrainConfig(Strict):
     lr: float | None = Field(None, gt=0, description="peak learning rate; null: the method's default "
                                                      "(lora/qlora 2e-4, freeze 2e-5, full 1e-5)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; null: run `epochs` over the data")
-    epochs: float = Field(1.0, gt=0, description="passes over the data (max_steps wins)")
+    epochs: float | None = Field(None, gt=0, description="passes over the data (max_steps wins); null: from the "
+                                 "data size (1 when an epoch has 100+ steps, else enough for 100 steps, at most 10)")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch, pairs for a preference objective (global: "
                                                  "split over torchrun processes)")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")

@@ -73,7 +73,7 @@ def rows_of(tokenized: list[Tokenized], cfg: DataConfig) -> list[PackedRow]:
 def read_and_split(cfg: DataConfig, read: Callable[[DatasetSpec, bool, int], tuple[list, list]], seed: int,
                    skipped: list[tuple[str, str]]) -> tuple[list, list, list, dict]:
     """Read each training spec with ``read``, mix, hold out tasks, and take the validation set (``data.eval``
-    files, else ``val_fraction`` of 20+ items): (train, val, held out, per-source counts); bad records land in
+    files, else :func:`validation_count` of them): (train, val, held out, per-source counts); bad records land in
     ``skipped``. Examples and preference pairs go through the same steps."""
     sources = []
     for spec in cfg.train:
@@ -91,9 +91,29 @@ def read_and_split(cfg: DataConfig, read: Callable[[DatasetSpec, bool, int], tup
             val.extend(more)
             skipped.extend(bad)
         return items, val, held_out, per_source
-    if cfg.val_fraction > 0 and len(items) >= 20:
-        return (*split_validation(items, cfg.val_fraction, seed), held_out, per_source)
+    n_val = validation_count(cfg.val_fraction, len(items))
+    if n_val:
+        return (*split_validation(items, n_val, seed), held_out, per_source)
     return items, [], held_out, per_source
+
+
+# With data.val_fraction unset: small sets keep every example for training (a handful of validation examples
+# only gives a noisy loss), large ones stop at a validation set that is already precise and cheap to run.
+AUTO_VAL_MIN_EXAMPLES = 100
+AUTO_VAL_RANGE = (10, 1000)
+
+
+def validation_count(fraction: float | None, n: int) -> int:
+    """How many of ``n`` training items become the validation set: ``fraction`` of 20+ items, or, when it is
+    None, none under 100 items and otherwise 5% kept within 10..1000."""
+    if fraction is None:
+        if n < AUTO_VAL_MIN_EXAMPLES:
+            return 0
+        low, high = AUTO_VAL_RANGE
+        return min(max(round(0.05 * n), low), high)
+    if fraction == 0 or n < 20:
+        return 0
+    return max(1, round(fraction * n))
 
 
 def build_training_data(cfg: DataConfig, tokenizer, seed: int = 0) -> TrainData:

@@ -67,23 +67,12 @@ def mix(datasets: list[MixSource], seed: int) -> MixResult:
     return MixResult(out, counts)
 
 
-def split_validation(examples: list[Example], fraction: float | int,
-                     seed: int) -> tuple[list[Example], list[Example]]:
-    """Split off a validation set: ``fraction`` in [0, 1) of the examples, or an int count.
+def split_validation(examples: list[Example], n_val: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Split off ``n_val`` validation examples (``dataset.validation_count`` says how many).
 
     Both parts keep the input order; the choice of validation examples depends only on ``seed``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-        raise ConfigError(f"data.val_fraction: expected a fraction or a count, got {fraction!r}.")
-    if isinstance(fraction, float):
-        if not 0 <= fraction < 1:
-            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {fraction}.")
-        n_val = round(fraction * len(examples))
-        if fraction > 0:
-            n_val = max(n_val, 1)
-    else:
-        n_val = fraction
-    if n_val < 0 or (n_val > 0 and n_val >= len(examples)):
+    if n_val >= len(examples):
         raise ConfigError(f"data.val_fraction: a validation set of {n_val} leaves no training examples "
                           f"out of {len(examples)}; lower it or add data.")
     chosen = set(random.Random(seed).sample(range(len(examples)), n_val))

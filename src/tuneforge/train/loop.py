@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import RunConfig, save_config
-from tuneforge.data.dataset import TrainData, build_preference_data, build_training_data
+from tuneforge.data.dataset import AUTO_VAL_MIN_EXAMPLES, TrainData, build_preference_data, build_training_data
 from tuneforge.data.preference import PreferenceData, collate_pairs
 from tuneforge.errors import StopTraining, TuneforgeError
 from tuneforge.files import replaced_atomically
@@ -178,6 +178,9 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
                                   fused=runtime.device.type == "cuda")
     steps = total_steps(config, len(train_units(data)))
+    if not quiet and t.max_steps is None and t.epochs is None:
+        logger.info(f"train.epochs unset: {epochs_for(config, len(train_units(data))):g} pass(es) over the data, "
+                    f"{steps} optimizer steps (set train.epochs or train.max_steps to choose)")
     if not quiet:
         for warning in small_data_warnings(config, data, steps):
             logger.warning(warning)
@@ -456,12 +459,27 @@ def micro_batches(n_rows: int, batch_size: int, seed: int) -> Iterator[list[int]
         epoch += 1
 
 
+# With train.epochs unset: one pass over data big enough for AUTO_STEPS steps, else more passes, up to
+# AUTO_MAX_EPOCHS (beyond that a small set is memorized rather than learned).
+AUTO_STEPS = 100
+AUTO_MAX_EPOCHS = 10
+
+
+def epochs_for(config: RunConfig, n_rows: int) -> float:
+    """``train.epochs``, or when it is unset the passes the data's size calls for."""
+    t = config.train
+    if t.epochs is not None:
+        return t.epochs
+    per_epoch = math.ceil(n_rows / t.batch_size / t.grad_accum)
+    return float(min(AUTO_MAX_EPOCHS, max(1, math.ceil(AUTO_STEPS / per_epoch))))
+
+
 def total_steps(config: RunConfig, n_rows: int) -> int:
     t = config.train
     if t.max_steps is not None:
         return t.max_steps
     per_epoch = math.ceil(n_rows / t.batch_size / t.grad_accum)
-    return max(1, math.ceil(per_epoch * t.epochs))
+    return max(1, math.ceil(per_epoch * epochs_for(config, n_rows)))
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -515,6 +533,9 @@ def small_data_warnings(config: RunConfig, data: TrainData | PreferenceData, ste
     if 0 < n_val < FEW_VALIDATION:
         out.append(f"the validation set has {n_val} example(s): its loss is noise. Give data.eval a file, or "
                    "raise data.val_fraction")
+    elif n_val == 0 and config.data.val_fraction is None and not config.data.eval:
+        out.append(f"no validation set: with data.val_fraction unset, fewer than {AUTO_VAL_MIN_EXAMPLES} "
+                   "examples all train; give data.eval a file, or set data.val_fraction")
     elif n_val == 0 and t.eval_every is not None:
         out.append("train.eval_every is set but there is no validation set (fewer than 20 examples, or "
                    "data.val_fraction 0); give data.eval a file")
