@@ -46,8 +46,28 @@ def matches_target(name: str, targets: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored ``[in, out]``.
+
+    Matched by name and layout rather than imported: importing transformers costs the CLI seconds.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def layer_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Linear4bit, Conv1D or LoRA layer."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
+def fan_in_fan_out(module: nn.Module) -> bool:
+    """Whether the layer's checkpoint weight is ``[in, out]`` (a Conv1D, or a 4-bit layer quantized from one)."""
+    return is_conv1d(module) or bool(getattr(module, "fan_in_fan_out", False))
+
+
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every nn.Linear, Linear4bit or LoRALinear by path; the layers inside a LoRALinear are not listed."""
+    """Every nn.Linear, Conv1D, Linear4bit or LoRALinear by path; the layers inside a LoRALinear are not listed."""
     found: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -56,7 +76,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(module, LoRALinear):
             found[name] = module
             inside.append(f"{name}.")
-        elif isinstance(module, (nn.Linear, Linear4bit)):
+        elif isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module):
             found[name] = module
     return found
 
@@ -351,8 +371,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        self.in_features, self.out_features = layer_features(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out(base_layer)  # merges add the delta transposed
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -433,7 +453,7 @@ class LoRALinear(nn.Module):
                              "16/32-bit and merge there (`tuneforge adapters merge` does)")
         w = self.base_layer.weight
         with torch.no_grad():
-            w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+            w.copy_((w.float() + self._delta_as_stored(name)).to(w.dtype))
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -443,8 +463,12 @@ class LoRALinear(nn.Module):
             return
         w = self.base_layer.weight
         with torch.no_grad():
-            w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+            w.copy_((w.float() - self._delta_as_stored(name)).to(w.dtype))
         self.merged_adapters.remove(name)
+
+    def _delta_as_stored(self, name: str) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        return delta.t() if self.fan_in_fan_out else delta
 
     def _lora(self, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)

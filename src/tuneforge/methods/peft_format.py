@@ -29,7 +29,9 @@ from tuneforge.methods.lora import (
     ALL_LINEAR,
     LoRALinear,
     add_lora,
+    fan_in_fan_out,
     find_target_modules,
+    layer_features,
     linear_modules,
     lora_layers,
     lora_state_dict,
@@ -44,7 +46,7 @@ KEY_PREFIX = "base_model.model."
 # Files an adapter directory may hold; anything else makes save_adapter refuse to replace it.
 _OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, TUNEFORGE_NAME, "README.md"}
 # PEFT LoRA features our LoRALinear does not implement: loading would silently change the outputs.
-_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out", "modules_to_save", "trainable_token_indices",
+_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
                 "target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
                 "use_bdlora")
 
@@ -90,7 +92,8 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
         "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
         "bias": "none",
         "use_rslora": rslora.pop(),
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D bases (GPT-2): peft itself ignores it on nn.Linear layers, so one value is exact.
+        "fan_in_fan_out": any(fan_in_fan_out(layer.base_layer) for layer in layers.values()),
         "modules_to_save": None,
         "inference_mode": True,
         "init_lora_weights": True,
@@ -341,7 +344,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dic
 
 
 def _check_shapes(module: nn.Module, weights_path: Path, key: str, a: list[int], b: list[int]) -> None:
-    out_f, in_f = module.out_features, module.in_features
+    in_f, out_f = layer_features(module)
     for part, shape, expected in (("lora_A", a, [a[0], in_f]), ("lora_B", b, [out_f, b[1]])):
         if shape != expected:
             raise ModelError(
