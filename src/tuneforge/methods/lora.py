@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.methods import dora
 from tuneforge.quant.linear4bit import Linear4bit
 
 ALL_LINEAR = "all-linear"
@@ -148,11 +149,12 @@ def add_lora(
     alpha: float | dict[str, float],
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
     """Add adapter ``adapter_name`` to the named Linear layers (wrapping them when needed).
 
-    ``r``/``alpha`` may be per-module dicts (PEFT's rank_pattern/alpha_pattern, resolved).
-    The new adapter becomes the only active one.
+    ``r``/``alpha`` may be per-module dicts (PEFT's rank_pattern/alpha_pattern, resolved); ``use_dora``
+    adds a DoRA magnitude vector per layer. The new adapter becomes the only active one.
     """
     names = list(module_names)
     for name in names:
@@ -168,7 +170,7 @@ def add_lora(
             _set_submodule(model, name, module)
         r_m = r[name] if isinstance(r, dict) else r
         alpha_m = alpha[name] if isinstance(alpha, dict) else alpha
-        module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora)
+        module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora, use_dora)
     set_active_adapters(model, [adapter_name])
     return names
 
@@ -181,11 +183,13 @@ def apply_lora(
     target_modules: list[str] | str = ALL_LINEAR,
     use_rslora: bool = False,
     adapter_name: str = "default",
+    use_dora: bool = False,
 ) -> list[str]:
-    """Wrap the target Linears with LoRA and make only this adapter trainable; returns the paths."""
+    """Wrap the target Linears with LoRA (DoRA with ``use_dora``) and make only this adapter trainable;
+    returns the paths."""
     validate_lora_args(r, alpha, dropout)
     names = add_lora(model, find_target_modules(model, target_modules), adapter_name, r, alpha,
-                     dropout, use_rslora)
+                     dropout, use_rslora, use_dora)
     mark_only_lora_trainable(model, adapter_name)
     return names
 
@@ -279,19 +283,24 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
 
 
 def mark_only_lora_trainable(model: nn.Module, adapter_name: str = "default") -> None:
-    """Freeze everything except adapter ``adapter_name``'s A and B matrices."""
+    """Freeze everything except adapter ``adapter_name``'s A and B matrices (and DoRA magnitudes)."""
     model.requires_grad_(False)
     for layer in _layers_with(model, adapter_name).values():
         layer.lora_A[adapter_name].requires_grad_(True)
         layer.lora_B[adapter_name].requires_grad_(True)
+        if adapter_name in layer.lora_magnitude_vector:
+            layer.lora_magnitude_vector[adapter_name].requires_grad_(True)
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` tensors, adapter name stripped (as PEFT)."""
+    """``<path>.lora_A.weight`` / ``<path>.lora_B.weight`` (and DoRA's ``<path>.lora_magnitude_vector``)
+    tensors, adapter name stripped (as PEFT)."""
     out: dict[str, torch.Tensor] = {}
     for path, layer in _layers_with(model, adapter_name).items():
         out[f"{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
         out[f"{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+        if adapter_name in layer.lora_magnitude_vector:
+            out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].detach()
     return out
 
 
@@ -376,6 +385,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: m, one per output row
+        self.dora_norms: dict[str, torch.Tensor] = {}  # a merged DoRA adapter's row norms, to unmerge exactly
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
@@ -401,8 +412,9 @@ class LoRALinear(nn.Module):
         return self.base_layer.bias
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False) -> None:
-        """Add adapter ``name``: A kaiming-uniform(a=√5), B zeros, so the output is unchanged."""
+                    use_rslora: bool = False, use_dora: bool = False) -> None:
+        """Add adapter ``name``: A kaiming-uniform(a=√5), B zeros, so the output is unchanged (DoRA's
+        magnitude starts as the base weight's row norms)."""
         validate_lora_args(r, alpha, dropout)
         if name in self.lora_A:
             raise ModelError(f"LoRA adapter {name!r} already exists on this layer; pass another adapter_name")
@@ -420,6 +432,17 @@ class LoRALinear(nn.Module):
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
         self.dropout[name] = dropout
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        if use_dora:
+            with torch.no_grad():
+                norm = torch.linalg.norm(self.dense_weight().to(dtype), dim=1)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense ``[out, in]`` tensor (dequantized for a 4-bit base, transposed for Conv1D)."""
+        if isinstance(self.base_layer, Linear4bit):
+            return self.base_layer.dequantize(self.base_layer.compute_dtype)
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     def remove_adapter(self, name: str) -> None:
         """Drop adapter ``name`` (unmerging it first if merged)."""
@@ -427,6 +450,7 @@ class LoRALinear(nn.Module):
         self.unmerge(name)
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
+        self.lora_magnitude_vector.pop(name, None)
         for d in (self.r, self.lora_alpha, self.use_rslora, self.dropout, self.scaling):
             del d[name]
         self.adapter_weights.pop(name, None)
@@ -451,9 +475,27 @@ class LoRALinear(nn.Module):
         if isinstance(self.base_layer, Linear4bit):
             raise ModelError("cannot merge an adapter into a 4-bit base layer: load the base model in "
                              "16/32-bit and merge there (`tuneforge adapters merge` does)")
+        if name in self.lora_magnitude_vector:
+            self._merge_dora(name)
+            return
+        if any(a in self.lora_magnitude_vector for a in self.merged_adapters):
+            raise ModelError(f"cannot merge adapter {name!r} while DoRA adapter {self.merged_adapters} is merged into "
+                             "the same layer: a DoRA adapter merges exactly only alone; unmerge it first")
         w = self.base_layer.weight
         with torch.no_grad():
             w.copy_((w.float() + self._delta_as_stored(name)).to(w.dtype))
+        self.merged_adapters.append(name)
+
+    def _merge_dora(self, name: str) -> None:
+        # DoRA rescales the whole weight, so it merges (and unmerges) exactly only alone.
+        if self.merged_adapters:
+            raise ModelError(f"cannot merge DoRA adapter {name!r} while {self.merged_adapters} is merged into the "
+                             "same layer: a DoRA adapter merges exactly only alone; unmerge the other first")
+        w = self.base_layer.weight
+        with torch.no_grad():
+            new, self.dora_norms[name] = dora.merged_weight(self.dense_weight(), self.delta_weight(name),
+                                                            self.lora_magnitude_vector[name])
+            w.copy_((new.t() if self.fan_in_fan_out else new).to(w.dtype))
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
@@ -463,7 +505,12 @@ class LoRALinear(nn.Module):
             return
         w = self.base_layer.weight
         with torch.no_grad():
-            w.copy_((w.float() - self._delta_as_stored(name)).to(w.dtype))
+            if name in self.lora_magnitude_vector:
+                old = dora.unmerged_weight(self.dense_weight(), self.delta_weight(name),
+                                           self.lora_magnitude_vector[name], self.dora_norms.pop(name))
+                w.copy_((old.t() if self.fan_in_fan_out else old).to(w.dtype))
+            else:
+                w.copy_((w.float() - self._delta_as_stored(name)).to(w.dtype))
         self.merged_adapters.remove(name)
 
     def _delta_as_stored(self, name: str) -> torch.Tensor:
@@ -484,6 +531,21 @@ class LoRALinear(nn.Module):
         out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.to(y.dtype).t())
         return out.view(y.shape)
 
+    def _dora_update(self, y: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What DoRA adapter ``name`` adds to the output ``y`` of input ``x`` (peft's forward, dropout included)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        w = self.dense_weight().to(x.dtype)
+        scale = self.scaling[name]
+        factor = dora.output_factor(self.lora_magnitude_vector[name], w, (b @ a).to(x.dtype), scale)
+        dropout = self.lora_dropout[name]
+        if self.training and not isinstance(dropout, nn.Identity):
+            x = dropout(x)  # peft: the base term is then recomputed on the dropped-out input
+            base_out = F.linear(x, w)
+        else:
+            base_out = y if self.bias is None else y - self.bias.to(y.dtype)
+        lora_out = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return dora.update(factor, base_out, lora_out, scale).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.disabled:
@@ -493,7 +555,10 @@ class LoRALinear(nn.Module):
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
-            y = self._add_lora(y, name, x, self.scaling[name] * self.adapter_weights.get(name, 1.0))
+            if name in self.lora_magnitude_vector:
+                y = y + self.adapter_weights.get(name, 1.0) * self._dora_update(y, name, x)
+            else:
+                y = self._add_lora(y, name, x, self.scaling[name] * self.adapter_weights.get(name, 1.0))
         return y
 
     def _forward_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -503,7 +568,12 @@ class LoRALinear(nn.Module):
                 "beam search and several samples per prompt are not supported with one adapter per row"
             )
         for name, rows in self.row_groups:
-            if rows.numel() == x.shape[0]:  # every row: no gather/scatter needed
+            if name in self.lora_magnitude_vector:  # DoRA rescales each row's own output: same rows in and out
+                if rows.numel() == x.shape[0]:
+                    y = y + self._dora_update(y, name, x)
+                else:
+                    y = y.index_add(0, rows, self._dora_update(y.index_select(0, rows), name, x.index_select(0, rows)))
+            elif rows.numel() == x.shape[0]:  # every row: no gather/scatter needed
                 y = self._add_lora(y, name, x, self.scaling[name])
             else:
                 delta = self._lora(name, x.index_select(0, rows), self.scaling[name])
@@ -511,5 +581,6 @@ class LoRALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A]
+        parts = [f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}{', dora' * (n in self.lora_magnitude_vector)}"
+                 for n in self.lora_A]
         return f"in={self.in_features}, out={self.out_features}, adapters=[{'; '.join(parts)}]"
