@@ -202,6 +202,14 @@ class TrainConfig(Strict):
     seed: int = Field(0, description="data order, init and dropout")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: fp32 on the CPU, bf16 autocast "
                                                                        "on a GPU")
+    weights: Literal["fp32_master", "bf16_kahan", "bf16_stochastic"] = Field(
+        "fp32_master", description="fp32_master: fp32 weights under AdamW; bf16_kahan / bf16_stochastic (full, "
+                                   "freeze): bf16 weights, no fp32 copy, AdamW updates Kahan-compensated (2 bytes "
+                                   "a parameter more) or stochastically rounded so small updates are kept "
+                                   "(docs/training.md)")
+    optimizer_state: Literal["fp32", "bf16"] = Field(
+        "fp32", description="AdamW moments with bf16 weights: bf16 (stored with stochastic rounding) saves 4 bytes "
+                            "a parameter")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     gradient_checkpointing: bool | Literal["auto", "off", "on", "offload"] = Field(
         "auto", description="auto: the planner decides on a GPU (off when it fits), off on the CPU; offload: "
@@ -237,6 +245,22 @@ class RunConfig(Strict):
     @property
     def lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+
+    @model_validator(mode="after")
+    def _bf16_weights(self) -> RunConfig:
+        t = self.train
+        if t.weights == "fp32_master":
+            if t.optimizer_state != "fp32":
+                raise ValueError("train.optimizer_state=bf16 needs bf16 weights: set train.weights=bf16_kahan "
+                                 "(or bf16_stochastic), or leave optimizer_state fp32")
+            return self
+        if self.method.name not in ("full", "freeze"):
+            raise ValueError(f"train.weights={t.weights} is for method full or freeze (LoRA adapters train in "
+                             f"fp32 over a bf16 base already); set train.weights=fp32_master for {self.method.name}")
+        if t.dtype == "fp32":
+            raise ValueError(f"train.weights={t.weights} computes in bf16, train.dtype=fp32 asks for fp32; "
+                             "set train.dtype=auto (or bf16), or train.weights=fp32_master")
+        return self
 
 
 class EvalConfig(Strict):
