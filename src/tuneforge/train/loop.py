@@ -38,6 +38,7 @@ from tuneforge.train.attention import use_document_attention
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.distributed import world_size
 from tuneforge.train.kernels import apply_kernels
+from tuneforge.train.optimizer import build_optimizer, to_bf16_weights
 from tuneforge.train.plan import GIB, check_memory, choose_recompute, cpu_need, cpu_plan_inputs, cpu_rows_per_forward
 from tuneforge.train.preference import frozen_reference, precompute_reference_logps, settings_for
 from tuneforge.train.rundir import RunStatus, check_run, run_inputs
@@ -175,8 +176,7 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     runtime.on_main(status.create, inputs, resume, overwrite)  # rank 0 writes files, all wait
     runtime.on_main(save_config, config, run_dir / "config.yaml")
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=t.weight_decay,
-                                  fused=runtime.device.type == "cuda")
+    optimizer = build_optimizer(params, config.lr, t.weight_decay, t.weights, t.optimizer_state, runtime.device)
     steps = total_steps(config, len(train_units(data)))
     if not quiet and t.max_steps is None and t.epochs is None:
         logger.info(f"train.epochs unset: {epochs_for(config, len(train_units(data))):g} pass(es) over the data, "
@@ -208,6 +208,8 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         model = load_model_for(config, device, placement)
     if placement == "device":
         model.to(device)
+    if t.weights != "fp32_master":  # bf16 weights with no fp32 master copy (tuneforge.train.optimizer)
+        to_bf16_weights(model)
     trainable_summary = prepare_method(model, config)
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)

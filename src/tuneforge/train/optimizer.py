@@ -1,0 +1,208 @@
+"""AdamW for bf16 weights with no fp32 master copy, without losing the updates bf16 cannot hold.
+
+A bf16 weight of magnitude 1 moves in steps of 2^-8 to 2^-7: an AdamW update of 1e-5 on it (a full fine-tune's
+learning rate) rounds back to the old weight, every step, so plain bf16 AdamW (a bf16 model under
+``torch.optim.AdamW``, what most peers run) quietly stops learning where updates are small. Both modes here compute
+the update in fp32 and keep only bf16 tensors between steps:
+
+- ``bf16_kahan``: a bf16 compensation buffer per parameter holds what the rounding of the weight dropped and adds
+  it to the next update (Kahan summation); weight + compensation carry about 16 mantissa bits. 2 bytes/param.
+- ``bf16_stochastic``: the new weight is rounded up or down at random, with the odds of its distance to each
+  neighbour (stochastic rounding): exact in expectation, no extra memory, noisier than Kahan.
+
+The moments are fp32, or bf16 (``state_dtype``); bf16 moments are stored with stochastic rounding, since v's
+per-step change (1 - β2 = 0.001 relative) is below bf16's resolution and round-to-nearest would freeze it.
+
+The update uses ``torch._foreach`` ops over lists of tensors (few kernel launches on a GPU; the CPU runs them too),
+on slices of at most :data:`CHUNK` values at a time so the fp32 temporaries stay small. Under FSDP2 the
+parameters are DTensors: the update reads and writes each process's local shard, and the state tensors are
+DTensors of the same layout, so checkpoints gather and re-shard them like torch's AdamW moments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from tuneforge.errors import ConfigError
+
+WEIGHT_MODES = ("fp32_master", "bf16_kahan", "bf16_stochastic")
+CHUNK = 1 << 24  # values per batch of foreach work: ~6 fp32 temporaries of 64 MiB each at most
+_HIGH_HALF = -(1 << 16)  # 0xFFFF0000 as an int32: keeps the bits an fp32 shares with its bf16
+
+
+def bytes_per_param(weights: str, state_dtype: str = "fp32") -> dict[str, int]:
+    """Bytes one trainable parameter costs in each mode: weight, gradient, AdamW moments, master copy or
+    compensation (``fp32_master``: torch's AdamW over fp32 weights)."""
+    if weights == "fp32_master":
+        return {"weight": 4, "gradient": 4, "moments": 8, "compensation": 0}
+    moments = 4 if state_dtype == "bf16" else 8
+    return {"weight": 2, "gradient": 2, "moments": moments, "compensation": 2 if weights == "bf16_kahan" else 0}
+
+
+def to_bf16_weights(model: torch.nn.Module) -> None:
+    """Every floating-point parameter of ``model`` in bf16, in place; buffers (e.g. rotary frequencies, which
+    need fp32) stay as they are."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, weights: str,
+                    state_dtype: str, device: torch.device) -> torch.optim.Optimizer:
+    """The run's AdamW: torch's (fused on a GPU) over fp32 master weights, or :class:`BF16AdamW` for
+    ``train.weights`` bf16_kahan / bf16_stochastic."""
+    if weights == "fp32_master":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    return BF16AdamW(params, lr=lr, weight_decay=weight_decay, rounding=weights.removeprefix("bf16_"),
+                     state_dtype=state_dtype)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view: writes reach the DTensor), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _flat_slices(t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``t`` as views of at most CHUNK values (``t`` must be contiguous: the update writes through them)."""
+    return _local(t).view(-1).split(CHUNK)
+
+
+def _as_fp32(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    torch._foreach_copy_(out, tensors)
+    return out
+
+
+def round_stochastic_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Store fp32 ``src`` in bf16 ``dst``, each value rounded up or down at random with the odds of its distance
+    to the two bf16 neighbours. ``src`` is overwritten."""
+    for d, s in zip(dst, src, strict=True):
+        bits = s.view(torch.int32)
+        # adding 16 random low bits carries into the kept half with probability (dropped bits) / 2^16; sign and
+        # magnitude are stored apart, so negative values round symmetrically
+        bits.add_(torch.randint_like(bits, 0, 1 << 16)).bitwise_and_(_HIGH_HALF)
+        d.copy_(s)  # exact: the low half is zero
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments, torch's formula) on bf16 parameters.
+
+    ``rounding``: ``kahan`` (a bf16 compensation buffer per parameter) or ``stochastic``. ``state_dtype``:
+    ``fp32`` or ``bf16`` moments. The state is allocated here, not at the first step, so that a checkpoint can
+    be loaded into it at its own dtypes and shards.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-5,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 rounding: str = "kahan", state_dtype: str = "fp32") -> None:
+        if rounding not in ("kahan", "stochastic"):
+            raise ValueError(f"rounding={rounding!r}: choose kahan or stochastic")
+        if state_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"state_dtype={state_dtype!r}: choose fp32 or bf16")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.rounding = rounding
+        self.state_dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
+        for p in self._params():
+            if p.dtype != torch.bfloat16:
+                raise ConfigError(f"bf16 AdamW got a {p.dtype} parameter of shape {tuple(p.shape)}: "
+                                  "train.weights bf16_kahan/bf16_stochastic trains bf16 weights only")
+            state = self.state[p]
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
+            if rounding == "kahan":
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _params(self) -> Iterator[torch.nn.Parameter]:
+        return (p for group in self.param_groups for p in group["params"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that each state tensor keeps the dtype this optimizer gave it (torch's casts every
+        one to its parameter's dtype, which would round fp32 moments to bf16)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for i, p in enumerate(self._params()):
+            for key, value in saved.get(i, {}).items():
+                if key != "step":
+                    dtype = self.state_dtype if key.startswith("exp_avg") else torch.bfloat16
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """One AdamW update of every parameter that has a gradient."""
+        if closure is not None:
+            raise ValueError("BF16AdamW.step takes no closure")
+        for group in self.param_groups:
+            work: dict[str, list[torch.Tensor]] = {k: [] for k in ("w", "g", "m", "v", "c")}
+            corrections: list[tuple[float, float]] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                t = float(state["step"])
+                slices = _flat_slices(p)
+                work["w"] += slices
+                work["g"] += _local(p.grad).reshape(-1).split(CHUNK)
+                work["m"] += _flat_slices(state["exp_avg"])
+                work["v"] += _flat_slices(state["exp_avg_sq"])
+                if self.rounding == "kahan":
+                    work["c"] += _flat_slices(state["compensation"])
+                corrections += [(1 - group["betas"][0] ** t, 1 - group["betas"][1] ** t)] * len(slices)
+            for start, end in _batches([w.numel() for w in work["w"]]):
+                self._update(group, {k: v[start:end] for k, v in work.items()}, corrections[start:end])
+
+    def _update(self, group: dict[str, Any], work: dict[str, list[torch.Tensor]],
+                corrections: list[tuple[float, float]]) -> None:
+        """AdamW on one batch of flat slices: the weights ``w``, gradients ``g``, moments ``m``/``v`` and
+        (Kahan) compensations ``c``, the math in fp32."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        g = _as_fp32(work["g"])
+        fp32_state = self.state_dtype == torch.float32
+        m, v = (work["m"], work["v"]) if fp32_state else (_as_fp32(work["m"]), _as_fp32(work["v"]))
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        del g
+        # update = -lr · (m / bc1) / (sqrt(v / bc2) + eps) - lr · wd · w
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(bc2) for _, bc2 in corrections])
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(m, denom)
+        del denom
+        torch._foreach_mul_(update, [-lr / bc1 for bc1, _ in corrections])
+        if not fp32_state:
+            round_stochastic_(work["m"], m)
+            round_stochastic_(work["v"], v)
+        del m, v
+        w = _as_fp32(work["w"])
+        if wd:
+            torch._foreach_add_(update, w, alpha=-lr * wd)
+        if self.rounding == "stochastic":
+            torch._foreach_add_(w, update)
+            round_stochastic_(work["w"], w)
+            return
+        torch._foreach_add_(update, _as_fp32(work["c"]))  # y = update + what earlier roundings dropped
+        new = torch._foreach_add(w, update)
+        torch._foreach_copy_(work["w"], new)  # round to nearest bf16
+        moved = _as_fp32(work["w"])
+        torch._foreach_sub_(moved, w)  # what the weight actually moved
+        torch._foreach_sub_(update, moved)  # ... and what it should have: the new compensation
+        torch._foreach_copy_(work["c"], update)
+
+
+def _batches(sizes: list[int]) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges of ``sizes`` each summing to at most CHUNK (a single slice is never larger)."""
+    start, total = 0, 0
+    for i, n in enumerate(sizes):
+        if total + n > CHUNK and i > start:
+            yield start, i
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        yield start, len(sizes)
