@@ -134,9 +134,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     for i, moments in osd["state"].items():
         p = ordered[int(i)]
+        made = optimizer.state.get(p, {})  # state allocated up front (train.optimizer's bf16 AdamW) has its own dtype
         for k, v in moments.items():
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:  # moments, not ``step``
-                moments[k] = place(p, v)
+                moments[k] = place(made.get(k, p), v)
     optimizer.load_state_dict(osd)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
