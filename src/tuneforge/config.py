@@ -116,6 +116,9 @@ class LoraSettings(Strict):
         "all-linear", description="module name suffixes, e.g. [q_proj, v_proj]; all-linear: every Linear but "
                                   "the output head")
     use_rslora: bool = Field(False, description="scale by alpha/√r")
+    base_precision: Literal["bf16", "fp8"] = Field(
+        "bf16", description="the frozen base's weights (lora): fp8 stores them as e4m3 with per-channel scales and "
+                            "runs its GEMMs in FP8 (CUDA compute capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
     init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
                                                        "adapter/) and train it further; its r, alpha and targets "
                                                        "replace the ones above (docs/preference.md)")
@@ -219,6 +222,8 @@ class TrainConfig(Strict):
     kernels: Literal["auto", "torch", "liger"] = Field(
         "auto", description="liger: Liger's RMSNorm/SwiGLU Triton kernels (GPU, pip install liger-kernel); "
                             "auto: liger when on a GPU with it installed")
+    compile: bool = Field(False, description="torch.compile each decoder layer (GPU; the first steps wait for "
+                                             "the compiler, its time is reported apart; docs/gpu-speed.md)")
     eval_every: int | None = Field(None, gt=0, description="steps between validation (and forgetting) points")
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints")
     log_every: int = Field(1, gt=0, description="steps between metric lines")

@@ -10,6 +10,7 @@ from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
 from tuneforge.models.load import empty_model, load_model
 from tuneforge.models.quantized_load import load_model_4bit
+from tuneforge.quant.fp8 import to_fp8_base
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
 
 
@@ -53,6 +54,9 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         f = method.freeze
         apply_freeze(model, top_k_layers=f.top_k_layers, layers=f.layers, patterns=f.patterns)
     else:
+        if method.lora.base_precision == "fp8" and method.name != "lora":
+            raise ConfigError(f"method.lora.base_precision=fp8 is for method.name=lora (the base of {method.name} "
+                              "is 4-bit); set method.lora.base_precision=bf16")
         if method.name == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
             device = next(model.parameters()).device
             quantize_model(model, quant_type=method.quant.quant_type, double_quant=method.quant.double_quant,
@@ -60,6 +64,8 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         lo = method.lora
         apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
                    use_rslora=lo.use_rslora)
+        if lo.base_precision == "fp8":
+            to_fp8_base(model, next(model.parameters()).device)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
             raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
                               "which training does not support; leave the head out (all-linear already does)")

@@ -1,4 +1,5 @@
-"""Optional Triton kernels for the layers around the matmuls: Liger's RMSNorm and SwiGLU.
+"""Optional Triton kernels for the layers around the matmuls: Liger's RMSNorm and SwiGLU; or each decoder layer
+compiled by ``torch.compile`` (``train.compile``), which fuses the same elementwise work itself.
 
 ``train.kernels: liger`` swaps them into a loaded model (GPU only; ``pip install liger-kernel``); ``auto`` (the
 default) does so on a GPU when the package is installed and has kernels for the architecture. They fuse the
@@ -52,3 +53,22 @@ def liger_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def compile_layers(model: torch.nn.Module, device: torch.device, backend: str = "inductor") -> int:
+    """``torch.compile`` every decoder layer in place (regional compilation: one layer's graph, compiled once and
+    reused by all layers of the same shape); returns how many were wrapped.
+
+    Compilation happens in the first steps, which therefore take longer (the benchmark reports that time apart).
+    Raises ConfigError on the CPU (``backend="eager"`` is allowed there: it checks the wiring, not the speed).
+    """
+    if device.type != "cuda" and backend == "inductor":
+        raise ConfigError("train.compile=true needs a CUDA GPU (on the CPU the compiler costs more than it saves); "
+                          "set train.compile=false")
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ConfigError(f"train.compile=true: found no decoder layers (model.layers) in "
+                          f"{type(model).__name__}; set train.compile=false")
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=None)
+    return len(layers)

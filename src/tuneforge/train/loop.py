@@ -37,7 +37,7 @@ from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import use_document_attention
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.distributed import world_size
-from tuneforge.train.kernels import apply_kernels
+from tuneforge.train.kernels import apply_kernels, compile_layers
 from tuneforge.train.optimizer import build_optimizer, to_bf16_weights
 from tuneforge.train.plan import GIB, check_memory, choose_recompute, cpu_need, cpu_plan_inputs, cpu_rows_per_forward
 from tuneforge.train.preference import frozen_reference, precompute_reference_logps, settings_for
@@ -213,6 +213,8 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
     trainable_summary = prepare_method(model, config)
     recomputation.enable(model, recompute)
     kernels = apply_kernels(model, t.kernels, device)
+    if t.compile:
+        kernels += f", {compile_layers(model, device)} compiled layers"
     attention_before = model.config._attn_implementation  # transformers has no public getter
     packed = (config.data.packing if isinstance(data, PreferenceData)  # packed pairs: 2+ documents per row
               else any(max(row.seq_ids) > 0 for row in data.train_rows))
