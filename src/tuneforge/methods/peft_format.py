@@ -5,7 +5,11 @@ a .gguf, a local folder as an absolute path, else the hub id); the reference the
 (``smollm2-135m``) is kept in ``tuneforge.json`` beside it, since peft warns about keys it does not know.
 
 PEFT's keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
-([out, r]), without the adapter name. Never unpickles: ``adapter_model.bin`` is refused.
+([out, r]), without the adapter name; a DoRA adapter adds ``.lora_magnitude_vector`` ([out]). Never
+unpickles: ``adapter_model.bin`` is refused.
+
+Every LoraConfig field is either reproduced or refused by name (``_REFUSED``, ``_WEIGHT_REWRITING_INITS``),
+so no peft adapter loads with outputs different from peft's; docs/adapters-and-serving.md has the table.
 """
 
 from __future__ import annotations
@@ -45,10 +49,30 @@ TUNEFORGE_NAME = "tuneforge.json"
 KEY_PREFIX = "base_model.model."
 # Files an adapter directory may hold; anything else makes save_adapter refuse to replace it.
 _OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, TUNEFORGE_NAME, "README.md"}
-# PEFT LoRA features our LoRALinear does not implement: loading would silently change the outputs.
-_UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
-                "target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
-                "use_bdlora")
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitude, keyed without ".weight" by peft
+_MERGE_FIX = ("load it with peft, merge it there (`model.merge_and_unload()`), save the merged model and use that "
+              "as the base model")
+# LoraConfig fields whose non-default value tuneforge does not reproduce: loading would change the outputs.
+_REFUSED = {
+    "lora_bias": "a bias on lora_B is not implemented",
+    "modules_to_save": "full copies of other modules (e.g. lm_head) replace the base model's own",
+    "trainable_token_indices": "trained rows of the embedding matrix replace the base model's own",
+    "target_parameters": "LoRA on bare parameters (e.g. MoE expert weights) is not implemented",
+    "layer_replication": "the model's layers are repeated, which changes its architecture",
+    "alora_invocation_tokens": "Activated LoRA switches on only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools the input features before lora_A",
+    "use_bdlora": "block-diagonal LoRA factors are not implemented",
+    "arrow_config": "Arrow routing between several LoRA experts is not implemented",
+    "kasa_config": "KaSA truncates the base weights' singular values and adds a learned diagonal",
+    "velora_config": "the VeLoRA variant is not implemented",
+    "monteclora_config": "the MonteCLoRA variant is not implemented",
+    "megatron_config": "Megatron's tensor-parallel layers are not implemented",
+}
+# init_lora_weights values that rewrite the base weights (W - B·A at init): the adapter fits only that rewritten
+# base. peft converts them to a plain LoRA adapter at save time.
+_WEIGHT_REWRITING_INITS = ("olora", "pissa", "corda", "loftq", "lora_ga")
+# init_lora_weights values that leave the base weights alone: the saved A and B are all there is.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "mica", "eva")
 
 
 def _pattern_regex(key: str) -> re.Pattern:
@@ -73,6 +97,9 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
     rslora = {layer.use_rslora[name] for layer in layers.values()}
     if len(rslora) > 1:
         raise ModelError(f"adapter {name!r} mixes rsLoRA and plain LoRA layers; PEFT cannot describe that")
+    use_dora = {name in layer.lora_magnitude_vector for layer in layers.values()}
+    if len(use_dora) > 1:
+        raise ModelError(f"adapter {name!r} mixes DoRA and plain LoRA layers; PEFT cannot describe that")
     ranks = {p: layer.r[name] for p, layer in layers.items()}
     alphas = {p: layer.lora_alpha[name] for p, layer in layers.items()}
     r, alpha = _most_common(ranks), _most_common(alphas)
@@ -97,7 +124,7 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
         "modules_to_save": None,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": use_dora.pop(),
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -189,15 +216,34 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         raise ModelError(f"{path} must hold a JSON object, not {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ModelError(f"{path}: peft_type={config.get('peft_type')!r}; tuneforge loads LoRA adapters only")
-    for key in _UNSUPPORTED:
-        if config.get(key):
-            raise ModelError(f"{path}: {key}={config[key]!r} is not supported by tuneforge's LoRA")
-    if config.get("bias", "none") != "none":
-        raise ModelError(f"{path}: bias={config['bias']!r} is not supported; only bias \"none\" is")
+    _refuse_unsupported(config, path)
     config.setdefault("r", 8)  # PEFT's LoraConfig defaults
     config.setdefault("lora_alpha", 8)
     _check_values(config, path)
     return config
+
+
+def _refuse_unsupported(config: dict, path: Path) -> None:
+    """ModelError naming the first field whose meaning tuneforge does not reproduce, and the fix."""
+    for key, why in _REFUSED.items():
+        if config.get(key):
+            raise ModelError(f"{path}: {key}={config[key]!r} is not supported by tuneforge ({why}); {_MERGE_FIX}")
+    if config.get("bias", "none") != "none":
+        raise ModelError(f"{path}: bias={config['bias']!r} is not supported (the adapter trained the base model's "
+                         f"biases); only bias \"none\" is: {_MERGE_FIX}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(_WEIGHT_REWRITING_INITS):
+        raise ModelError(
+            f"{path}: init_lora_weights={init!r} rewrote the base model's weights when the adapter was made, so "
+            "this adapter is only right on top of that rewritten base and tuneforge refuses to load it onto the "
+            "original one. Fix: have peft convert it to a plain LoRA adapter when saving, "
+            "`model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved right after "
+            "initialization>)` (peft's PiSSA/OLoRA/CorDA docs); LoftQ has no conversion: " + _MERGE_FIX)
+    if init not in _PLAIN_INITS:
+        raise ModelError(f"{path}: init_lora_weights={init!r} is not a LoRA initialization tuneforge knows; "
+                         f"known: {', '.join(map(repr, _PLAIN_INITS + _WEIGHT_REWRITING_INITS))}")
+    if config.get("use_dora") and config.get("fan_in_fan_out"):
+        raise ModelError(f"{path}: use_dora with fan_in_fan_out (a Conv1D base) is not supported; {_MERGE_FIX}")
 
 
 def _is_rank(value) -> bool:
@@ -221,7 +267,7 @@ def _check_values(config: dict, path: Path) -> None:
     dropout = config.get("lora_dropout") or 0.0
     if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         raise bad("lora_dropout", "dropout must be a number in [0, 1), e.g. 0.05")
-    for key in ("use_rslora", "inference_mode"):
+    for key in ("use_rslora", "use_dora", "inference_mode"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise bad(key, "give true or false")
     if not isinstance(config.get("base_model_name_or_path") or "", str):
@@ -284,18 +330,19 @@ def _read_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 
 
 def _split_keys(weights: Mapping, path: Path) -> dict[str, dict]:
-    """module path → {"lora_A": value, "lora_B": value} (the values are tensors or shapes)."""
+    """module path → {"lora_A": value, "lora_B": value[, "magnitude": value]} (tensors or shapes)."""
+    parts = {f".{p}.weight": p for p in ("lora_A", "lora_B")} | {f".{MAGNITUDE}": "magnitude"}
     pairs: dict[str, dict] = {}
     for key, tensor in weights.items():
         name = key.removeprefix(KEY_PREFIX)
-        for part in ("lora_A", "lora_B"):
-            if name.endswith(f".{part}.weight"):
-                pairs.setdefault(name[: -len(f".{part}.weight")], {})[part] = tensor
+        for suffix, part in parts.items():
+            if name.endswith(suffix):
+                pairs.setdefault(name[: -len(suffix)], {})[part] = tensor
                 break
         else:
             raise ModelError(
-                f"{path}: unexpected key {key!r}; tuneforge loads LoRA weights of Linear layers only "
-                "(keys ending in .lora_A.weight / .lora_B.weight)"
+                f"{path}: unexpected key {key!r}; tuneforge loads LoRA and DoRA weights of Linear layers only "
+                f"(keys ending in .lora_A.weight / .lora_B.weight / .{MAGNITUDE})"
             )
     for module, pair in pairs.items():
         for part in ("lora_A", "lora_B"):
@@ -307,19 +354,58 @@ def _split_keys(weights: Mapping, path: Path) -> dict[str, dict]:
     return pairs
 
 
+def _layer_index(path: str, layers_pattern) -> int | None:
+    # peft's rule: the first numbered segment after a ``layers_pattern`` name (any name when none is given)
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return int(match["idx"]) if match else None
+
+
+def selects(config: dict, path: str, targets: str | Sequence[str] | None = None) -> bool:
+    """Whether peft puts this adapter on module ``path``: ``target_modules`` (or ``targets``, e.g. the
+    resolved "all-linear" paths), ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern``."""
+    targets = config.get("target_modules") if targets is None else targets
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, path) if isinstance(exclude, str) else matches_target(path, exclude)):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    if path in targets:
+        return True
+    if not matches_target(path, targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(path, config.get("layers_pattern"))
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
 def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_path: Path) -> dict[str, dict]:
     """Check the weights' keys and shapes against the adapter's config (no model needed).
 
-    Returns module path → {"lora_A": shape, "lora_B": shape}; ModelError naming the file and key otherwise.
+    Returns module path → {"lora_A": shape, "lora_B": shape[, "magnitude": shape]}; ModelError naming the
+    file and key otherwise.
     """
     pairs = _split_keys(shapes, weights_path)
     targets = config.get("target_modules")
+    use_dora = bool(config.get("use_dora"))
     for module, pair in pairs.items():
         key = KEY_PREFIX + module
-        for part, shape in pair.items():
-            if len(shape) != 2:
-                raise ModelError(f"{weights_path}: {key}.{part}.weight has shape {list(shape)}; LoRA weights are "
-                                 "matrices (2 dims): re-save or re-download the adapter")
+        for part in ("lora_A", "lora_B"):
+            if len(pair[part]) != 2:
+                raise ModelError(f"{weights_path}: {key}.{part}.weight has shape {list(pair[part])}; LoRA weights "
+                                 "are matrices (2 dims): re-save or re-download the adapter")
+        if use_dora != ("magnitude" in pair):
+            what = f"{key}.{MAGNITUDE} is missing" if use_dora else f"{key}.{MAGNITUDE} is there"
+            raise ModelError(f"{weights_path}: {CONFIG_NAME} gives use_dora={use_dora} but {what}; the config and "
+                             "the weights do not belong together")
+        if use_dora and list(pair["magnitude"]) != [pair["lora_B"][0]]:
+            raise ModelError(f"{weights_path}: {key}.{MAGNITUDE} has shape {list(pair['magnitude'])}; DoRA needs "
+                             f"one magnitude per output row, [{pair['lora_B'][0]}]: re-save or re-download the adapter")
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
         if a_rank != r or b_rank != r:
@@ -327,10 +413,16 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_pat
                 f"{weights_path}: {key}: {CONFIG_NAME} gives rank {r} but the weights have rank "
                 f"{a_rank if a_rank != r else b_rank}; the config and the weights do not belong together"
             )
-        if targets and targets != ALL_LINEAR and not matches_target(module, targets):
+        if targets and targets != ALL_LINEAR and not selects(config, module):
             raise ModelError(f"{weights_path}: {key} is not selected by target_modules={targets!r} in "
-                             f"{CONFIG_NAME}; the config and the weights do not belong together")
+                             f"{CONFIG_NAME}{_selection_detail(config)}; the config and the weights do not belong "
+                             "together")
     return {module: {part: list(shape) for part, shape in pair.items()} for module, pair in pairs.items()}
+
+
+def _selection_detail(config: dict) -> str:
+    keys = ("exclude_modules", "layers_to_transform", "layers_pattern")
+    return "".join(f", {k}={config[k]!r}" for k in keys if config.get(k) not in (None, []))
 
 
 def inspect_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
@@ -378,6 +470,12 @@ def load_adapter(
         targets = find_target_modules(model, ALL_LINEAR)
     ranks, alphas = {}, {}
     for path, pair in pairs.items():
+        for part, tensor in pair.items():
+            if not tensor.is_floating_point():
+                key = f"{path}.{MAGNITUDE}" if part == "magnitude" else f"{path}.{part}.weight"
+                raise ModelError(f"{weights_path}: {KEY_PREFIX}{key} has dtype {tensor.dtype}; LoRA weights are "
+                                 "floating point: re-save or re-download the adapter")
+    for path in pairs:
         where = f"{weights_path}: {KEY_PREFIX}{path}"
         module = linears.get(path)
         if module is None:
@@ -385,34 +483,32 @@ def load_adapter(
                 f"{where}: adapter was trained on a different base model: {path} is not a Linear layer of this "
                 "model; load the adapter onto the base model it was trained on"
             )
-        if targets and not matches_target(path, targets):  # "all-linear" is only known with the model
+        if targets and not selects(config, path, targets):  # "all-linear" is only known with the model
             raise ModelError(f"{where} is not selected by target_modules in {CONFIG_NAME} (all-linear leaves "
                              "out the output head); the config and the weights do not belong together")
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise ModelError(
                 f"{path} already has an adapter named {adapter_name!r}; pass another adapter_name"
             )
-        for part in ("lora_A", "lora_B"):
-            if not pair[part].is_floating_point():
-                raise ModelError(f"{where}.{part}.weight has dtype {pair[part].dtype}; LoRA weights are floating "
-                                 "point: re-save or re-download the adapter")
         ranks[path] = _pattern_value(config.get("rank_pattern"), path, config["r"])
         alphas[path] = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
         _check_shapes(module, weights_path, KEY_PREFIX + path, shapes[path]["lora_A"], shapes[path]["lora_B"])
-    if targets and not config.get("layers_to_transform") and not config.get("exclude_modules"):
-        missing = sorted(n for n in linears if matches_target(n, targets) and n not in pairs)
+    if targets:
+        missing = sorted(n for n in linears if selects(config, n, targets) and n not in pairs)
         if missing:
             raise ModelError(
                 f"{weights_path} has no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
                 f"which target_modules selects: the adapter was trained on a different base model"
             )
     names = add_lora(model, pairs, adapter_name, ranks, alphas, config.get("lora_dropout") or 0.0,
-                     bool(config.get("use_rslora")))
+                     bool(config.get("use_rslora")), bool(config.get("use_dora")))
     with torch.no_grad():
         for path, pair in pairs.items():
             layer = model.get_submodule(path)
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part)[adapter_name].weight
+            params = {"lora_A": layer.lora_A[adapter_name].weight, "lora_B": layer.lora_B[adapter_name].weight}
+            if "magnitude" in pair:
+                params["magnitude"] = layer.lora_magnitude_vector[adapter_name]
+            for part, param in params.items():
                 param.copy_(pair[part])
                 param.requires_grad_(trainable)
     # new LoRA modules start in training mode (dropout on); follow the model's current mode
