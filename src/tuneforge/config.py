@@ -116,6 +116,8 @@ class LoraSettings(Strict):
         "all-linear", description="module name suffixes, e.g. [q_proj, v_proj]; all-linear: every Linear but "
                                   "the output head")
     use_rslora: bool = Field(False, description="scale by alpha/√r")
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row on top of LoRA's direction "
+                                              "(saved in peft's layout; docs/adapters-and-serving.md)")
     base_precision: Literal["bf16", "fp8"] = Field(
         "bf16", description="the frozen base's weights (lora): fp8 stores them as e4m3 with per-channel scales and "
                             "runs its GEMMs in FP8 (CUDA compute capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")

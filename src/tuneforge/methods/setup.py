@@ -63,7 +63,7 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
                            compute_dtype=compute_dtype(device))
         lo = method.lora
         apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
-                   use_rslora=lo.use_rslora)
+                   use_rslora=lo.use_rslora, use_dora=lo.use_dora)
         if lo.base_precision == "fp8":
             to_fp8_base(model, next(model.parameters()).device)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
