@@ -7,7 +7,9 @@ tuneforge's own loop does rather than a rule of thumb:
 - weights: ``full``/``freeze``/``lora`` load the base in ``weight_dtype`` (fp32, as ``load_model``
   does); ``qlora`` stores every decoder Linear in NF4 (half a byte per value plus 8-bit block
   scales) and keeps embeddings, norms and the head in the compute dtype. LoRA A/B are fp32.
-- gradients and AdamW state: one and two fp32 copies of what trains.
+- gradients and AdamW state: one and two fp32 copies of what trains; with ``weights`` bf16_kahan/bf16_stochastic
+  (:mod:`tuneforge.train.optimizer`) bf16 weights and gradients, fp32 or bf16 moments and (Kahan) a bf16
+  compensation per parameter.
 - activations: the tensors autograd saves in a Llama-style decoder layer under bf16 autocast,
   counted tensor by tensor (norms upcast to fp32, attention saves q/k/v/out, the SwiGLU MLP saves
   four intermediate tensors, LoRA saves its input, a 4-bit Linear saves nothing). With gradient
@@ -35,6 +37,7 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.methods.setup import gpu_weight_dtype
 from tuneforge.models.shapes import PROJECTIONS, ModelShape, model_shape
 from tuneforge.train.distributed import world_size
+from tuneforge.train.optimizer import WEIGHT_MODES, bytes_per_param
 
 HEADROOM = 0.85  # share of GPU memory a plan may use before recomputation is turned on
 
@@ -80,6 +83,8 @@ class PlanInputs:
     attention_mask: bool = False
     grad_accum: int = 1
     shards: int = 1
+    weights: str = "fp32_master"
+    optimizer_state: str = "fp32"
 
 
 def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhead_bytes: int = OVERHEAD_BYTES,
@@ -93,21 +98,22 @@ def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhea
         raise ConfigError(f"recompute={i.recompute!r}: choose off, on or offload")
     run = _resolve(i.model, i.method, i.seq, i.batch, i.lora_r, i.targets, i.recompute != "off", i.dtype,
                    i.weight_dtype, i.lora_dropout, i.freeze_layers, i.loss_chunk_tokens, i.attention_mask,
-                   i.recompute == "offload", i.grad_accum, i.shards)
+                   i.recompute == "offload", i.grad_accum, i.shards, i.weights, i.optimizer_state)
     plan = _plan(run, overhead_bytes)
     plan.gpu_mem = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else _cuda_memory()
     plan.settings = {"lora_r": i.lora_r, "targets": i.targets if isinstance(i.targets, str) else list(i.targets),
                      "dtype": i.dtype, "weight_dtype": i.weight_dtype, "lora_dropout": i.lora_dropout,
                      "loss_chunk_tokens": i.loss_chunk_tokens, "attention_mask": i.attention_mask,
                      "offload_checkpoints": i.recompute == "offload", "grad_accum": i.grad_accum,
-                     "shards": i.shards}
+                     "shards": i.shards, "weights": i.weights, "optimizer_state": i.optimizer_state}
     if advise:
         plan.advice = _advice(run, plan, overhead_bytes)
     return plan
 
 
 def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, weight_dtype, dropout,
-             freeze_layers, chunk, mask, offload, grad_accum, shards=1) -> _Run:
+             freeze_layers, chunk, mask, offload, grad_accum, shards=1, weights="fp32_master",
+             optimizer_state="fp32") -> _Run:
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     for key, value in (("seq", seq), ("batch", batch), ("lora_r", lora_r), ("loss_chunk_tokens", chunk),
@@ -122,10 +128,18 @@ def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, wei
     wb = cb if method == "qlora" else DTYPE_BYTES[weight_dtype]
     lora = frozenset(_lora_targets(targets)) if method in ("lora", "qlora") else frozenset()
     trained = {"full": shape.layers, "freeze": min(freeze_layers, shape.layers)}.get(method, 0)
+    if weights not in WEIGHT_MODES:
+        raise ConfigError(f"weights={weights!r}: choose one of {', '.join(WEIGHT_MODES)}")
+    if weights != "fp32_master":  # train.optimizer's bf16 AdamW: bf16 weights, no master copy
+        if method not in ("full", "freeze"):
+            raise ConfigError(f"weights={weights} is for method full or freeze, not {method}")
+        wb = 2
     pb = wb if method in ("full", "freeze") else 4  # LoRA adapters train in fp32 whatever the base
+    held = bytes_per_param(weights, optimizer_state)
+    ob = 2 * pb if weights == "fp32_master" else held["moments"] + held["compensation"]
     return _Run(shape=shape, method=method, batch=batch, seq=seq, ckpt=bool(ckpt), offload=bool(offload and ckpt),
                 rb=wb, cb=cb, wb=wb, pb=pb, lora=lora, r=lora_r, dropout=float(dropout), trained_layers=trained,
-                chunk=chunk, mask=bool(mask), grad_accum=grad_accum, shards=max(1, int(shards)))
+                chunk=chunk, mask=bool(mask), grad_accum=grad_accum, shards=max(1, int(shards)), ob=ob)
 
 
 def _lora_targets(targets: str | Sequence[str]) -> list[str]:
@@ -296,7 +310,7 @@ def _phases(run: _Run, grads: int) -> dict[str, tuple[int, int]]:
 def _plan(run: _Run, overhead: int) -> MemoryPlan:
     weights, trainable, total = _weights(run)
     grads = trainable * run.pb // run.shards
-    optimizer = 2 * trainable * run.pb // run.shards
+    optimizer = trainable * run.ob // run.shards
     phases = _phases(run, grads)
     phase, (activations, gradients) = max(phases.items(), key=lambda kv: sum(kv[1]))
     return MemoryPlan(model=run.shape.name, method=run.method, seq=run.seq, batch=run.batch,
@@ -312,7 +326,7 @@ def _plan(run: _Run, overhead: int) -> MemoryPlan:
 def _as_qlora(run: _Run) -> _Run:
     """The same run as QLoRA on all projections (what the advice compares against)."""
     lora = run.lora or frozenset(PROJECTIONS)
-    return replace(run, method="qlora", wb=run.cb, rb=run.cb, pb=4, lora=lora, trained_layers=0)
+    return replace(run, method="qlora", wb=run.cb, rb=run.cb, pb=4, ob=8, lora=lora, trained_layers=0)
 
 
 def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
@@ -374,9 +388,10 @@ def plan_inputs(config: Any, recompute: str, gpus: int | None = None) -> PlanInp
     return PlanInputs(
         config.model, method=m.name, seq=config.data.max_seq_len, batch=t.batch_size // shards, lora_r=m.lora.r,
         targets=m.lora.target_modules, recompute=recompute, dtype="fp32" if t.dtype == "fp32" else "bf16",
-        weight_dtype=gpu_weight_dtype(m.name, t.dtype), lora_dropout=m.lora.dropout,
+        weight_dtype=gpu_weight_dtype(m.name, t.dtype) if t.weights == "fp32_master" else "bf16",
+        lora_dropout=m.lora.dropout,
         freeze_layers=m.freeze.top_k_layers or 0, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum,
-        shards=shards)
+        shards=shards, weights=t.weights, optimizer_state=t.optimizer_state)
 
 
 def plan_for_config(config: Any, device: Any = None, recompute: str | None = None, gpus: int | None = None,
@@ -476,7 +491,8 @@ def cpu_plan_inputs(config: Any, model: Any, recompute: str, rows: int) -> PlanI
     pairs = getattr(t, "objective", "sft") != "sft"  # a pair's two answers share one row of up to 2 × max_seq_len
     return replace(plan_inputs(config, recompute, 1), model=model, batch=rows,
                    seq=config.data.max_seq_len * (2 if pairs else 1),
-                   dtype="bf16" if t.dtype == "bf16" else "fp32", weight_dtype="fp32",
+                   dtype="bf16" if t.dtype == "bf16" or t.weights != "fp32_master" else "fp32",
+                   weight_dtype="fp32" if t.weights == "fp32_master" else "bf16",
                    attention_mask=config.data.packing)
 
 
@@ -593,6 +609,7 @@ class _Run:
     mask: bool  # a dense block-causal mask: SDPA's masked kernel, k/v repeated to all heads
     grad_accum: int
     shards: int = 1  # FSDP processes: parameters, gradients and Adam states are split this many ways
+    ob: int = 8  # optimizer-state bytes per trainable parameter (AdamW moments, Kahan compensation)
 
     @property
     def tokens(self) -> int:
