@@ -75,7 +75,8 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if any(name.startswith(p) for p in inside):
             continue
         if isinstance(module, LoRALinear):
-            found[name] = module
+            if module.parameter_name is None:  # a LoRAParam adapts one parameter of a module, not a Linear
+                found[name] = module
             inside.append(f"{name}.")
         elif isinstance(module, (nn.Linear, Linear4bit)) or is_conv1d(module):
             found[name] = module
@@ -332,7 +333,7 @@ def unmerge_lora(model: nn.Module, adapter_name: str = "default") -> list[str]:
 def unwrap_lora(model: nn.Module) -> list[str]:
     """Replace every LoRALinear by its base Linear (merge first to keep an adapter's effect)."""
     layers = lora_layers(model)
-    for path, layer in layers.items():
+    for path, layer in reversed(layers.items()):  # nested wrappers (LoRAParam): the inner one first
         _set_submodule(model, path, layer.base_layer)
     return list(layers)
 
@@ -340,7 +341,7 @@ def unwrap_lora(model: nn.Module) -> list[str]:
 def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
     """Drop adapter ``adapter_name`` everywhere (unmerging it first); layers left empty are unwrapped."""
     layers = _layers_with(model, adapter_name)
-    for path, layer in layers.items():
+    for path, layer in reversed(layers.items()):  # nested wrappers (LoRAParam): the inner one first
         layer.remove_adapter(adapter_name)
         if not layer.lora_A:
             _set_submodule(model, path, layer.base_layer)
@@ -362,11 +363,13 @@ def format_trainable(model: nn.Module) -> str:
 
 
 class LoRALinear(nn.Module):
-    """A frozen Linear plus named low-rank adapters.
+    """A frozen Linear (or Conv1D) plus named low-rank adapters.
 
     Hyper-parameters are kept per adapter (``r``, ``lora_alpha``, ``use_rslora``, ``scaling``,
     ``dropout``) so an adapter can be saved in PEFT format from the model alone.
     """
+
+    parameter_name: str | None = None  # set by LoRAParam, which adapts one parameter of a module
 
     def __init__(
         self,
@@ -380,7 +383,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.in_features, self.out_features = layer_features(base_layer)
+        self.in_features, self.out_features = self._base_features(base_layer)
         self.fan_in_fan_out = fan_in_fan_out(base_layer)  # merges add the delta transposed
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -403,6 +406,9 @@ class LoRALinear(nn.Module):
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
             self.active_adapters = [adapter_name]
 
+    def _base_features(self, base_layer: nn.Module) -> tuple[int, int]:
+        return layer_features(base_layer)
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -418,7 +424,7 @@ class LoRALinear(nn.Module):
         validate_lora_args(r, alpha, dropout)
         if name in self.lora_A:
             raise ModelError(f"LoRA adapter {name!r} already exists on this layer; pass another adapter_name")
-        weight = self.base_layer.weight
+        weight = self.weight
         # Adapters train in at least fp32 even when the base is bf16/fp16 or quantized.
         dtype = torch.float32
         if weight.is_floating_point():

@@ -1,0 +1,200 @@
+"""LoRA on parameters that are not Linear layers: MoE expert stacks and routers (PEFT's ``target_parameters``).
+
+In transformers 5 the experts of Mixtral, Qwen2/3-MoE, OLMoE and GPT-OSS are one module holding 3D
+parameters (``experts.gate_up_proj`` ``[E, out, in]``, or ``[E, in, out]`` where the module says
+``is_transposed``), and routers are 2D ``weight`` parameters of a non-Linear module. ``LoRAParam`` wraps
+such a module and adds ``scaling · B_e @ A_e`` to expert ``e``'s weight during the forward, exactly as
+PEFT's ``ParamWrapper``:
+
+- ``lora_A`` is ``[r·E, in]`` (rows expert-major: expert ``e`` owns rows ``e·r … e·r+r-1``) and ``lora_B``
+  is ``[out, r·E]`` (columns rank-major: expert ``e`` owns columns ``e, E+e, 2E+e …``);
+- a 2D parameter is one "expert": ``A`` ``[r, in]``, ``B`` ``[out, r]``, the delta ``[out, in]``;
+- two parameters of one module nest: the parameter registered first is wrapped first (innermost), so
+  its adapter keys read ``…experts.base_layer.lora_A.weight`` and the other's ``…experts.lora_A.weight``;
+- no dropout (the input of the expert matmuls is not reachable from outside the module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.methods.lora import LoRALinear, lora_scaling, mark_only_lora_trainable, set_active_adapters
+
+
+def unwrap_params(module: nn.Module) -> nn.Module:
+    """The module a chain of LoRAParam wrappers adapts."""
+    while isinstance(module, LoRAParam):
+        module = module.base_layer
+    return module
+
+
+def _parameter_owners(model: nn.Module):
+    """(path, module) of every module outside LoRA wrappers; a wrapper stands for the module it adapts."""
+    for path, module in model.named_modules():
+        if "base_layer" not in path.split("."):
+            yield path, unwrap_params(module)
+
+
+def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(module path, parameter name) of every 3D parameter: the stacked expert weights of an MoE model."""
+    return [(path, name) for path, module in _parameter_owners(model)
+            for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+def router_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(module path, ``weight``) of every MoE router that is not an nn.Linear (transformers 5's ``*Router``)."""
+    return [(path, "weight") for path, module in _parameter_owners(model)
+            if type(module).__name__.endswith("Router") and getattr(module, "weight", None) is not None
+            and module.weight.dim() == 2]
+
+
+def find_target_parameters(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, str]]:
+    """PEFT's matching: ``<module path>.<parameter>`` equals a target or ends with ``.<target>``.
+
+    In model order, and within a module in the order its parameters were registered (PEFT's nesting order).
+    """
+    targets = list(targets)
+    return [(path, name) for path, module in _parameter_owners(model)
+            for name, p in module.named_parameters(recurse=False)
+            if p.dim() in (2, 3) and any(f"{path}.{name}" == t or f"{path}.{name}".endswith(f".{t}")
+                                         for t in targets)]
+
+
+def add_lora_params(model: nn.Module, targets: Iterable[tuple[str, str]], adapter_name: str, r: int,
+                    alpha: float, use_rslora: bool = False) -> list[str]:
+    """Add adapter ``adapter_name`` to each (module path, parameter); returns the wrappers' paths.
+
+    A parameter already wrapped (by another adapter) gets the new adapter in its wrapper; otherwise the module
+    is wrapped once more (the new wrapper outermost), as PEFT nests them.
+    """
+    for path, name in targets:
+        wrapper = _wrapper_of(model.get_submodule(path), name)
+        if wrapper is None:
+            wrapper = LoRAParam(model.get_submodule(path), name)
+            _set_submodule(model, path, wrapper)
+        wrapper.add_adapter(adapter_name, r, alpha, 0.0, use_rslora)
+    return param_layer_paths(model, adapter_name)
+
+
+def param_layer_paths(model: nn.Module, adapter_name: str | None = None) -> list[str]:
+    """Paths of the LoRAParam wrappers (the PEFT key prefixes), those holding ``adapter_name`` if given."""
+    return [p for p, m in model.named_modules()
+            if isinstance(m, LoRAParam) and (adapter_name is None or adapter_name in m.lora_A)]
+
+
+def _wrapper_of(module: nn.Module, name: str) -> LoRAParam | None:
+    while isinstance(module, LoRAParam):
+        if module.parameter_name == name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def describe_parameters(targets: list[tuple[str, str]]) -> str:
+    """``experts.gate_up_proj, experts.down_proj (x4 layers)``: the distinct module-suffix.parameter names."""
+    names = [f"{path.rsplit('.', 1)[-1]}.{name}" for path, name in targets]
+    distinct = list(dict.fromkeys(names))
+    return ", ".join(distinct) + (f" (in {len(names) // max(len(distinct), 1)} layers)" if targets else "")
+
+
+def apply_lora_params(model: nn.Module, targets: list[tuple[str, str]], r: int, alpha: float,
+                      use_rslora: bool = False, adapter_name: str = "default") -> list[str]:
+    """``add_lora_params`` then make adapter ``adapter_name`` (Linear layers included) the one that trains."""
+    if not targets:
+        raise ConfigError("method.lora.target_parameters matches no parameter of the model; name them as "
+                          "<module>.<parameter>, e.g. experts.gate_up_proj, experts.down_proj, mlp.gate.weight")
+    paths = add_lora_params(model, targets, adapter_name, r, alpha, use_rslora)
+    set_active_adapters(model, [adapter_name])
+    mark_only_lora_trainable(model, adapter_name)
+    return paths
+
+
+class LoRAParam(LoRALinear):
+    """LoRA on one 2D/3D parameter of a module (PEFT's ParamWrapper); see the module docstring for the layout."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
+        param = getattr(unwrap_params(base_layer), parameter_name, None)
+        if not isinstance(param, nn.Parameter) or param.dim() not in (2, 3):
+            raise ModelError(f"LoRA on parameter {parameter_name!r} of {type(base_layer).__name__}: only 2D and 3D "
+                             "parameters (expert stacks, router weights) can be adapted")
+        self.parameter_name = parameter_name
+        super().__init__(base_layer, adapter_name=None)
+
+    def _base_features(self, base_layer: nn.Module) -> tuple[int, int]:
+        module = unwrap_params(base_layer)
+        shape = getattr(module, self.parameter_name).shape
+        if len(shape) == 2:
+            self.num_experts, self.stored_in_out = 1, False
+            return shape[1], shape[0]
+        # [E, out, in] unless the module declares [E, in, out] (GPT-OSS): PEFT's is_transposed.
+        self.num_experts = shape[0]
+        self.stored_in_out = bool(getattr(module, "is_transposed", False))
+        return (shape[1], shape[2]) if self.stored_in_out else (shape[2], shape[1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(unwrap_params(self.base_layer), self.parameter_name)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False) -> None:
+        """A ``[r·E, in]``, B ``[out, r·E]`` (kaiming-uniform A, zero B); dropout is not possible here."""
+        if dropout:
+            raise ConfigError(f"LoRA on {self.parameter_name} cannot use dropout (as in PEFT's target_parameters): "
+                              "set method.lora.dropout: 0")
+        super().add_adapter(name, r * self.num_experts, alpha, 0.0, use_rslora)
+        self.r[name], self.scaling[name] = r, lora_scaling(r, alpha, use_rslora)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling · B_e @ A_e`` per expert in fp32, in the parameter's own layout."""
+        self._check(name)
+        a = self.lora_A[name].weight.float()
+        b = self.lora_B[name].weight.float()
+        if self.num_experts == 1 and self.weight.dim() == 2:
+            return (b @ a) * self.scaling[name]
+        e = self.num_experts
+        a = a.reshape(e, -1, a.shape[-1])  # [E, r, in]
+        b = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # [E, out, r]
+        delta = torch.bmm(b, a) * self.scaling[name]  # [E, out, in]
+        return delta.transpose(1, 2) if self.stored_in_out else delta
+
+    def _delta_as_stored(self, name: str) -> torch.Tensor:
+        return self.delta_weight(name)
+
+    def forward(self, *args, **kwargs):
+        if self.row_groups is not None:
+            raise ModelError("one adapter per batch row is not supported with LoRA on expert/router parameters "
+                             "(nor in PEFT); run one adapter at a time")
+        active = [] if self.disabled else [a for a in self.active_adapters if a not in self.merged_adapters]
+        if not active:
+            return self.base_layer(*args, **kwargs)
+        weight = self.weight
+        delta = sum(self.delta_weight(a) * self.adapter_weights.get(a, 1.0) for a in active)
+        # The base runs with W + delta in place of W (autograd reaches A and B through delta), as PEFT's
+        # parametrization does; a nested wrapper adds its own parameter's delta inside.
+        path = ".".join(["base_layer"] * _depth(self.base_layer) + [self.parameter_name])
+        return functional_call(self.base_layer, {path: weight + delta.to(weight.dtype)}, args, kwargs,
+                               strict=False)
+
+    def extra_repr(self) -> str:
+        return f"parameter={self.parameter_name}, experts={self.num_experts}, {super().extra_repr()}"
+
+
+def _depth(module: nn.Module) -> int:
+    """How many LoRAParam wrappers sit around the adapted module."""
+    depth = 0
+    while isinstance(module, LoRAParam):
+        module, depth = module.base_layer, depth + 1
+    return depth
