@@ -54,6 +54,9 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         f = method.freeze
         apply_freeze(model, top_k_layers=f.top_k_layers, layers=f.layers, patterns=f.patterns)
     else:
+        if method.lora.base_precision == "fp8" and method.lora.use_dora:
+            raise ConfigError("method.lora.use_dora=true with method.lora.base_precision=fp8 is not supported (DoRA "
+                              "reads the dense base weight at every step); set method.lora.base_precision=bf16")
         if method.lora.base_precision == "fp8" and method.name != "lora":
             raise ConfigError(f"method.lora.base_precision=fp8 is for method.name=lora (the base of {method.name} "
                               "is 4-bit); set method.lora.base_precision=bf16")
