@@ -67,6 +67,10 @@ def read_factors(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, Factor
     """An adapter directory's config and its factors by module path (checked against the config)."""
     directory = _check_dir(adapter_dir)
     config = read_adapter_config(directory)
+    if config.get("use_dora"):
+        raise ModelError(f"{directory / CONFIG_NAME}: use_dora=true: a DoRA adapter rescales each row of the whole "
+                         "weight, so its change is not a low-rank delta and cannot be combined; merge it into the "
+                         "base model instead (`tuneforge adapters merge`)")
     weights_path = directory / WEIGHTS_NAME
     factors = {}
     for path, pair in _split_keys(_read_weights(directory), weights_path).items():
