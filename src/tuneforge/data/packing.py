@@ -9,7 +9,9 @@ the first fitting row in O(log rows), so packing stays fast on large datasets.
 Inside a row, position ids restart at 0 for each example, ``seq_ids`` let the attention mask
 (``tuneforge.train.attention``) keep attention inside each example, and the first label of each
 example is -100 so that no token is trained to predict across an example boundary. Computed that
-way, a packed example's logits equal its logits computed alone.
+way, a packed example's logits equal its logits computed alone. For a model whose attention cannot keep
+examples apart that way (ALiBi from a padding mask, for one), :func:`unpack` turns a packed batch back
+into one example per row.
 """
 
 from __future__ import annotations
@@ -98,6 +100,25 @@ def collate(rows: list[PackedRow], pad_id: int) -> dict[str, torch.Tensor]:
         batch["position_ids"][b] = torch.tensor(row.position_ids + list(range(pad)))
         batch["seq_ids"][b] = torch.tensor(row.seq_ids + [PAD_SEQ_ID] * pad)
     return batch
+
+
+def unpack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch with one example per row, padded to the longest: the packed ``batch``'s examples in order.
+
+    The loss over it is the packed batch's: labels and positions of each example are unchanged.
+    """
+    pieces = [(b, seq_ids == s) for b, seq_ids in enumerate(batch["seq_ids"])
+              for s in seq_ids[seq_ids >= 0].unique_consecutive().tolist()]
+    length = max(int(keep.sum()) for _, keep in pieces)
+    fill = {"input_ids": 0, "labels": IGNORE, "seq_ids": PAD_SEQ_ID}  # padding is masked: any valid id will do
+    out = {k: torch.full((len(pieces), length), fill.get(k, 0), dtype=torch.long) for k in fill}
+    out["position_ids"] = torch.arange(length).repeat(len(pieces), 1)
+    for row, (b, keep) in enumerate(pieces):
+        n = int(keep.sum())
+        for key in ("input_ids", "labels", "position_ids"):
+            out[key][row, :n] = batch[key][b][keep]
+        out["seq_ids"][row, :n] = 0
+    return out
 
 
 def _check_lengths(examples: list[Tokenized], max_len: int) -> None:

@@ -5,6 +5,10 @@ Weights are read from safetensors. A model folder whose weights exist only as pi
 (the CLI's ``--allow-pickle``); even then they are read with ``torch.load(weights_only=True)``, which refuses
 any pickled object that is not a tensor, so no code from the file runs. A model that needs code from its
 repository loads only with ``trust_remote_code``.
+
+Attention is SDPA where transformers has it for the architecture, else eager (``auto``); ``sdpa``, ``eager`` and
+``flex_attention`` ask for one, and a choice transformers refuses for the architecture is a ModelError naming the
+ones it has.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.errors import ModelError
+from tuneforge.log import get_logger
 from tuneforge.models.resolve import resolve_model
+
+logger = get_logger(__name__)
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention")
 
 
 def load_tokenizer(ref: str, trust_remote_code: bool = False):
@@ -42,25 +50,56 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
-def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a causal LM (SDPA attention) for a model reference onto ``device``."""
+def load_model(ref: str, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False,
+               attn_implementation: str = "auto") -> torch.nn.Module:
+    """Load a causal LM for a model reference onto ``device``, with ``attn_implementation`` (one of ``ATTENTION``)."""
     path = resolve_model(ref)
     check_weight_files(ref, path)
-    with loading(ref):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                                     trust_remote_code=trust_remote_code)
+    with loading(ref), attention_choice(ref, attn_implementation):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **attention_kwargs(attn_implementation))
+    note_eager(model, attn_implementation)
     return model.to(device)
 
 
-def empty_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
+def empty_model(ref: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                attn_implementation: str = "auto") -> torch.nn.Module:
     """The causal LM of a model reference on the meta device: its structure and shapes, no memory, no weights."""
     path = resolve_model(ref)
     with loading(ref):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
-                                                trust_remote_code=trust_remote_code)
+    with attention_choice(ref, attn_implementation), torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **attention_kwargs(attn_implementation))
+
+
+def attention_kwargs(attn_implementation: str) -> dict[str, str]:
+    """``from_pretrained``'s attention argument: none for ``auto`` (transformers then takes SDPA where the
+    architecture has it, else eager)."""
+    if attn_implementation not in ATTENTION:
+        raise ModelError(f"attn_implementation {attn_implementation!r} is not one of {', '.join(ATTENTION)}")
+    return {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
+
+
+@contextmanager
+def attention_choice(ref: str, attn_implementation: str) -> Iterator[None]:
+    """Turn transformers' refusal of an attention implementation into a ModelError saying what to choose."""
+    try:
+        yield
+    except (ValueError, ImportError) as e:
+        if "attn_implementation" not in str(e) and "attention" not in str(e).lower():
+            raise
+        raise ModelError(f"model '{ref}': transformers has no {attn_implementation} attention for this "
+                         f"architecture ({str(e).strip().splitlines()[0][:200]}); set attn_implementation: auto "
+                         "(SDPA where supported, else eager) or eager") from None
+
+
+def note_eager(model: torch.nn.Module, attn_implementation: str) -> None:
+    """Say so when ``auto`` fell back to eager attention, and what it costs."""
+    if attn_implementation == "auto" and model.config._attn_implementation == "eager":
+        logger.info(f"attention: transformers has no SDPA kernel for {model.config.model_type}, so it runs eager "
+                    "attention (it builds each layer's full score matrix: slower, and memory grows with the square "
+                    "of the row length; keep data.max_seq_len modest)")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

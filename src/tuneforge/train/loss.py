@@ -21,17 +21,94 @@ tokens × hidden × vocab matmul saved per step), and unlike plain autograd it n
 The Function does the casting autocast would do for ``F.linear``: with autocast on for hidden's
 device, the matmuls run in the autocast dtype, else in hidden's dtype; the gradients it returns
 have the dtypes of the inputs.
+
+The logits are the model's own: :func:`logit_transform` reads what a model does after its head (Cohere's
+``logit_scale``, Granite's ``logits_scaling``, Gemma2/3's ``final_logit_softcapping``) and the loss applies
+it, in fp32, with its derivative in the gradient. A model whose forward transforms the logits in a way not
+known here is refused rather than trained on logits it never produces.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from tuneforge.errors import ModelError
+
 _AUTOCAST_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model applies to its head's output: ``softcap * tanh(scale * logits / softcap)`` (no cap: ``scale *
+    logits``)."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Transform fp32 ``logits`` in place; returns d(output)/d(input) per element when it is not constant."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        if self.softcap is None:
+            return None
+        logits.div_(self.softcap).tanh_()
+        slope = (1.0 - logits.square()).mul_(self.scale)
+        logits.mul_(self.softcap)
+        return slope
+
+
+IDENTITY = LogitTransform()
+# the statements that may follow the head in a transformers forward, with what each does to the logits
+_STEPS = ((re.compile(r"\* self\.logit_scale\b"), "mul", "logit_scale"),
+          (re.compile(r"/ self\.config\.logits_scaling\b"), "div", "logits_scaling"),
+          (re.compile(r"\* self\.config\.logits_scaling\b"), "mul", "logits_scaling"),
+          (re.compile(r"\* self\.model\.lm_head_multiplier\b"), "mul", "lm_head_multiplier"),
+          (re.compile(r"final_logit_softcapping|torch\.tanh\(logits\)"), "cap", "final_logit_softcapping"),
+          (re.compile(r"logits\.float\(\)$"), "cast", None))
+
+
+def logit_transform(model: torch.nn.Module) -> LogitTransform:
+    """The transform ``model``'s forward applies to its head's output, read from the statements that follow the
+    head in its source and the config values they use; a statement not known here is refused."""
+    config, scale, softcap = model.config, 1.0, None
+    for op, key in _steps_after_head(type(model)):
+        value = getattr(config, key, None) if key else None
+        if op == "mul" and value is not None:
+            scale *= float(value)
+        elif op == "div" and value is not None:
+            scale /= float(value)
+        elif op == "cap" and value is not None:
+            softcap = float(value)
+    return LogitTransform(scale, softcap)
+
+
+@functools.cache
+def _steps_after_head(cls: type) -> frozenset[tuple[str, str | None]]:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # remote or compiled code without source: nothing to read
+        return frozenset()
+    head_line, *rest = source.split("self.lm_head(", 1)[-1].split("loss", 1)[0].splitlines()
+    statements = [head_line] if re.search(r"\)\s*[*/]", head_line) else []
+    statements += [line.strip() for line in rest  # assignments, not a ``logits=`` keyword argument
+                   if re.match(r"\s*logits\s*=", line) and not line.rstrip().endswith(",")]
+    steps = set()
+    for statement in statements:
+        known = [(op, key) for pattern, op, key in _STEPS if pattern.search(statement)]
+        if not known:
+            raise ModelError(f"{cls.__name__} transforms its output logits ({statement.strip()}) in a way "
+                             "tuneforge's fused loss does not reproduce; training it would optimize logits the "
+                             "model never produces. Please report it with the model's name")
+        steps.update(known)
+    return frozenset(steps)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -61,9 +138,12 @@ def _chunks(h_all: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chun
         yield start, end, h_all.index_select(0, rows[start:end]).to(dtype), targets[start:end]
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of a chunk; inputs already in the compute dtype, autocast off."""
-    return F.linear(h, weight, bias).float()
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  transform: LogitTransform) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of a chunk as the model outputs them, and their per-element slope w.r.t. the head's output
+    when it is not ``transform.scale``; inputs already in the compute dtype, autocast off."""
+    logits = F.linear(h, weight, bias).float()
+    return logits, transform.apply_(logits)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -72,7 +152,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 rows: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, compute_dtype: torch.dtype,
-                need_h: bool, need_w: bool, need_b: bool) -> torch.Tensor:
+                transform: LogitTransform, need_h: bool, need_w: bool, need_b: bool) -> torch.Tensor:
         h_all = hidden.reshape(-1, hidden.shape[-1])
         n = rows.numel()
         with torch.autocast(hidden.device.type, enabled=False):
@@ -83,12 +163,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start, end, h, t in _chunks(h_all, rows, targets, chunk_tokens, compute_dtype):
-                logits = _chunk_logits(h, w, b)
+                logits, slope = _chunk_logits(h, w, b, transform)
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                 # d loss / d logits = softmax - onehot, built in place in the fp32 logits
                 dlogits = logits.sub_(lse[:, None]).exp_()
                 dlogits[torch.arange(end - start, device=t.device), t] -= 1.0
+                if slope is not None:  # back through the soft-cap (and scale) to the head's output
+                    dlogits.mul_(slope)
+                elif transform.scale != 1.0:
+                    dlogits.mul_(transform.scale)
                 if grad_b is not None:
                     grad_b += dlogits.sum(0)
                 dlogits = dlogits.to(compute_dtype)
@@ -121,30 +205,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             d_weight = (grad_w * grad_output).to(ctx.weight_dtype)
         if grad_b is not None and ctx.needs_input_grad[2]:
             d_bias = (grad_b * grad_output).to(ctx.bias_dtype)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
 
 
 @torch.no_grad()
 def _plain_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         rows: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                        compute_dtype: torch.dtype) -> torch.Tensor:
+                        compute_dtype: torch.dtype, transform: LogitTransform) -> torch.Tensor:
     h_all = hidden.reshape(-1, hidden.shape[-1])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         for _, _, h, t in _chunks(h_all, rows, targets, chunk_tokens, compute_dtype):
-            total += F.cross_entropy(_chunk_logits(h, w, b), t, reduction="sum")
+            total += F.cross_entropy(_chunk_logits(h, w, b, transform)[0], t, reduction="sum")
     return total
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear | torch.nn.Module, labels: torch.Tensor,
-                    chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
+                    chunk_tokens: int = 1024, transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and their count.
 
     ``labels`` are aligned with the inputs (-100 = no loss); position i predicts labels[i + 1].
     ``head`` is the output projection (anything with ``weight`` and optional ``bias``; it may be tied
-    to the input embeddings). The loss is fp32; see the module docstring for how gradients are made.
+    to the input embeddings); ``transform`` what the model applies to its output (:func:`logit_transform`).
+    The loss is fp32; see the module docstring for how gradients are made.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -168,7 +253,7 @@ def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear | torch.nn.Modul
     need_w = grad_on and weight.requires_grad
     need_b = grad_on and bias is not None and bias.requires_grad
     if not (need_h or need_w or need_b):
-        return _plain_chunked_loss(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype), n
-    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype,
+        return _plain_chunked_loss(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype, transform), n
+    total = _FusedLinearCrossEntropy.apply(hidden, weight, bias, rows, t, chunk_tokens, compute_dtype, transform,
                                            need_h, need_w, need_b)
     return total, n

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from tuneforge.data.packing import IGNORE, PackedRow, collate
+from tuneforge.data.packing import IGNORE, PackedRow, collate, unpack
 from tuneforge.errors import TuneforgeError
-from tuneforge.train.attention import attention_mask
-from tuneforge.train.loss import chunked_lm_loss
+from tuneforge.train.attention import attention_mask, packing_refusal
+from tuneforge.train.loss import chunked_lm_loss, logit_transform
 from tuneforge.train.preference import PreferenceSettings, can_share_prompt, preference_step_loss
 
 Batch = dict[str, torch.Tensor]
@@ -52,10 +52,16 @@ class CausalLMLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.amp = amp
         self.activations = activations or contextlib.nullcontext
+        self.transform = logit_transform(model)  # the model's own output path: logit scale, soft-cap
+        self.unpack = packing_refusal(model) is not None  # packed rows it cannot keep apart go one per row
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
                 seq_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         device = next(self.model.parameters()).device
+        if self.unpack and int(seq_ids.max()) > 0:
+            rows = unpack({"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "seq_ids": seq_ids})
+            input_ids, labels, position_ids, seq_ids = (rows[k] for k in ("input_ids", "labels", "position_ids",
+                                                                         "seq_ids"))
         mask = attention_mask(self.model, seq_ids, device)
         amp = self.amp
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -63,7 +69,8 @@ class CausalLMLoss(torch.nn.Module):
                 hidden = self.model.base_model(input_ids=input_ids.to(device), attention_mask=mask,
                                                position_ids=position_ids.to(device),
                                                use_cache=False).last_hidden_state
-            return chunked_lm_loss(hidden, self.model.get_output_embeddings(), labels.to(device), self.chunk_tokens)
+            return chunked_lm_loss(hidden, self.model.get_output_embeddings(), labels.to(device), self.chunk_tokens,
+                                   self.transform)
 
     def count(self, batch: Batch) -> int:
         """What a step's loss is divided by: the batch's trained tokens."""
