@@ -243,6 +243,9 @@ class RunConfig(Strict):
     model: str = Field("smollm2-135m", description=MODEL_HELP)
     output_dir: str = Field("runs/run", description="the run directory (--overwrite replaces an existing one)")
     trust_remote_code: bool = Field(False, description="passed to transformers")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto", description="attention kernel: auto = SDPA where transformers has it for the architecture, else "
+                            "eager (docs/models.md); packed rows on a GPU switch to flex_attention")
     data: DataConfig = Field(default_factory=DataConfig, description="the data")
     method: MethodConfig = Field(default_factory=MethodConfig, description="the fine-tuning method")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the optimization")
