@@ -33,6 +33,18 @@ def unwrap_params(module: nn.Module) -> nn.Module:
     return module
 
 
+def param_features(module: nn.Module, name: str) -> tuple[int, int, int, bool]:
+    """(experts, in, out, stored [in, out]) of parameter ``name``: 2D is ``[out, in]``; 3D is ``[E, out, in]``
+    unless the module declares ``is_transposed`` (GPT-OSS: ``[E, in, out]``), PEFT's rule."""
+    module = unwrap_params(module)
+    shape = getattr(module, name).shape
+    if len(shape) == 2:
+        return 1, shape[1], shape[0], False
+    if getattr(module, "is_transposed", False):
+        return shape[0], shape[1], shape[2], True
+    return shape[0], shape[2], shape[1], False
+
+
 def _parameter_owners(model: nn.Module):
     """(path, module) of every module outside LoRA wrappers; a wrapper stands for the module it adapts."""
     for path, module in model.named_modules():
@@ -131,15 +143,8 @@ class LoRAParam(LoRALinear):
         super().__init__(base_layer, adapter_name=None)
 
     def _base_features(self, base_layer: nn.Module) -> tuple[int, int]:
-        module = unwrap_params(base_layer)
-        shape = getattr(module, self.parameter_name).shape
-        if len(shape) == 2:
-            self.num_experts, self.stored_in_out = 1, False
-            return shape[1], shape[0]
-        # [E, out, in] unless the module declares [E, in, out] (GPT-OSS): PEFT's is_transposed.
-        self.num_experts = shape[0]
-        self.stored_in_out = bool(getattr(module, "is_transposed", False))
-        return (shape[1], shape[2]) if self.stored_in_out else (shape[2], shape[1])
+        self.num_experts, in_f, out_f, self.stored_in_out = param_features(base_layer, self.parameter_name)
+        return in_f, out_f
 
     @property
     def weight(self) -> torch.Tensor:
@@ -198,3 +203,92 @@ def _depth(module: nn.Module) -> int:
     while isinstance(module, LoRAParam):
         module, depth = module.base_layer, depth + 1
     return depth
+
+
+def is_param_key(path: str, target_parameters: list[str] | None) -> bool:
+    """Whether adapter key prefix ``path`` (``…experts.base_layer``) is a LoRAParam's, by ``target_parameters``."""
+    module = path
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    owners = [t.rpartition(".")[0] for t in target_parameters or []]
+    return any(module == o or module.endswith(f".{o}") for o in owners if o)
+
+
+def target_parameter_names(model: nn.Module, layers: dict[str, LoRALinear], r: int, alpha: float,
+                           name: str) -> list[str] | None:
+    """PEFT's ``target_parameters`` for the LoRAParam layers among ``layers`` (None when there are none).
+
+    ``<module>.<parameter>`` names (``experts.gate_up_proj``) when they select exactly these parameters, else
+    full paths. PEFT has no rank/alpha pattern for parameters: they must use the adapter's ``r`` and ``alpha``.
+    """
+    params = {p: layer for p, layer in layers.items() if isinstance(layer, LoRAParam)}
+    for path, layer in params.items():
+        if (layer.r[name], layer.lora_alpha[name]) != (r, alpha):
+            raise ModelError(f"adapter {name!r}: {path}.{layer.parameter_name} has r={layer.r[name]}, "
+                             f"alpha={layer.lora_alpha[name]} but the adapter r={r}, alpha={alpha}; PEFT's "
+                             "target_parameters cannot describe other ranks: give them one r and alpha")
+    if not params:
+        return None
+    owned = {(_owner_path(p), layer.parameter_name) for p, layer in params.items()}
+    short = sorted({f"{path.rsplit('.', 1)[-1]}.{pname}" for path, pname in owned})
+    if set(find_target_parameters(model, short)) == owned:
+        return short
+    return sorted(f"{path}.{pname}" for path, pname in owned)
+
+
+def _owner_path(path: str) -> str:
+    while path.endswith(".base_layer"):
+        path = path.removesuffix(".base_layer")
+    return path
+
+
+def plan_param_adapter(model: nn.Module, keys: dict[str, dict], config: dict, adapter_name: str,
+                       where: str) -> list[tuple[str, str]]:
+    """Check an adapter's parameter keys (path → {"lora_A": shape, "lora_B": shape}) against the model, without
+    touching it; returns the (module path, parameter) targets to pass to ``add_lora_params``.
+
+    The key of the k-th of n targeted parameters of a module is ``<module>`` + ``.base_layer`` × (n-1-k).
+    """
+    targets = find_target_parameters(model, config.get("target_parameters") or [])
+    by_module: dict[str, list[str]] = {}
+    for path, pname in targets:
+        by_module.setdefault(path, []).append(pname)
+    expected: dict[str, tuple[str, str]] = {}
+    for path, names in by_module.items():
+        chain = _chain(model.get_submodule(path))
+        if chain and set(chain) != set(names):
+            raise ModelError(f"{where}: {path} already has LoRA on {chain}, this adapter targets {names}; every "
+                             "adapter on a model must target the same parameters (as in PEFT)")
+        order = list(reversed(chain)) or names
+        for k, pname in enumerate(order):
+            expected[path + ".base_layer" * (len(order) - 1 - k)] = (path, pname)
+    if set(expected) != set(keys):
+        extra, missing = sorted(set(keys) - set(expected)), sorted(set(expected) - set(keys))
+        raise ModelError(f"{where}: target_parameters={config.get('target_parameters')!r} selects "
+                         f"{sorted(expected)[:3]} in this model but the weights hold {sorted(keys)[:3]} "
+                         f"(extra: {extra[:3]}, missing: {missing[:3]}); load the adapter onto the base model it "
+                         "was trained on")
+    r = config["r"]
+    for key, (path, pname) in expected.items():
+        layer = _wrapper_of(model.get_submodule(path), pname)
+        if layer is not None and adapter_name in layer.lora_A:
+            raise ModelError(f"{path}.{pname} already has an adapter named {adapter_name!r}; pass another "
+                             "adapter_name")
+        experts, in_f, out_f, _ = param_features(model.get_submodule(path), pname)
+        want = {"lora_A": [r * experts, in_f], "lora_B": [out_f, r * experts]}
+        for part, shape in want.items():
+            if list(keys[key][part]) != shape:
+                raise ModelError(f"{where}: {key}.{part}.weight has shape {list(keys[key][part])}, but {path}."
+                                 f"{pname} ({experts} experts) needs {shape} at r={r}; load the adapter onto the "
+                                 "base model it was trained on")
+    return [expected[k] for k in sorted(expected, key=lambda k: -k.count(".base_layer"))]
+
+
+def _chain(module: nn.Module) -> list[str]:
+    """Parameter names of the LoRAParam wrappers around ``module``, outermost first."""
+    names = []
+    while isinstance(module, LoRAParam):
+        names.append(module.parameter_name)
+        module = module.base_layer
+    return names
+

@@ -41,6 +41,12 @@ from tuneforge.methods.lora import (
     lora_state_dict,
     matches_target,
 )
+from tuneforge.methods.lora_params import (
+    add_lora_params,
+    is_param_key,
+    plan_param_adapter,
+    target_parameter_names,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,7 +63,6 @@ _REFUSED = {
     "lora_bias": "a bias on lora_B is not implemented",
     "modules_to_save": "full copies of other modules (e.g. lm_head) replace the base model's own",
     "trainable_token_indices": "trained rows of the embedding matrix replace the base model's own",
-    "target_parameters": "LoRA on bare parameters (e.g. MoE expert weights) is not implemented",
     "layer_replication": "the model's layers are repeated, which changes its architecture",
     "alora_invocation_tokens": "Activated LoRA switches on only after its invocation tokens",
     "use_qalora": "QA-LoRA pools the input features before lora_A",
@@ -100,21 +105,26 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
     use_dora = {name in layer.lora_magnitude_vector for layer in layers.values()}
     if len(use_dora) > 1:
         raise ModelError(f"adapter {name!r} mixes DoRA and plain LoRA layers; PEFT cannot describe that")
+    r = _most_common({p: layer.r[name] for p, layer in layers.items()})
+    alpha = _most_common({p: layer.lora_alpha[name] for p, layer in layers.items()})
+    parameters = target_parameter_names(model, layers, r, alpha, name)  # MoE experts/routers (lora_params)
+    layers = {p: layer for p, layer in layers.items() if layer.parameter_name is None}
     ranks = {p: layer.r[name] for p, layer in layers.items()}
     alphas = {p: layer.lora_alpha[name] for p, layer in layers.items()}
-    r, alpha = _most_common(ranks), _most_common(alphas)
     # Suffix names when they select exactly our layers (the usual case), else the exact paths.
     suffixes = sorted({p.rsplit(".", 1)[-1] for p in layers})
     selected = {n for n in linear_modules(model) if matches_target(n, suffixes)}
-    targets = suffixes if selected == set(layers) else sorted(layers)
+    targets = (suffixes if selected == set(layers) else sorted(layers)) if layers else None
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": max(layer.dropout[name] for layer in layers.values()),
+        # peft refuses dropout with target_parameters; it acts in training only, so 0 is exact for the outputs
+        "lora_dropout": 0.0 if parameters or not layers else max(layer.dropout[name] for layer in layers.values()),
         "target_modules": targets,
+        "target_parameters": parameters,
         "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
         "bias": "none",
@@ -281,6 +291,9 @@ def _check_values(config: dict, path: Path) -> None:
                 raise bad("target_modules", f"a string is a regex and this one is invalid ({e})") from e
     elif not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise bad("target_modules", 'give a list of module names, a regex string or "all-linear"')
+    params = config.get("target_parameters")
+    if not (params is None or (isinstance(params, list) and all(isinstance(t, str) for t in params))):
+        raise bad("target_parameters", "give a list of <module>.<parameter> names, e.g. [experts.gate_up_proj]")
     for key, valid, what in (("rank_pattern", _is_rank, "positive integer ranks"),
                              ("alpha_pattern", _is_alpha, "alphas > 0")):
         pattern = config.get(key)
@@ -408,12 +421,15 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_pat
                              f"one magnitude per output row, [{pair['lora_B'][0]}]: re-save or re-download the adapter")
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
-        if a_rank != r or b_rank != r:
+        param = is_param_key(module, config.get("target_parameters"))  # experts: rank r per expert, r·E in all
+        if (a_rank % r or b_rank != a_rank) if param else (a_rank != r or b_rank != r):
             raise ModelError(
                 f"{weights_path}: {key}: {CONFIG_NAME} gives rank {r} but the weights have rank "
                 f"{a_rank if a_rank != r else b_rank}; the config and the weights do not belong together"
+                + (" (rank_pattern keys are tried in the file's order and the first match wins, as in peft)"
+                   if config.get("rank_pattern") else "")
             )
-        if targets and targets != ALL_LINEAR and not selects(config, module):
+        if targets and targets != ALL_LINEAR and not param and not selects(config, module):
             raise ModelError(f"{weights_path}: {key} is not selected by target_modules={targets!r} in "
                              f"{CONFIG_NAME}{_selection_detail(config)}; the config and the weights do not belong "
                              "together")
@@ -464,6 +480,10 @@ def load_adapter(
     weights = _read_weights(directory)
     shapes = check_weights({k: list(t.shape) for k, t in weights.items()}, config, weights_path)
     pairs = _split_keys(weights, weights_path)
+    param_pairs = {p: v for p, v in pairs.items() if is_param_key(p, config.get("target_parameters"))}
+    pairs = {p: v for p, v in pairs.items() if p not in param_pairs}
+    param_targets = plan_param_adapter(model, {p: shapes[p] for p in param_pairs}, config, adapter_name,
+                                       str(weights_path)) if param_pairs else []
     linears = linear_modules(model)
     targets = config.get("target_modules")
     if targets == ALL_LINEAR:
@@ -500,8 +520,12 @@ def load_adapter(
                 f"{weights_path} has no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
                 f"which target_modules selects: the adapter was trained on a different base model"
             )
+    if param_targets:  # first: add_lora then activates the adapter on every layer holding it
+        add_lora_params(model, param_targets, adapter_name, config["r"], config["lora_alpha"],
+                        bool(config.get("use_rslora")))
     names = add_lora(model, pairs, adapter_name, ranks, alphas, config.get("lora_dropout") or 0.0,
                      bool(config.get("use_rslora")), bool(config.get("use_dora")))
+    pairs |= param_pairs
     with torch.no_grad():
         for path, pair in pairs.items():
             layer = model.get_submodule(path)
@@ -513,5 +537,5 @@ def load_adapter(
                 param.requires_grad_(trainable)
     # new LoRA modules start in training mode (dropout on); follow the model's current mode
     model.train(model.training)
-    return names
+    return names + list(param_pairs)
 
