@@ -252,6 +252,9 @@ def _refuse_unsupported(config: dict, path: Path) -> None:
     if init not in _PLAIN_INITS:
         raise ModelError(f"{path}: init_lora_weights={init!r} is not a LoRA initialization tuneforge knows; "
                          f"known: {', '.join(map(repr, _PLAIN_INITS + _WEIGHT_REWRITING_INITS))}")
+    if config.get("use_dora") and config.get("target_parameters"):
+        raise ModelError(f"{path}: use_dora with target_parameters is not supported (peft has no DoRA for bare "
+                         f"parameters either); {_MERGE_FIX}")
     if config.get("use_dora") and config.get("fan_in_fan_out"):
         raise ModelError(f"{path}: use_dora with fan_in_fan_out (a Conv1D base) is not supported; {_MERGE_FIX}")
 
