@@ -115,6 +115,10 @@ class LoraSettings(Strict):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module name suffixes, e.g. [q_proj, v_proj]; all-linear: every Linear but "
                                   "the output head")
+    target_parameters: list[str] | None = Field(
+        None, description="MoE parameters to adapt (peft's target_parameters), e.g. [experts.gate_up_proj, "
+                          "experts.down_proj, mlp.gate.weight]; null: the expert weights with all-linear (routers "
+                          "left out), none otherwise; no dropout on them (docs/models.md)")
     use_rslora: bool = Field(False, description="scale by alpha/√r")
     use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row on top of LoRA's direction "
                                               "(saved in peft's layout; docs/adapters-and-serving.md)")
@@ -129,6 +133,11 @@ class LoraSettings(Strict):
     @classmethod
     def _targets(cls, v: Any) -> Any:
         return v if v == "all-linear" else _comma_list(v)
+
+    @field_validator("target_parameters", mode="before")
+    @classmethod
+    def _parameters(cls, v: Any) -> Any:
+        return v if v is None else _comma_list(v)
 
 
 class FreezeSettings(Strict):

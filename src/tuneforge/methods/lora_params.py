@@ -23,7 +23,13 @@ from torch import nn
 from torch.func import functional_call
 
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import LoRALinear, lora_scaling, mark_only_lora_trainable, set_active_adapters
+from tuneforge.methods.lora import (
+    ALL_LINEAR,
+    LoRALinear,
+    lora_scaling,
+    mark_only_lora_trainable,
+    set_active_adapters,
+)
 
 
 def unwrap_params(module: nn.Module) -> nn.Module:
@@ -75,6 +81,37 @@ def find_target_parameters(model: nn.Module, targets: Iterable[str]) -> list[tup
             for name, p in module.named_parameters(recurse=False)
             if p.dim() in (2, 3) and any(f"{path}.{name}" == t or f"{path}.{name}".endswith(f".{t}")
                                          for t in targets)]
+
+
+def parameter_targets(model: nn.Module, target_modules: list[str] | str,
+                      target_parameters: list[str] | None) -> list[tuple[str, str]]:
+    """What ``method.lora.target_parameters`` selects: null means the expert weights under ``all-linear`` (routers
+    left out: they decide which experts run, and PEFT leaves them out too) and nothing otherwise."""
+    if target_parameters is None:
+        return expert_parameters(model) if target_modules == ALL_LINEAR else []
+    found = find_target_parameters(model, target_parameters)
+    if target_parameters and not found:
+        candidates = [f"{p.rsplit('.', 1)[-1]}.{n}" for p, n in expert_parameters(model) + router_parameters(model)]
+        raise ConfigError(f"method.lora.target_parameters={target_parameters!r} matches no parameter of the model; "
+                          f"this model has {sorted(set(candidates)) or 'no expert or router parameters'}")
+    return found
+
+
+def describe_targets(model: nn.Module) -> str | None:
+    """For an MoE model, what LoRA adapts: Linear layers, expert/router parameters, and how to add the routers."""
+    experts, routers = expert_parameters(model), router_parameters(model)
+    if not experts and not routers:
+        return None
+    wrapped = {(_owner_path(p), m.parameter_name) for p, m in model.named_modules() if isinstance(m, LoRAParam)}
+    linear = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules()
+                     if isinstance(m, LoRALinear) and m.parameter_name is None})
+    adapted = [t for t in experts + routers if t in wrapped]
+    left = [t for t in routers if t not in wrapped]
+    text = f"LoRA targets: Linear {', '.join(linear) or 'none'}; parameters {describe_parameters(adapted) or 'none'}"
+    if left:
+        name = f"{left[0][0].rsplit('.', 2)[-2]}.{left[0][0].rsplit('.', 1)[-1]}.{left[0][1]}"
+        text += f"; routers left out (add {name} to method.lora.target_parameters to adapt them)"
+    return text
 
 
 def add_lora_params(model: nn.Module, targets: Iterable[tuple[str, str]], adapter_name: str, r: int,

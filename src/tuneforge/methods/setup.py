@@ -6,12 +6,16 @@ import torch
 
 from tuneforge.config import MethodConfig, RunConfig
 from tuneforge.errors import ConfigError
+from tuneforge.log import get_logger
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
+from tuneforge.methods.lora_params import apply_lora_params, describe_targets, parameter_targets
 from tuneforge.models.load import empty_model, load_model
 from tuneforge.models.quantized_load import load_model_4bit
 from tuneforge.quant.fp8 import to_fp8_base
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
+
+logger = get_logger(__name__)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -67,6 +71,14 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         lo = method.lora
         apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=lo.target_modules,
                    use_rslora=lo.use_rslora, use_dora=lo.use_dora)
+        params = parameter_targets(model, lo.target_modules, lo.target_parameters)  # MoE experts (routers opt-in)
+        if params and lo.use_dora:
+            raise ConfigError("method.lora.use_dora=true cannot adapt MoE expert/router parameters (nor can peft); "
+                              "set method.lora.target_parameters: [] to put DoRA on the Linear layers only")
+        if params:
+            apply_lora_params(model, params, lo.r, lo.alpha, lo.use_rslora)
+        if (targets := describe_targets(model)) is not None:
+            logger.info(targets)
         if lo.base_precision == "fp8":
             to_fp8_base(model, next(model.parameters()).device)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
