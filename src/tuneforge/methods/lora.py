@@ -312,7 +312,7 @@ def merge_lora(model: nn.Module, adapter_name: str = "default") -> list[str]:
     embed = get_in() if callable(get_in) else None
     for path, layer in layers.items():
         # A tied output head shares its weight with the input embeddings: merging would change both.
-        if embed is not None and layer.base_layer.weight is getattr(embed, "weight", None):
+        if embed is not None and layer.weight is getattr(embed, "weight", None):
             raise ModelError(
                 f"cannot merge LoRA into {path}: its weight is tied to the input embeddings; "
                 "untie them (tie_word_embeddings=False) or do not target the output head"
@@ -487,7 +487,7 @@ class LoRALinear(nn.Module):
         if any(a in self.lora_magnitude_vector for a in self.merged_adapters):
             raise ModelError(f"cannot merge adapter {name!r} while DoRA adapter {self.merged_adapters} is merged into "
                              "the same layer: a DoRA adapter merges exactly only alone; unmerge it first")
-        w = self.base_layer.weight
+        w = self.weight  # the Linear's weight, or a LoRAParam's expert stack
         with torch.no_grad():
             w.copy_((w.float() + self._delta_as_stored(name)).to(w.dtype))
         self.merged_adapters.append(name)
@@ -509,7 +509,7 @@ class LoRALinear(nn.Module):
         self._check(name)
         if name not in self.merged_adapters:
             return
-        w = self.base_layer.weight
+        w = self.weight
         with torch.no_grad():
             if name in self.lora_magnitude_vector:
                 old = dora.unmerged_weight(self.dense_weight(), self.delta_weight(name),
