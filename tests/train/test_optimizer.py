@@ -1,0 +1,223 @@
+"""bf16 AdamW without lost updates: small updates kept (Kahan, stochastic rounding), exact resume, bytes per
+parameter, the config's refusals, and a full fine-tune through ``train``."""
+
+import json
+
+import pytest
+import torch
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
+from tuneforge.train import optimizer as opt_module
+from tuneforge.train.checkpoint import load_checkpoint, save_checkpoint
+from tuneforge.train.loop import train
+from tuneforge.train.optimizer import BF16AdamW, build_optimizer, bytes_per_param, round_stochastic_, to_bf16_weights
+from tuneforge.train.plan import PlanInputs, plan_memory
+from tuneforge.train.schedule import make_scheduler
+
+MODES = [("kahan", "fp32"), ("kahan", "bf16"), ("stochastic", "fp32"), ("stochastic", "bf16")]
+N, STEPS, LR, WD = 4096, 1000, 1e-4, 0.01
+
+
+def drift_run(make, dtype, start):
+    """STEPS AdamW steps with gradients of a steady sign: each update is ~LR, below bf16's half-ulp on [1, 2)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(start.clone().to(dtype))
+    opt = make([p])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        p.grad = (0.5 * torch.randn(N, generator=g) + 0.2).to(dtype)
+        opt.step()
+    return p, opt
+
+
+@pytest.fixture(scope="module")
+def start_and_reference():
+    start = (1 + torch.rand(N, generator=torch.Generator().manual_seed(2))).bfloat16().float()
+    ref, _ = drift_run(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD), torch.float32, start)
+    return start, ref.detach()
+
+
+def test_plain_bf16_adamw_loses_updates_below_the_resolution(start_and_reference):
+    start, ref = start_and_reference
+    plain, _ = drift_run(lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD), torch.bfloat16, start)
+    assert (ref - start).mean() < -0.03  # the fp32 reference moves by ~300 updates of 1e-4
+    assert torch.equal(plain.detach().float(), start)  # plain bf16 AdamW: not one of them landed
+
+
+@pytest.mark.parametrize("rounding,state", MODES)
+def test_bf16_adamw_keeps_updates_below_the_resolution(start_and_reference, rounding, state):
+    start, ref = start_and_reference
+    p, opt = drift_run(lambda ps: BF16AdamW(ps, lr=LR, weight_decay=WD, rounding=rounding, state_dtype=state),
+                       torch.bfloat16, start)
+    w = p.detach().float()
+    assert p.dtype == torch.bfloat16
+    drift, want = (w - start).mean(), (ref - start).mean()
+    assert abs(drift - want) < 0.01 * abs(want)  # the accumulated drift of 1000 sub-resolution updates
+    if rounding == "kahan":
+        assert (w - ref).abs().max() <= 2 ** -7  # every weight within one bf16 ulp of fp32's
+        kept = w + opt.state[p]["compensation"].float()  # weight + compensation: ~16 mantissa bits
+        # after 1000 steps: an eighth of an ulp (fp32 moments); bf16 moments add their rounding noise
+        assert (kept - ref).abs().max() < (2 ** -10 if state == "fp32" else 2 ** -8)
+
+
+def test_kahan_matches_torch_adamw_step_by_step_with_large_updates():
+    torch.manual_seed(0)
+    start = torch.randn(64, 32).bfloat16().float()
+    ours = torch.nn.Parameter(start.bfloat16())
+    ref = torch.nn.Parameter(start.clone())
+    a = BF16AdamW([ours], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    b = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)
+    for _ in range(20):
+        grad = torch.randn(64, 32).bfloat16()
+        ours.grad, ref.grad = grad, grad.float()
+        a.step()
+        b.step()
+    kept = ours.detach().float() + a.state[ours]["compensation"].float()
+    torch.testing.assert_close(kept, ref.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.state[ours]["exp_avg_sq"], b.state[ref]["exp_avg_sq"])
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
+    torch.manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 (1 + 2^-7)
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    round_stochastic_([out], [x.clone()])
+    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(out.float().mean().item() - (1.0 + 2 ** -9)) < 2e-5
+    neg = torch.empty_like(out)
+    round_stochastic_([neg], [-x])
+    assert abs(neg.float().mean().item() + 1.0 + 2 ** -9) < 2e-5
+
+
+def test_work_is_split_into_chunks_the_same_way(monkeypatch):
+    """Small CHUNKs (slices of one tensor, several tensors per batch) give the same result as one batch."""
+    torch.manual_seed(0)
+    shapes = [(33, 7), (5,), (100,), (3, 3)]
+    start = [torch.randn(s).bfloat16() for s in shapes]
+    grads = [torch.randn(s).bfloat16() for s in shapes]
+
+    def run():
+        params = [torch.nn.Parameter(s.clone()) for s in start]
+        opt = BF16AdamW(params, lr=1e-3, weight_decay=0.1)
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    whole = run()
+    monkeypatch.setattr(opt_module, "CHUNK", 16)
+    for a, b in zip(whole, run(), strict=True):
+        assert torch.equal(a, b)
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    to_bf16_weights(net)
+    return net
+
+
+def train_steps(net, opt, sched, first, last):
+    for step in range(first, last):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 16, generator=g).bfloat16()
+        loss = net(x).float().pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(net.parameters()), 0.5)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("rounding,state", MODES)
+def test_resume_from_a_checkpoint_is_exact(tmp_path, rounding, state):
+    def fresh():
+        net = tiny_net()
+        opt = BF16AdamW(list(net.parameters()), lr=3e-3, weight_decay=0.1, rounding=rounding, state_dtype=state)
+        return net, opt, make_scheduler(opt, 8, 2, "cosine", 0.1)
+
+    net, opt, sched = fresh()
+    train_steps(net, opt, sched, 0, 8)
+
+    net2, opt2, sched2 = fresh()
+    train_steps(net2, opt2, sched2, 0, 4)
+    ckpt = save_checkpoint(tmp_path, 4, net2, opt2, sched2, {})
+    train_steps(net2, opt2, sched2, 4, 6)  # runs on past the checkpoint (and its random draws), then dies
+    net3, opt3, sched3 = fresh()
+    load_checkpoint(ckpt, net3, opt3, sched3)
+    train_steps(net3, opt3, sched3, 4, 8)
+
+    for a, b in zip(net.parameters(), net3.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert value.dtype == opt3.state[b][key].dtype
+            assert torch.equal(value, opt3.state[b][key]), key
+
+
+@pytest.mark.parametrize("weights,state", [("fp32_master", "fp32"), ("bf16_kahan", "fp32"), ("bf16_kahan", "bf16"),
+                                           ("bf16_stochastic", "fp32"), ("bf16_stochastic", "bf16")])
+def test_bytes_per_parameter_are_what_is_allocated_and_planned(weights, state):
+    net = torch.nn.Linear(64, 64, bias=False)
+    if weights != "fp32_master":
+        to_bf16_weights(net)
+    opt = build_optimizer(list(net.parameters()), 1e-3, 0.0, weights, state, torch.device("cpu"))
+    net.weight.grad = torch.zeros_like(net.weight)
+    opt.step()  # torch's AdamW allocates its state at the first step
+    n = net.weight.numel()
+    held = {k: v.nbytes // n for k, v in opt.state[net.weight].items() if v.dim() > 0}
+    want = bytes_per_param(weights, state)
+    assert net.weight.element_size() == want["weight"] and net.weight.grad.element_size() == want["gradient"]
+    assert held.get("exp_avg", 0) + held.get("exp_avg_sq", 0) == want["moments"]
+    assert held.get("compensation", 0) == want["compensation"]
+    plan = plan_memory(PlanInputs("llama-3.2-1b", "full", weights=weights, optimizer_state=state),
+                       gpu_mem_gib=140, advise=False)
+    assert plan.optimizer == plan.trainable_params * (want["moments"] + want["compensation"])
+    assert plan.gradients in (0, plan.trainable_params * want["gradient"])
+
+
+def test_bf16_kahan_with_bf16_moments_is_10_bytes_per_parameter():
+    assert sum(bytes_per_param("bf16_kahan", "bf16").values()) == 10
+    assert sum(bytes_per_param("bf16_kahan", "fp32").values()) == 14
+    assert sum(bytes_per_param("fp32_master").values()) == 16
+
+
+def test_to_bf16_weights_leaves_buffers_alone():
+    net = torch.nn.BatchNorm1d(4)
+    to_bf16_weights(net)
+    assert net.weight.dtype == torch.bfloat16 and net.running_mean.dtype == torch.float32
+
+
+def test_refuses_fp32_parameters():
+    with pytest.raises(ConfigError, match="bf16 weights only"):
+        BF16AdamW([torch.nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["method.name=lora", "train.weights=bf16_kahan"], "for method full or freeze"),
+    (["method.name=full", "train.optimizer_state=bf16"], "needs bf16 weights"),
+    (["method.name=full", "train.weights=bf16_stochastic", "train.dtype=fp32"], "train.dtype=fp32"),
+])
+def test_config_refuses_what_bf16_weights_cannot_do(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_train_with_bf16_kahan_follows_the_fp32_master_run(tiny_model_dir, alpaca_file, tmp_path, method):
+    def run(weights):
+        cfg = load_config(overrides=[f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]",
+                                     f"output_dir={tmp_path / weights}", "data.max_seq_len=64", "data.val_fraction=0",
+                                     "train.batch_size=2", "train.threads=1", f"method.name={method}",
+                                     "method.freeze.top_k_layers=1", "train.max_steps=6", "train.lr=1e-3",
+                                     f"train.weights={weights}", "train.save_every=3"])
+        return train(cfg, quiet=True)
+
+    ref, ours = run("fp32_master"), run("bf16_kahan")
+    losses = [[r["loss"] for r in result.metrics] for result in (ref, ours)]
+    assert losses[1][-1] < losses[1][0]
+    for a, b in zip(*losses, strict=True):
+        assert abs(a - b) < 0.02 * a  # bf16 compute and weights, fp32-like updates
+    saved = json.loads((tmp_path / "bf16_kahan" / "model" / "config.json").read_text())
+    assert saved.get("torch_dtype", saved.get("dtype")) == "bfloat16"
