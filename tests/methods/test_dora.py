@@ -174,3 +174,29 @@ def test_saved_magnitude_round_trips_and_combine_refuses(tiny_model, tmp_path):
     assert layer.lora_magnitude_vector["default"].requires_grad
     with pytest.raises(ModelError, match="use_dora=true: a DoRA adapter .* cannot be combined"):
         combine_adapters([out, out], None, tmp_path / "sum")
+
+
+def test_gpt2_conv1d_dora_equals_peft_both_ways(tmp_path):
+    """Conv1D stores its weight [in, out] (peft's fan_in_fan_out): DoRA's row norms are over the transposed weight."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_fc"],
+            fan_in_fan_out=True))
+        randomize(made)
+        made.save_pretrained(str(tmp_path / "peft"))
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "peft")
+    torch.testing.assert_close(logits(ours), logits(made.eval()), atol=1e-5, rtol=0)
+    expected = logits(ours)
+    merge_lora(ours)
+    torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=0)
+    mine = copy.deepcopy(base)
+    apply_lora(mine, r=4, alpha=8, target_modules=["c_proj"], use_dora=True)
+    randomize(mine)
+    torch.testing.assert_close(logits(peft_twin(base, mine.eval(), tmp_path).eval()), logits(mine), atol=1e-5, rtol=0)

@@ -255,8 +255,6 @@ def _refuse_unsupported(config: dict, path: Path) -> None:
     if config.get("use_dora") and config.get("target_parameters"):
         raise ModelError(f"{path}: use_dora with target_parameters is not supported (peft has no DoRA for bare "
                          f"parameters either); {_MERGE_FIX}")
-    if config.get("use_dora") and config.get("fan_in_fan_out"):
-        raise ModelError(f"{path}: use_dora with fan_in_fan_out (a Conv1D base) is not supported; {_MERGE_FIX}")
 
 
 def _is_rank(value) -> bool:
