@@ -20,7 +20,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods import dora
-from tuneforge.quant.linear4bit import Linear4bit
+from tuneforge.quant.linear4bit import Linear4bit, is_conv1d
 
 ALL_LINEAR = "all-linear"
 
@@ -45,14 +45,6 @@ def matches_target(name: str, targets: str | Iterable[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith(f".{t}") for t in targets)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored ``[in, out]``.
-
-    Matched by name and layout rather than imported: importing transformers costs the CLI seconds.
-    """
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def layer_features(module: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Load a causal LM straight into 4-bit: quantize each Linear weight as it is read.
+"""Load a causal LM straight into 4-bit: quantize each Linear (and Conv1D) weight as it is read.
 
 The model is built on the meta device (no memory), then the safetensors shards are read one tensor
 at a time: a Linear weight goes to ``device``, is quantized there and only its 4-bit form is kept;
@@ -9,9 +9,11 @@ quantization temporaries.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +23,13 @@ from torch import nn
 from tuneforge.errors import ModelError
 from tuneforge.models.load import empty_model
 from tuneforge.models.resolve import resolve_model
-from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, set_submodule
+from tuneforge.quant.linear4bit import (
+    Linear4bit,
+    is_conv1d,
+    quantization_targets,
+    set_submodule,
+    warn_unquantized,
+)
 from tuneforge.quant.nf4 import quantize_4bit
 
 
@@ -35,42 +43,87 @@ def load_model_4bit(
     blocksize: int = 64,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A causal LM whose Linear layers (all but ``skip``) are ``Linear4bit``, in eval mode.
+    """A causal LM whose Linear and Conv1D layers (all but ``skip``) are ``Linear4bit``, in eval mode.
 
-    Embeddings, norms and the output head are kept in ``compute_dtype`` (see
-    ``tuneforge.quant.linear4bit`` for why). The result equals
-    ``quantize_model(load_model(ref))`` for the same settings.
+    Embeddings, norms, the output head and MoE expert stacks are kept in ``compute_dtype`` (see
+    ``tuneforge.quant.linear4bit`` for why). Checkpoint keys are mapped as transformers maps them
+    (its renames, legacy names and expert fusions), so the result equals ``quantize_model(load_model(ref))``
+    for the same settings.
     """
     model = empty_model(ref, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    warn_unquantized(model)
     path = resolve_model(ref)
     tied = _tied_groups(model)
     targets = {f"{name}.weight" for name in quantization_targets(model, skip)}
-    expected = set(model.state_dict())
     loaded: set[str] = set()
-    unexpected: list[str] = []
-    for key, read in _checkpoint_tensors(path):
-        name = _model_key(key, expected, model)
-        if name is None:
-            unexpected.append(key)
-            continue
-        tensor = read().to(device)
+
+    def place(name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.to(device)
         if name in targets:
-            module_name = name.rsplit(".", 1)[0]
-            old = model.get_submodule(module_name)
-            q = quantize_4bit(tensor, blocksize, quant_type, double_quant)
-            del tensor  # only the 4-bit form stays
-            bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
-            new = Linear4bit.from_quantized(q, bias, compute_dtype)
-            if old.bias is not None and bias is None:
-                new.bias = old.bias  # still meta: its key comes later in the file
-            set_submodule(model, module_name, new)
+            _put_quantized(model, name, tensor, quant_type, double_quant, blocksize, compute_dtype)
         else:
             _set_tensor(model, name, tensor.to(compute_dtype) if tensor.is_floating_point() else tensor)
         loaded.add(name)
+
+    with _checkpoint(path) as tensors:
+        unexpected = _load_mapped(model, tensors, place)
     _retie(model, tied, loaded)
     _init_non_persistent_buffers(model, device)
     _check_complete(model, ref, unexpected)
     return model.eval()
+
+
+def _put_quantized(model: nn.Module, name: str, weight: torch.Tensor, quant_type: str, double_quant: bool,
+                   blocksize: int, compute_dtype: torch.dtype) -> None:
+    """Quantize ``weight`` (a Conv1D's is ``[in, out]``: transposed first) into a Linear4bit at ``name``."""
+    module_name = name.rsplit(".", 1)[0]
+    old = model.get_submodule(module_name)
+    conv = is_conv1d(old)
+    q = quantize_4bit(weight.t().contiguous() if conv else weight, blocksize, quant_type, double_quant)
+    del weight  # only the 4-bit form stays
+    bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
+    new = Linear4bit.from_quantized(q, bias, compute_dtype)
+    new.fan_in_fan_out = conv
+    if old.bias is not None and bias is None:
+        new.bias = old.bias  # still meta: its key comes later in the file
+    set_submodule(model, module_name, new)
+
+
+def _load_mapped(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]],
+                 place: Callable[[str, torch.Tensor], None]) -> list[str]:
+    """Give ``place`` each model tensor, named and converted as transformers' ``from_pretrained`` does it
+    (``conversion_mapping``: renames, legacy names, per-expert tensors fused into 3D stacks); returns the
+    checkpoint keys the model does not use.
+
+    A plain tensor is read and placed at once; the tensors a converter fuses are read when it runs, one target
+    at a time, so the peak stays one fused tensor and its pieces.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    expected = model.state_dict()  # a meta skeleton: names and shapes only
+    prefix = getattr(model, "base_model_prefix", None)
+    pending: dict[str, WeightConverter] = {}
+    unexpected: list[str] = []
+    for key in sorted(tensors, key=dot_natural_key):  # transformers' order: experts stack in index order
+        name, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # renamed although the model uses the key as it is
+            name, pattern = rename_source_key(key, [], [], prefix, expected)
+        if name not in expected:
+            unexpected.append(key)
+        elif pattern is None:
+            place(name, tensors[key]())
+        else:
+            converter = pending.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+            converter.add_tensor(name, key, pattern, tensors[key])
+    for name, converter in pending.items():
+        for target, tensor in converter.convert(name, model=model, config=model.config).items():
+            place(target, tensor[0] if isinstance(tensor, list) else tensor)
+    return unexpected
 
 
 def _tied_groups(model: nn.Module) -> list[set[str]]:
@@ -81,8 +134,9 @@ def _tied_groups(model: nn.Module) -> list[set[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def _checkpoint_tensors(path: str) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(key, read) for every tensor of the model's safetensors shards; ``read()`` loads one tensor."""
+@contextmanager
+def _checkpoint(path: str) -> Iterator[dict[str, Callable[[], torch.Tensor]]]:
+    """key → read for every tensor of the model's safetensors shards; ``read()`` loads one tensor."""
     root = Path(path)
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -92,10 +146,12 @@ def _checkpoint_tensors(path: str) -> Iterator[tuple[str, Callable[[], torch.Ten
     else:
         raise ModelError(f"'{path}' has no model.safetensors or model.safetensors.index.json; 4-bit loading "
                          "reads safetensors only (convert .bin checkpoints with save_pretrained)")
-    for shard in shards:
-        with _open(root / shard) as f:
-            for key in f.keys():
-                yield key, (lambda f=f, key=key: f.get_tensor(key))
+    with ExitStack() as stack:
+        tensors = {}
+        for shard in shards:
+            f = stack.enter_context(_open(root / shard))
+            tensors.update({key: (lambda f=f, key=key: f.get_tensor(key)) for key in f.keys()})
+        yield tensors
 
 
 def _open(file: Path):
@@ -104,14 +160,6 @@ def _open(file: Path):
         return safe_open(str(file), framework="pt", backend="pread")
     except TypeError:  # safetensors without the backend option
         return safe_open(str(file), framework="pt")
-
-
-def _model_key(key: str, expected: set[str], model: nn.Module) -> str | None:
-    """The model's name for checkpoint key ``key`` (checkpoints of the bare base model lack its prefix)."""
-    if key in expected:
-        return key
-    prefixed = f"{getattr(model, 'base_model_prefix', '')}.{key}"
-    return prefixed if prefixed in expected else None
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

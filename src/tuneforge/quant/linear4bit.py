@@ -11,7 +11,12 @@ What ``quantize_model`` leaves alone, and why:
   (SmolLM2) it shares its weight with the embeddings (QLoRA and bitsandbytes keep it too);
 - embeddings: a row lookup, not a matmul, so 4 bits would save memory but no compute, and they
   are often tied to the head;
-- norms and biases: tiny, and precision-sensitive.
+- norms and biases: tiny, and precision-sensitive;
+- MoE expert stacks (3D parameters in transformers 5, not Linear layers): they stay in the compute dtype, and
+  ``unquantized_weights`` names them so the caller can say so (their share of the weights is large).
+
+transformers' ``Conv1D`` (GPT-2 family, weight stored ``[in, out]``) is a Linear too: it is quantized from
+its transposed weight, and the ``Linear4bit`` remembers it (``fan_in_fan_out``) so adapters saved on it say so.
 """
 
 from __future__ import annotations
@@ -23,8 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneforge.log import get_logger
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
+
+logger = get_logger(__name__)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored ``[in, out]``.
+
+    Matched by name and layout rather than imported: importing transformers costs the CLI seconds.
+    """
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
 
 
 def quantize_model(
@@ -35,7 +51,7 @@ def quantize_model(
     blocksize: int = 64,
     compute_dtype: torch.dtype | None = None,
 ) -> QuantizeResult:
-    """Replace every ``nn.Linear`` but those in ``skip`` by a ``Linear4bit``, in place.
+    """Replace every ``nn.Linear`` and ``Conv1D`` but those in ``skip`` by a ``Linear4bit``, in place.
 
     ``skip`` entries match a module path exactly or as a suffix (``"lm_head"`` matches
     ``"model.lm_head"``). A Linear whose weight is shared with another module (a tied head) is
@@ -43,6 +59,7 @@ def quantize_model(
     before and after.
     """
     before = model_nbytes(model)
+    warn_unquantized(model)
     names = quantization_targets(model, skip)
     for name in names:
         linear = model.get_submodule(name)
@@ -53,7 +70,7 @@ def quantize_model(
 
 
 def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
-    """Paths of the ``nn.Linear`` layers to quantize: all but ``skip`` and those with a shared weight.
+    """Paths of the ``nn.Linear`` and ``Conv1D`` layers to quantize: all but ``skip`` and those with a shared weight.
 
     ``skip`` entries match a path exactly or as a suffix. LoRA adapters (``...lora_A...``) are never
     targets: they are what trains. Works on a meta-device skeleton too.
@@ -64,10 +81,31 @@ def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -
         uses[id(p)] = uses.get(id(p), 0) + 1
     return [
         name for name, m in model.named_modules()
-        if type(m) is nn.Linear and uses[id(m.weight)] == 1
+        if (type(m) is nn.Linear or is_conv1d(m)) and uses[id(m.weight)] == 1
         and not any(name == s or name.endswith(f".{s}") for s in skip)
         and not any(part.startswith("lora_") for part in name.split("."))
     ]
+
+
+def unquantized_weights(model: nn.Module) -> tuple[list[str], float]:
+    """MoE expert stacks (3D float parameters) 4-bit leaves alone: their names and share of all weights."""
+    names, n, total = [], 0, 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if p.dim() == 3 and p.is_floating_point():
+            names.append(name)
+            n += p.numel()
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return names, n / (total + quantized) if total + quantized else 0.0
+
+
+def warn_unquantized(model: nn.Module) -> None:
+    """Say which MoE expert weights stay in 16/32-bit, and their share, when there are any."""
+    names, share = unquantized_weights(model)
+    if names:
+        logger.warning(f"4-bit covers Linear and Conv1D layers only: {len(names)} MoE expert weights "
+                       f"({share:.0%} of the model, e.g. {names[0]}) stay in 16/32-bit, so QLoRA saves much less "
+                       "memory on this model than on a dense one")
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -132,6 +170,7 @@ class Linear4bit(nn.Module):
         self.blocksize = blocksize
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype  # the dtype the weight had before quantization
+        self.fan_in_fan_out = False  # quantized from a Conv1D, whose checkpoint weight is [in, out]
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
         self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
@@ -161,11 +200,15 @@ class Linear4bit(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True,
+    def from_linear(cls, linear: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
                     blocksize: int = 64, compute_dtype: torch.dtype | None = None) -> Linear4bit:
-        """Quantize an ``nn.Linear`` (on its device)."""
-        q = quantize_4bit(linear.weight.detach(), blocksize, quant_type, double_quant)
-        return cls.from_quantized(q, linear.bias, compute_dtype)
+        """Quantize an ``nn.Linear`` or a ``Conv1D`` (on its device)."""
+        conv = is_conv1d(linear)
+        weight = linear.weight.detach()
+        q = quantize_4bit(weight.t().contiguous() if conv else weight, blocksize, quant_type, double_quant)
+        layer = cls.from_quantized(q, linear.bias, compute_dtype)
+        layer.fan_in_fan_out = conv
+        return layer
 
     @property
     def quantized(self) -> Quantized4bit:
