@@ -8,7 +8,8 @@ import torch
 from lora_helpers import make_adapter
 from tuneforge.adapters.manager import AdapterSet, generate_multi
 from tuneforge.errors import ModelError
-from tuneforge.methods.lora import lora_layers, row_adapters
+from tuneforge.methods.lora import apply_lora, lora_layers, row_adapters
+from tuneforge.methods.peft_format import save_adapter
 
 PROMPTS = ["Hello world.", "The quick brown fox jumps", "apple ->", "What is 2 + 3? The answer",
            "Classify the sentiment: I love it", "0123"]
@@ -81,3 +82,22 @@ def test_row_mode_refuses_what_it_cannot_do(aset):
     with pytest.raises(ModelError, match="no adapter named 'zz'"):
         generate_multi(aset, ["x"], ["zz"])
     assert generate_multi(aset, ["x"], ["a"], max_new_tokens=2)  # generate_multi unmerges first
+
+
+def test_dora_adapter_mixes_with_lora_rows(aset, tiny_model, tmp_path):
+    """DoRA rescales each row's own output, so it joins the one-adapter-per-row batch like plain LoRA."""
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(9)
+    apply_lora(model, r=4, alpha=8, target_modules=["q_proj", "o_proj", "down_proj"], use_dora=True)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    aset.load("d", save_adapter(model, tmp_path / "d"))
+    rows = ["d", "a", None, "d"]
+    out = generate_multi(aset, PROMPTS[:4], rows, max_new_tokens=8)
+    aset.activate("d")
+    alone = aset.generate(PROMPTS[:4], max_new_tokens=8)
+    assert [out[0], out[3]] == [alone[0], alone[3]]
+    assert alone != generate_multi(aset, PROMPTS[:4], [None] * 4, max_new_tokens=8)  # DoRA changes the output
