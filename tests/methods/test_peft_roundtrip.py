@@ -199,3 +199,18 @@ def test_rank_pattern_peft_cannot_reload_is_refused_with_the_reason(tiny_model, 
     with pytest.raises(ModelError, match=r"layers.1.self_attn.q_proj: adapter_config.json gives rank 6 but the "
                                          r"weights have rank 2.*first match wins"):
         load_adapter(copy.deepcopy(tiny_model), tmp_path / "a")
+
+
+@pytest.mark.parametrize("init", ["eva", "orthogonal", "gaussian", False, "mica"])
+def test_inits_that_keep_the_base_load_as_saved(tiny_model, tmp_path, init):
+    """These inits only choose the starting A and B; peft loads the saved weights over them, and so do we."""
+    ours = copy.deepcopy(tiny_model)
+    apply_lora(ours, r=4, alpha=8, target_modules=["q_proj", "up_proj"])
+    randomize(ours)
+    out = save_adapter(ours, tmp_path / "a")
+    path = out / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"init_lora_weights": init}))
+    again = copy.deepcopy(tiny_model)
+    load_adapter(again, out)
+    assert (logits(again) - logits(ours)).abs().max() == 0
+    assert (peft_logits(tiny_model, out) - logits(ours)).abs().max() < TOL
