@@ -2,7 +2,7 @@
 
 import pytest
 
-from tuneforge.serve.batcher import DONE, TEXT, Job, RowDecoder, group_jobs
+from tuneforge.serve.batcher import DONE, TEXT, Job, RowDecoder
 from tuneforge.serve.protocol import APIError, Sampling, parse_chat, parse_completion, parse_json
 from tuneforge.serve.registry import check_name
 
@@ -15,7 +15,7 @@ def test_chat_parsing_defaults_and_roles():
     req = parse_chat(chat(messages=[{"role": "developer", "content": "be brief"},
                                     {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                  {"type": "text", "text": "b"}]}]), 32)
-    assert [(m.role, m.content) for m in req.prompts[0]] == [("system", "be brief"), ("user", "ab")]
+    assert req.prompts[0] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
     assert (req.sampling.max_tokens, req.sampling.temperature, req.stream) == (32, 1.0, False)
     assert parse_chat(chat(max_completion_tokens=5), 32).sampling.max_tokens == 5
     assert parse_completion({"model": "m", "prompt": "x"}, 512).sampling.max_tokens == 16  # OpenAI's default
@@ -23,7 +23,7 @@ def test_chat_parsing_defaults_and_roles():
 
 @pytest.mark.parametrize("extra, param", [
     ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 33}, "max_tokens"), ({"max_tokens": "4"}, "max_tokens"),
-    ({"n": 2}, "n"), ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"), ({"n": 65}, "n"), ({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stream": "yes"}, "stream"),
     ({"model": ""}, "model"), ({"messages": []}, "messages"), ({"seed": 1.5}, "seed"),
 ])
@@ -50,9 +50,11 @@ def test_adapter_names_are_plain_folder_names():
 
 
 def events(job: Job) -> list:
+    """(kind, payload) events, a TEXT payload without its (empty) Choice list."""
     out = []
     while not job.sink.empty():
-        out.append(job.sink.get()[1:])
+        _, kind, payload = job.sink.get()
+        out.append((kind, payload[0] if kind == TEXT else payload))
     return out
 
 
@@ -83,9 +85,3 @@ def test_partial_characters_wait_and_limits_finish():
     row.push(5)
     row.push(99)  # a stop token ends the row and is not counted
     assert events(job) == [(TEXT, "x"), (DONE, ("stop", 1))]
-
-
-def test_greedy_jobs_share_a_group_sampled_ones_split():
-    jobs = [Job([0], None, Sampling(4, temperature=0, top_p=0.5)), Job([0], "a", Sampling(9, temperature=0, seed=3)),
-            Job([0], None, Sampling(4, temperature=0.7)), Job([0], "b", Sampling(4, temperature=0.9))]
-    assert [len(g) for g in group_jobs(jobs)] == [2, 1, 1]

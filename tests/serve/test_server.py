@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tuneforge.data.conversation import Message
 from tuneforge.serve import Server
 from tuneforge.serve.batcher import Batcher, Job
 from tuneforge.serve.protocol import Sampling
@@ -60,7 +59,7 @@ def test_chat_equals_each_adapters_greedy_output(server, client, reference):
         assert text.strip() == reference(key, CHATS[0])
         assert r.model == model and r.choices[0].finish_reason in ("stop", "length")
         assert 1 <= r.usage.completion_tokens <= N
-        assert r.usage.prompt_tokens == len(server.batcher.encode([Message(**m) for m in CHATS[0]]))
+        assert r.usage.prompt_tokens == len(server.batcher.encode(CHATS[0]))
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
         outputs[key] = text
     assert len(set(outputs.values())) == 3  # the adapters really differ, so the equality above can fail
@@ -122,8 +121,7 @@ def test_concurrent_requests_mixing_adapters(server, client, reference):
 def test_one_batch_runs_rows_of_different_adapters(server, reference):
     # A batcher that is not started yet: every job is queued before the first batch is collected.
     batcher = Batcher(server.adapter_set, max_batch=8)
-    prompts = [[Message(**m) for m in chat] for chat in CHATS]
-    rows = [(None, prompts[0]), ("alpha", prompts[1]), ("beta", prompts[2]), ("alpha", prompts[0])]
+    rows = [(None, CHATS[0]), ("alpha", CHATS[1]), ("beta", CHATS[2]), ("alpha", CHATS[0])]
     with server.registry.lease("alpha") as alpha, server.registry.lease("beta") as beta:
         keys = {None: None, "alpha": alpha, "beta": beta}  # the adapters' versions inside the AdapterSet
     jobs = [Job(batcher.encode(p), keys[adapter], Sampling(max_tokens=N)) for adapter, p in rows]
@@ -136,7 +134,7 @@ def test_one_batch_runs_rows_of_different_adapters(server, reference):
             while kind != "done":
                 _, kind, payload = job.sink.get(timeout=60)
                 assert kind != "error", payload
-                text += payload if kind == "text" else ""
+                text += payload[0] if kind == "text" else ""
             texts.append(text.strip())
     finally:
         batcher.close()

@@ -1,13 +1,20 @@
-"""Batched text generation from chat prompts or raw text, greedy or sampled."""
+"""Batched text generation from chat prompts or raw text, greedy or sampled.
+
+``RowSampler`` picks every row's next token itself (logit bias, penalties, an optional grammar
+mask, temperature, top-p, a seeded generator per row) and hands Hugging Face ``generate`` a
+one-hot score, so each row of one batch decodes by its own parameters and reports log-probabilities.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from tuneforge.data.conversation import Message
 from tuneforge.data.template import CHATML_TEMPLATE, EOT_MARKERS
@@ -15,29 +22,138 @@ from tuneforge.log import get_logger
 from tuneforge.models.load import pad_token_id
 
 
+@dataclass
+class Decoding:
+    """How one row picks its tokens (OpenAI's sampling parameters)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k likeliest
+
+
+class Constraint(Protocol):
+    """A grammar that limits which tokens may come next (see serve/structured.py)."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """A bool mask over the vocabulary: the tokens the grammar accepts next."""
+
+    def advance(self, token: int) -> None:
+        """Take ``token`` as generated."""
+
+
+@dataclass
+class Choice:
+    """One picked token with its log-probability and the ``top_logprobs`` likeliest alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class RowSampler(LogitsProcessor):
+    """Picks each row's next token; ``last[i]`` holds row i's latest Choice when it asked for logprobs.
+
+    Log-probabilities are those of the distribution the token is drawn from at temperature 1: after
+    logit bias, penalties and the grammar mask, before temperature and top-p. Rows listed in
+    ``finished`` are left alone (their constraint has ended).
+    """
+
+    def __init__(self, rows: list[Decoding], prompt_width: int,
+                 constraints: list[Constraint | None] | None = None) -> None:
+        self.rows, self.prompt_width = rows, prompt_width
+        self.constraints = constraints or [None] * len(rows)
+        self.seeds = [d.seed if d.seed is not None else int.from_bytes(os.urandom(7), "little") for d in rows]
+        self.generators: list[torch.Generator] = []
+        self.finished: set[int] = set()
+        self.last: list[Choice | None] = [None] * len(rows)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        out = torch.full_like(scores, float("-inf"))
+        for i, d in enumerate(self.rows):
+            if i in self.finished:
+                out[i] = scores[i]
+                continue
+            logits = self._adjust(i, d, scores[i].float(), input_ids[i, self.prompt_width:])
+            token = self._pick(i, d, logits)
+            if d.top_logprobs is not None:
+                logprobs = torch.log_softmax(logits, -1)
+                top = torch.topk(logprobs, d.top_logprobs)
+                self.last[i] = Choice(token, logprobs[token].item(),
+                                      list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+            if self.constraints[i] is not None:
+                self.constraints[i].advance(token)
+            out[i, token] = 0.0
+        return out
+
+    def _adjust(self, i: int, d: Decoding, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        if d.logit_bias:
+            ids = torch.tensor(list(d.logit_bias), device=logits.device)
+            logits[ids] += torch.tensor(list(d.logit_bias.values()), device=logits.device)
+        if d.presence_penalty or d.frequency_penalty:  # OpenAI: over the tokens generated so far
+            counts = torch.bincount(generated, minlength=logits.shape[-1])[:logits.shape[-1]].float()
+            logits -= d.frequency_penalty * counts + d.presence_penalty * (counts > 0).float()
+        if self.constraints[i] is not None:
+            allowed = self.constraints[i].allowed(logits.shape[-1]).to(logits.device)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        if not torch.isfinite(logits).any():
+            raise RuntimeError("no token is allowed next (the grammar or logit_bias excludes every token)")
+        return logits
+
+    def _pick(self, i: int, d: Decoding, logits: torch.Tensor) -> int:
+        if d.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / d.temperature, -1)
+        if d.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= d.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(0, order[drop], 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generators[i]))
+
+
 def chat_template(tokenizer) -> str:
     """The tokenizer's chat template, or ChatML when it has none."""
     return getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
 
 
-def render_chat(tokenizer, messages: list[Message], system_prompt: str | None = None) -> str:
-    """Render a conversation as text ending with the assistant generation prompt."""
-    turns = [{"role": m.role, "content": m.content} for m in messages]
+def render_chat(tokenizer, messages: list[Message] | list[dict], system_prompt: str | None = None,
+                tools: list[dict] | None = None) -> str:
+    """Render a conversation as text ending with the assistant generation prompt.
+
+    Turns are Messages or OpenAI-style dicts (which may carry ``tool_calls`` or ``tool_call_id``);
+    ``tools`` (OpenAI function definitions) go to the template, which decides how to show them.
+    """
+    turns = [{"role": m.role, "content": m.content} if isinstance(m, Message) else m for m in messages]
     if system_prompt is not None and not any(t["role"] == "system" for t in turns):
         turns.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(turns, chat_template=chat_template(tokenizer),
+    return tokenizer.apply_chat_template(turns, chat_template=chat_template(tokenizer), tools=tools or None,
                                          add_generation_prompt=True, tokenize=False)
 
 
-def encode_prompts(tokenizer, prompts: list[list[Message]] | list[str],
-                   system_prompt: str | None = None) -> list[list[int]]:
+def supports_tools(tokenizer) -> bool:
+    """Whether the chat template shows tool definitions (rendered with one, its name appears)."""
+    probe = "tuneforge_probe_function"
+    tool = {"type": "function", "function": {"name": probe, "description": "", "parameters": {"type": "object"}}}
+    try:
+        return probe in render_chat(tokenizer, [{"role": "user", "content": "hi"}], tools=[tool])
+    except Exception:  # a template that fails on the tools argument does not support it
+        return False
+
+
+def encode_prompts(tokenizer, prompts: list[list[Message]] | list[list[dict]] | list[str],
+                   system_prompt: str | None = None, tools: list[dict] | None = None) -> list[list[int]]:
     """Token ids of each prompt: chats through the template, plain strings as they are."""
     ids = []
     for p in prompts:
         if isinstance(p, str):
             ids.append(tokenizer(p)["input_ids"])
         else:
-            text = render_chat(tokenizer, p, system_prompt)
+            text = render_chat(tokenizer, p, system_prompt, tools)
             ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids
 
@@ -75,6 +191,12 @@ def progress_bar(total: int, desc: str, unit: str, single_step: bool) -> tqdm:
                 disable=quiet or single_step or os.environ.get("RANK", "0") != "0")
 
 
+def greedy_config(max_new_tokens: int, stops: list[int], pad_id: int) -> GenerationConfig:
+    """Hugging Face's side of a RowSampler run: take the one token the sampler left, stop at ``stops``."""
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                            top_k=None, eos_token_id=stops, pad_token_id=pad_id)
+
+
 def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
              system_prompt: str | None = None) -> list[str]:
@@ -82,29 +204,26 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
 
     Chat prompts (lists of messages) go through the chat template with the assistant
     generation prompt; plain strings are continued as raw text. Greedy when ``temperature``
-    is 0, else sampling with ``temperature`` and ``top_p`` (seeded by ``seed``).
+    is 0, else sampling with ``temperature`` and ``top_p``; prompt i is seeded by ``seed + i``, so
+    its completion does not depend on ``batch_size``.
     """
     encoded = encode_prompts(tokenizer, prompts, system_prompt)
     stops = stop_token_ids(tokenizer, model)
     pad_id = pad_token_id(tokenizer)
-    sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
-                              temperature=temperature if sample else None,
-                              top_p=top_p if sample else None, top_k=None,
-                              eos_token_id=stops, pad_token_id=pad_id)
+    config = greedy_config(max_new_tokens, stops, pad_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs: list[str] = []
     bar = progress_bar(len(encoded), "generate", "prompt", single_step=len(encoded) <= batch_size)
     try:
-        cuda = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            torch.manual_seed(seed)
+        with torch.no_grad():
             for start in range(0, len(encoded), batch_size):
                 input_ids, mask = left_pad(encoded[start:start + batch_size], pad_id)
+                rows = [Decoding(temperature, top_p, seed + start + i) for i in range(len(input_ids))]
+                sampler = RowSampler(rows, input_ids.shape[1])
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
+                                     generation_config=config, logits_processor=LogitsProcessorList([sampler]))
                 for row in out[:, input_ids.shape[1]:].tolist():
                     text = tokenizer.decode(cut_at_stop(row, set(stops)), skip_special_tokens=True)
                     outputs.append(text.strip())

@@ -28,7 +28,10 @@ from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.serve.batcher import DONE, ERROR, TEXT, Batcher, Job
+from tuneforge.serve.logprobs import TokenBytes, chat_logprobs, completion_logprobs
+from tuneforge.serve.prepare import check_tools, make_jobs
 from tuneforge.serve.protocol import (
+    Answer,
     APIError,
     ParsedRequest,
     bad_request,
@@ -43,6 +46,7 @@ from tuneforge.serve.protocol import (
     usage_chunk,
 )
 from tuneforge.serve.registry import AdapterRegistry
+from tuneforge.serve.tools import parse_calls
 
 log = logging.getLogger("tuneforge.serve")
 
@@ -114,6 +118,7 @@ class Server:
         self.registry = AdapterRegistry(self.adapter_set, options.adapters, base_id=options.model)
         self.registry.sync()
         self.batcher = Batcher(self.adapter_set, options.max_batch, options.batch_wait_ms / 1000)
+        self.token_bytes = TokenBytes(self.adapter_set.tokenizer)
         self.created = int(time.time())
         server_class = _HTTPServer
         if ":" in options.host:
@@ -360,13 +365,15 @@ class Handler(BaseHTTPRequestHandler):
         limit = self.app.options.max_tokens_limit
         body = parse_json(self._read_body())
         req = parse_chat(body, limit) if chat else parse_completion(body, limit)
+        check_tools(req, self.app.batcher)
         with self.app.registry.lease(req.model) as adapter:  # this version stays loaded until the answer is sent
             self._run(req, adapter)
 
     def _run(self, req: ParsedRequest, adapter: str | None) -> None:
-        ids = [self._encode(p, req.sampling.max_tokens) for p in req.prompts]
+        tools = None if req.tools is None else req.tools.schemas()
+        ids = [self._encode(p, req.sampling.max_tokens, tools) for p in req.prompts]
         sink: queue.Queue = queue.Queue()
-        jobs = [Job(x, adapter, req.sampling, i, sink) for i, x in enumerate(ids)]
+        jobs = make_jobs(req, ids, adapter, sink, self.app.batcher)
         if self.app.batcher.pending + len(jobs) > self.app.options.max_queue:
             raise APIError(429, f"the server is busy ({self.app.batcher.pending} prompts queued); retry shortly",
                            "server_error", code="server_busy")
@@ -382,9 +389,9 @@ class Handler(BaseHTTPRequestHandler):
             for job in jobs:  # the batcher drops rows nobody waits for any more
                 job.cancelled.set()
 
-    def _encode(self, prompt, max_tokens: int) -> list[int]:
+    def _encode(self, prompt, max_tokens: int, tools: list[dict] | None) -> list[int]:
         try:
-            ids = self.app.batcher.encode(prompt)
+            ids = self.app.batcher.encode(prompt, tools)
         except Exception as e:  # a chat template may reject a conversation (e.g. roles out of order)
             raise bad_request(f"cannot encode the prompt: {e}") from e
         if not ids:
@@ -421,17 +428,36 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _answer(self, req: ParsedRequest, first, events, prompt_tokens: int) -> None:
-        n = len(req.prompts)
-        texts, finishes, completion = [""] * n, [""] * n, 0
-        for index, kind, payload in [first, *events]:
+        answers = [Answer() for _ in range(len(req.prompts) * req.n)]
+        picks: list[list] = [[] for _ in answers]
+        completion = 0
+        for index, kind, payload in _chain(first, events):
             if kind == TEXT:
-                texts[index] += payload
+                answers[index].text += payload[0]
+                picks[index] += payload[1]
             elif kind == DONE:
-                finishes[index], count = payload
+                answers[index].finish, count = payload
                 completion += count
-        self._json(200, completion_body(req, new_id(req.chat), texts, finishes, usage(prompt_tokens, completion)))
+        for answer, chosen in zip(answers, picks, strict=True):
+            if req.logprobs:
+                answer.logprobs = self._logprobs(req, chosen)
+            if req.tools is not None:
+                self._tool_calls(req, answer)
+        self._json(200, completion_body(req, new_id(req.chat), answers, usage(prompt_tokens, completion)))
+
+    def _logprobs(self, req: ParsedRequest, chosen: list, offset: int = 0) -> dict:
+        if req.chat:
+            return chat_logprobs(chosen, self.app.token_bytes)
+        return completion_logprobs(chosen, self.app.token_bytes, offset)
+
+    @staticmethod
+    def _tool_calls(req: ParsedRequest, answer: Answer) -> None:
+        content, calls = parse_calls(answer.text, req.tools)
+        if calls:
+            answer.text, answer.tool_calls, answer.finish = content or "", calls, "tool_calls"
 
     def _stream(self, req: ParsedRequest, first, events, prompt_tokens: int) -> None:
+        """Server-sent events; an answer that may hold tool calls is sent whole when it ends (it is parsed first)."""
         rid, completion = new_id(req.chat), 0
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -439,15 +465,34 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self._streaming = True
+        rows = len(req.prompts) * req.n
         if req.chat:
-            self._sse(chunk_body(req, rid, 0, None, first=True))
+            for index in range(rows):
+                self._sse(chunk_body(req, rid, index, None, first=True))
+        held = [Answer() for _ in range(rows)]
+        picks: list[list] = [[] for _ in range(rows)]
+        offsets = [0] * rows  # characters sent per choice, for the legacy text_offset
         try:
             for index, kind, payload in _chain(first, events):
-                if kind == TEXT:
-                    self._sse(chunk_body(req, rid, index, payload))
+                if kind == TEXT and req.tools is not None:
+                    held[index].text += payload[0]
+                    picks[index] += payload[1]
+                elif kind == TEXT:
+                    text, chosen = payload
+                    logprobs = self._logprobs(req, chosen, offsets[index]) if req.logprobs else None
+                    offsets[index] += len(text)
+                    self._sse(chunk_body(req, rid, index, text, logprobs=logprobs))
                 elif kind == DONE:
                     finish, count = payload
                     completion += count
+                    if req.tools is not None:
+                        answer = held[index]
+                        answer.finish = finish
+                        self._tool_calls(req, answer)
+                        finish = answer.finish
+                        logprobs = self._logprobs(req, picks[index]) if req.logprobs else None
+                        self._sse(chunk_body(req, rid, index, answer.text, logprobs=logprobs,
+                                             tool_calls=answer.tool_calls))
                     self._sse(chunk_body(req, rid, index, None, finish))
         except APIError as e:  # the status line is gone: report in-band, as OpenAI does
             self._sse(e.body())

@@ -2,15 +2,16 @@
 
 One thread owns the model. Each batch is one Hugging Face ``generate`` inside ``row_adapters``
 (the mechanism of ``adapters.manager.generate_multi``): one forward pass per step for all rows, each
-row through its own adapter. A stopping criterion sees every new token of every row, so it streams
-text deltas to the waiting request, stops a row at its own ``max_tokens``, stop token or stop
+row through its own adapter. A RowSampler picks each row's token by that row's own parameters
+(temperature, top-p, seed, penalties, logit bias, grammar), so any requests can share a batch. A
+stopping criterion sees every new token of every row, so it streams text deltas (with their
+log-probabilities) to the waiting request, stops a row at its own ``max_tokens``, stop token or stop
 string, and drops rows whose client went away.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -18,18 +19,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ModelError
 from tuneforge.methods.lora import row_adapters
-from tuneforge.models.generate import encode_prompts, left_pad, stop_token_ids
+from tuneforge.models.generate import (
+    Choice,
+    Constraint,
+    RowSampler,
+    encode_prompts,
+    greedy_config,
+    left_pad,
+    stop_token_ids,
+)
 from tuneforge.models.load import pad_token_id
 from tuneforge.serve.protocol import APIError, Sampling
+from tuneforge.serve.structured import Grammars
 
 log = logging.getLogger("tuneforge.serve")
 
-# Events a job sends to its request's queue: (index, kind, payload).
+# Events a job sends to its request's queue: (index, kind, payload). TEXT's payload is
+# (text, [Choice of each token behind it, when the job asked for log-probabilities]).
 TEXT, DONE, ERROR = "text", "done", "error"
 
 
@@ -42,6 +53,7 @@ class Job:
     sampling: Sampling
     index: int = 0
     sink: queue.Queue = field(default_factory=queue.Queue)
+    constraint: Constraint | None = None  # a grammar the answer must follow
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: str, payload: object) -> None:
@@ -56,14 +68,6 @@ class BatchStats:
     mixed: int = 0  # batches whose rows used more than one model (base or adapters)
 
 
-def group_jobs(jobs: list[Job]) -> list[list[Job]]:
-    """Split a batch by sampling parameters (all greedy jobs share one group), keeping order."""
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(job.sampling.group_key(), []).append(job)
-    return list(groups.values())
-
-
 class RowDecoder:
     """One row's generated ids → text deltas; holds back partial characters and possible stop-string starts."""
 
@@ -73,9 +77,10 @@ class RowDecoder:
         self.sent = 0  # characters of text already emitted
         self.text = ""
         self.done = False
+        self.choices: list[Choice] = []  # log-probabilities not sent yet
         self._hold = max((len(s) for s in job.sampling.stop), default=1) - 1
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, choice: Choice | None = None) -> None:
         if self.done:
             return
         if self.job.cancelled.is_set():
@@ -85,6 +90,8 @@ class RowDecoder:
             self.finish("stop")
             return
         self.ids.append(token)
+        if choice is not None:
+            self.choices.append(choice)
         self.text = self.decode(self.ids)
         hits = [k for k in (self.text.find(s) for s in self.job.sampling.stop) if k >= 0]
         if hits:
@@ -100,25 +107,27 @@ class RowDecoder:
     def finish(self, reason: str) -> None:
         if self.done:
             return
-        self._send(len(self.text))
         self.done = True
+        self._send(len(self.text))
         self.job.emit(DONE, (reason, len(self.ids)))
 
     def _send(self, end: int) -> None:
-        if end > self.sent:
-            self.job.emit(TEXT, self.text[self.sent:end])
-            self.sent = end
+        if end > self.sent or (self.done and self.choices):
+            self.job.emit(TEXT, (self.text[self.sent:end], self.choices))
+            self.sent, self.choices = max(end, self.sent), []
 
 
 class RowStopper(StoppingCriteria):
-    """Feeds each step's new tokens to the rows; a row is finished when its decoder says so."""
+    """Feeds each step's new tokens (and their Choices) to the rows; a row is finished when its decoder says so."""
 
-    def __init__(self, rows: list[RowDecoder]) -> None:
-        self.rows = rows
+    def __init__(self, rows: list[RowDecoder], sampler: RowSampler) -> None:
+        self.rows, self.sampler = rows, sampler
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
-            row.push(token)
+        for i, (row, token) in enumerate(zip(self.rows, input_ids[:, -1].tolist(), strict=True)):
+            row.push(token, self.sampler.last[i])
+            if row.done:
+                self.sampler.finished.add(i)
         return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
@@ -134,19 +143,22 @@ class Batcher:
         self.stop_ids = stop_token_ids(self.tokenizer, model)
         self.pad_id = pad_token_id(self.tokenizer)
         self.context = getattr(model.config, "max_position_embeddings", None)
+        self.vocab_size = model.config.vocab_size  # the logits' width (may exceed the tokenizer's)
         self.stats = BatchStats()
         # Fast tokenizers can fail with "Already borrowed" when used from several threads at once.
-        self._tokenizer_lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.stop_ids, self.tokenizer_lock)
+        self.tools_supported: bool | None = None  # whether the chat template renders tools; found on first use
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def encode(self, prompt) -> list[int]:
-        """Token ids of a chat (list of Messages) or raw-text prompt, as ``models.generate`` encodes it."""
-        with self._tokenizer_lock:
-            return encode_prompts(self.tokenizer, [prompt])[0]
+    def encode(self, prompt, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a chat (message dicts) or raw-text prompt, as ``models.generate`` encodes it."""
+        with self.tokenizer_lock:
+            return encode_prompts(self.tokenizer, [prompt], tools=tools)[0]
 
     def decode(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
+        with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def submit(self, jobs: list[Job]) -> None:
@@ -185,8 +197,8 @@ class Batcher:
             if first is None:
                 return
             batch, closing = self._collect(first)
-            for group in group_jobs(batch):
-                self._run(group)
+            if batch:
+                self._run(batch)
             if closing:
                 return
 
@@ -235,17 +247,12 @@ class Batcher:
     def _generate(self, rows: list[RowDecoder]) -> None:
         aset, jobs = self.adapter_set, [r.job for r in rows]
         keys = [None if j.adapter is None else aset.key(j.adapter) for j in jobs]
-        s = jobs[0].sampling  # the group shares temperature, top_p and seed
-        sample = s.temperature > 0
-        config = GenerationConfig(max_new_tokens=max(j.sampling.max_tokens for j in jobs), do_sample=sample,
-                                  temperature=s.temperature if sample else None, top_p=s.top_p if sample else None,
-                                  top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        config = greedy_config(max(j.sampling.max_tokens for j in jobs), self.stop_ids, self.pad_id)
         input_ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)
+        sampler = RowSampler([j.sampling for j in jobs], input_ids.shape[1], [j.constraint for j in jobs])
         device = next(aset.model.parameters()).device
-        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(7), "little")
-        cuda = [device.index or 0] if device.type == "cuda" else []
         aset.unmerge()  # a merged adapter would leak into every row
-        with row_adapters(aset.model, keys), torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+        with row_adapters(aset.model, keys), torch.no_grad():
             aset.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                generation_config=config, stopping_criteria=StoppingCriteriaList([RowStopper(rows)]))
+                                generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+                                stopping_criteria=StoppingCriteriaList([RowStopper(rows, sampler)]))
