@@ -143,11 +143,13 @@ def add_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> list[str]:
     """Add adapter ``adapter_name`` to the named Linear layers (wrapping them when needed).
 
     ``r``/``alpha`` may be per-module dicts (PEFT's rank_pattern/alpha_pattern, resolved); ``use_dora``
-    adds a DoRA magnitude vector per layer. The new adapter becomes the only active one.
+    adds a DoRA magnitude vector per layer, ``lora_bias`` a bias to B (PEFT's). The new adapter becomes the
+    only active one.
     """
     names = list(module_names)
     for name in names:
@@ -163,7 +165,7 @@ def add_lora(
             _set_submodule(model, name, module)
         r_m = r[name] if isinstance(r, dict) else r
         alpha_m = alpha[name] if isinstance(alpha, dict) else alpha
-        module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora, use_dora)
+        module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora, use_dora, lora_bias)
     set_active_adapters(model, [adapter_name])
     return names
 
@@ -292,6 +294,8 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     for path, layer in _layers_with(model, adapter_name).items():
         out[f"{path}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
         out[f"{path}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+        if layer.lora_B[adapter_name].bias is not None:
+            out[f"{path}.lora_B.bias"] = layer.lora_B[adapter_name].bias.detach()
         if adapter_name in layer.lora_magnitude_vector:
             out[f"{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].detach()
     return out
@@ -410,10 +414,12 @@ class LoRALinear(nn.Module):
         return self.base_layer.bias
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = False) -> None:
-        """Add adapter ``name``: A kaiming-uniform(a=√5), B zeros, so the output is unchanged (DoRA's
-        magnitude starts as the base weight's row norms)."""
+                    use_rslora: bool = False, use_dora: bool = False, lora_bias: bool = False) -> None:
+        """Add adapter ``name``: A kaiming-uniform(a=√5), B (and its bias) zeros, so the output is unchanged
+        (DoRA's magnitude starts as the base weight's row norms)."""
         validate_lora_args(r, alpha, dropout)
+        if use_dora and lora_bias:
+            raise ConfigError("DoRA with a bias on lora_B is not supported (peft refuses it too); drop one")
         if name in self.lora_A:
             raise ModelError(f"LoRA adapter {name!r} already exists on this layer; pass another adapter_name")
         weight = self.weight
@@ -423,9 +429,11 @@ class LoRALinear(nn.Module):
             dtype = torch.promote_types(weight.dtype, dtype)
         kw = {"device": weight.device, "dtype": dtype}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias, **kw)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
+        if lora_bias:
+            nn.init.zeros_(self.lora_B[name].bias)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.lora_alpha[name], self.use_rslora[name] = r, alpha, use_rslora
         self.dropout[name] = dropout
@@ -479,9 +487,14 @@ class LoRALinear(nn.Module):
         if any(a in self.lora_magnitude_vector for a in self.merged_adapters):
             raise ModelError(f"cannot merge adapter {name!r} while DoRA adapter {self.merged_adapters} is merged into "
                              "the same layer: a DoRA adapter merges exactly only alone; unmerge it first")
+        bias = self.lora_B[name].bias
+        if bias is not None and self.bias is None:
+            raise ModelError(f"cannot merge adapter {name!r}: it has a bias on lora_B but the base layer has no bias")
         w = self.weight  # the Linear's weight, or a LoRAParam's expert stack
         with torch.no_grad():
             w.copy_((w.float() + self._delta_as_stored(name)).to(w.dtype))
+            if bias is not None:
+                self.bias.add_((bias * self.scaling[name]).to(self.bias.dtype))
         self.merged_adapters.append(name)
 
     def _merge_dora(self, name: str) -> None:
@@ -509,6 +522,8 @@ class LoRALinear(nn.Module):
                 w.copy_((old.t() if self.fan_in_fan_out else old).to(w.dtype))
             else:
                 w.copy_((w.float() - self._delta_as_stored(name)).to(w.dtype))
+                if self.lora_B[name].bias is not None:
+                    self.bias.sub_((self.lora_B[name].bias * self.scaling[name]).to(self.bias.dtype))
         self.merged_adapters.remove(name)
 
     def _delta_as_stored(self, name: str) -> torch.Tensor:
@@ -518,7 +533,8 @@ class LoRALinear(nn.Module):
     def _lora(self, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
         a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
-        return F.linear(F.linear(self.lora_dropout[name](x), a), b) * scale
+        bias = self.lora_B[name].bias
+        return F.linear(F.linear(self.lora_dropout[name](x), a), b, None if bias is None else bias.to(x.dtype)) * scale
 
     def _add_lora(self, y: torch.Tensor, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
         """``y + scale · B(A(x))`` with the scale folded into B and the sum done by the second GEMM (addmm),
@@ -527,21 +543,24 @@ class LoRALinear(nn.Module):
         b = self.lora_B[name].weight * scale
         xa = xa.reshape(-1, xa.shape[-1]).to(y.dtype)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.to(y.dtype).t())
+        if self.lora_B[name].bias is not None:  # PEFT's lora_bias: scaled like B
+            out = out + (self.lora_B[name].bias * scale).to(y.dtype)
         return out.view(y.shape)
 
     def _dora_update(self, y: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
         """What DoRA adapter ``name`` adds to the output ``y`` of input ``x`` (peft's forward, dropout included)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        w = self.dense_weight().to(x.dtype)
+        x = x.to(a.dtype)  # in the adapter's dtype (fp32 over a bf16 base), as peft: the norm needs it
+        w = self.dense_weight().to(a.dtype)
         scale = self.scaling[name]
-        factor = dora.output_factor(self.lora_magnitude_vector[name], w, (b @ a).to(x.dtype), scale)
+        factor = dora.output_factor(self.lora_magnitude_vector[name], w, b @ a, scale)
         dropout = self.lora_dropout[name]
         if self.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)  # peft: the base term is then recomputed on the dropped-out input
             base_out = F.linear(x, w)
         else:
             base_out = y if self.bias is None else y - self.bias.to(y.dtype)
-        lora_out = F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        lora_out = F.linear(F.linear(x, a), b)
         return dora.update(factor, base_out, lora_out, scale).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
