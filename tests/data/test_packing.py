@@ -12,6 +12,7 @@ from tuneforge.data.packing import (
     collate,
     no_pack,
     pack,
+    unpack,
 )
 from tuneforge.errors import DataError
 from tuneforge.train.attention import block_causal_mask, model_inputs
@@ -131,3 +132,13 @@ def test_collate_pads_and_block_mask_blocks_examples_and_padding():
                              [0, 0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask[0, 0], expected)
     assert torch.equal(mask[1, 0], expected)  # padding attends only to padding
+
+
+def test_unpack_gives_the_unpacked_batch():
+    exs = [_ex(5, name="a"), _ex(3, start=9, name="b"), _ex(6, start=20, name="c"), _ex(2, start=40, name="d")]
+    rows = pack(exs, 8)
+    assert [r.sources for r in rows] == [["a.jsonl:5", "b.jsonl:3"], ["c.jsonl:6", "d.jsonl:2"]]
+    expected = collate(no_pack(exs), pad_id=0)
+    got = unpack(collate(rows, pad_id=0))
+    for key in ("input_ids", "labels", "position_ids", "seq_ids"):
+        assert torch.equal(got[key], expected[key]), key

@@ -57,3 +57,31 @@ def test_pickle_with_objects_is_refused_even_when_allowed(folders, monkeypatch):
 def test_remote_code_names_the_setting_and_the_risk(folders):
     with pytest.raises(ModelError, match=r"trust_remote_code: true.*runs with your permissions"):
         load_model(str(folders["remote"]))
+
+
+@pytest.fixture(scope="module")
+def gemma2_folder(tmp_path_factory):
+    """A model transformers has no SDPA attention for (Gemma2: soft-capped attention scores)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    out = tmp_path_factory.mktemp("gemma2")
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    Gemma2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def test_auto_attention_is_sdpa_where_supported_else_eager_with_a_note(tmp_path, gemma2_folder, capsys):
+    build_tiny_model(64).save_pretrained(tmp_path)
+    assert load_model(str(tmp_path)).config._attn_implementation == "sdpa"
+    capsys.readouterr()
+    assert load_model(str(gemma2_folder)).config._attn_implementation == "eager"
+    assert "no SDPA kernel for gemma2, so it runs eager attention" in capsys.readouterr().err
+    assert load_model(str(gemma2_folder), attn_implementation="eager").config._attn_implementation == "eager"
+
+
+def test_an_attention_the_architecture_lacks_is_a_model_error(gemma2_folder):
+    with pytest.raises(ModelError, match="no sdpa attention for this architecture.*attn_implementation: auto"):
+        load_model(str(gemma2_folder), attn_implementation="sdpa")
+    with pytest.raises(ModelError, match="attn_implementation 'flash' is not one of auto, sdpa, eager"):
+        load_model(str(gemma2_folder), attn_implementation="flash")

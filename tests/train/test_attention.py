@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.attention import FLEX, attention_mask, block_causal_mask, document_mask, use_document_attention
+from tuneforge.train.attention import (
+    FLEX,
+    attention_layout,
+    attention_mask,
+    block_causal_mask,
+    document_mask,
+    packing_refusal,
+    use_document_attention,
+)
 from tuneforge.train.step import CausalLMLoss, batch_loss
 
 
@@ -78,3 +86,64 @@ def test_packed_loss_with_flex_equals_dense_mask_on_gpu(tiny_model):
     flex, n_flex = batch_loss(CausalLMLoss(model), batch)
     assert n == n_flex
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
+
+
+def _tiny(model_type: str, **extra) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_a_sliding_window_keeps_the_last_window_keys_of_the_example():
+    seq_ids = torch.tensor([[0] * 6 + [1] * 4])
+    mask = block_causal_mask(seq_ids, window=3)[0, 0]
+    assert mask[5].nonzero().squeeze(1).tolist() == [3, 4, 5]
+    assert mask[7].nonzero().squeeze(1).tolist() == [6, 7]  # the window never reaches into the previous example
+    assert torch.equal(mask, block_causal_mask(seq_ids)[0, 0].triu(-2))
+
+
+def test_document_mask_with_a_window_attends_like_the_dense_mask():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(_seq_ids(), window=4))
+    flex = flex_attention(q, k, v, block_mask=document_mask(_seq_ids(), window=4))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_masks_follow_each_layer_type():
+    packed, cpu = _seq_ids(), torch.device("cpu")
+    mistral = attention_mask(_tiny("mistral", sliding_window=4), packed, cpu)  # one mask, every layer windowed
+    assert torch.equal(mistral, block_causal_mask(packed, window=4))
+    hybrid = _tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    masks = attention_mask(hybrid, packed, cpu)  # a mask per layer type, as the model builds them alone
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    assert torch.equal(masks["sliding_attention"], block_causal_mask(packed, window=4))
+    assert torch.equal(masks["full_attention"], block_causal_mask(packed))
+    assert attention_layout(_tiny("qwen2", sliding_window=4)).windows == {"full_attention": None}  # window off
+
+
+def test_eager_attention_gets_an_additive_mask():
+    gemma2 = _tiny("gemma2", sliding_window=4, query_pre_attn_scalar=16)
+    assert gemma2.config._attn_implementation == "eager"
+    masks = attention_mask(gemma2, _seq_ids(), torch.device("cpu"))
+    allowed = block_causal_mask(_seq_ids(), window=4)
+    expected = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    assert torch.equal(masks["sliding_attention"], expected)
+
+
+def test_alibi_models_refuse_packed_masks_and_say_they_unpack(capsys):
+    from tuneforge.errors import ConfigError
+
+    bloom = _tiny("bloom", n_layer=2, n_head=2)
+    assert "ALiBi" in packing_refusal(bloom) and packing_refusal(_tiny("llama")) is None
+    assert attention_mask(bloom, torch.tensor([[0, 0, -1]]), torch.device("cpu")).tolist() == [[1, 1, 0]]
+    with pytest.raises(ConfigError, match="data.packing: false"):
+        attention_mask(bloom, _seq_ids(), torch.device("cpu"))
+    assert use_document_attention(bloom, torch.device("cpu")) is False
+    assert "each example gets its own padded row" in capsys.readouterr().err

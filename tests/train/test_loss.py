@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tuneforge.train.loss import chunked_lm_loss, shifted_targets
+from tuneforge.errors import ModelError
+from tuneforge.train.loss import LogitTransform, chunked_lm_loss, logit_transform, shifted_targets
 
 HIDDEN, VOCAB, BATCH, SEQ = 16, 50, 2, 9
 
@@ -267,3 +268,49 @@ def test_bf16_grads_are_scaled_in_fp32():
     # the scale is not rounded to bf16 before it is applied
     torch.testing.assert_close(hidden.grad, (g_h.float() * scale).bfloat16(), atol=0, rtol=0)
     torch.testing.assert_close(head.weight.grad.float(), g_w.float() * scale, atol=0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("transform", [LogitTransform(scale=0.25), LogitTransform(softcap=2.0),
+                                       LogitTransform(scale=3.0, softcap=1.5)], ids=["scale", "softcap", "both"])
+@pytest.mark.parametrize("chunk_tokens", [4, 1024])
+def test_the_models_logit_transform_in_loss_and_grads(transform, chunk_tokens):
+    hidden, head, labels = make_case(bias=True)
+    logits = head(hidden).float() * transform.scale
+    if transform.softcap is not None:
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
+    ref.backward()
+    want = grads(hidden, head)
+
+    loss, _ = chunked_lm_loss(hidden, head, labels, chunk_tokens=chunk_tokens, transform=transform)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-5, rtol=1e-5)
+    assert_grads_close(grads(hidden, head), want)
+    with torch.no_grad():
+        plain, _ = chunked_lm_loss(hidden, head, labels, chunk_tokens=chunk_tokens, transform=transform)
+    torch.testing.assert_close(plain, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_logit_transform_is_read_from_the_models_forward():
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    small = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    assert logit_transform(CohereForCausalLM(CohereConfig(logit_scale=0.5, **small))) == LogitTransform(0.5)
+    assert logit_transform(GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **small))) == LogitTransform(0.25)
+
+    class Squared(LlamaForCausalLM):
+        def forward(self, input_ids):
+            logits = self.lm_head(self.model(input_ids).last_hidden_state)
+            logits = logits**2
+            return logits
+
+    with pytest.raises(ModelError, match=r"transforms its output logits \(logits = logits\*\*2\)"):
+        logit_transform(Squared(LlamaConfig(**small)))

@@ -111,13 +111,14 @@ def unpack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
               for s in seq_ids[seq_ids >= 0].unique_consecutive().tolist()]
     length = max(int(keep.sum()) for _, keep in pieces)
     fill = {"input_ids": 0, "labels": IGNORE, "seq_ids": PAD_SEQ_ID}  # padding is masked: any valid id will do
-    out = {k: torch.full((len(pieces), length), fill.get(k, 0), dtype=torch.long) for k in fill}
-    out["position_ids"] = torch.arange(length).repeat(len(pieces), 1)
+    out = {k: torch.full((len(pieces), length), v, dtype=torch.long) for k, v in fill.items()}
+    out["position_ids"] = torch.zeros(len(pieces), length, dtype=torch.long)
     for row, (b, keep) in enumerate(pieces):
         n = int(keep.sum())
         for key in ("input_ids", "labels", "position_ids"):
             out[key][row, :n] = batch[key][b][keep]
         out["seq_ids"][row, :n] = 0
+        out["position_ids"][row, n:] = torch.arange(length - n)  # padding as collate lays it out
     return out
 
 
