@@ -44,6 +44,7 @@ from tuneforge.methods.lora import (
 from tuneforge.methods.lora_params import (
     add_lora_params,
     is_param_key,
+    pattern_key,
     plan_param_adapter,
     target_parameter_names,
 )
@@ -107,10 +108,10 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
         raise ModelError(f"adapter {name!r} mixes DoRA and plain LoRA layers; PEFT cannot describe that")
     r = _most_common({p: layer.r[name] for p, layer in layers.items()})
     alpha = _most_common({p: layer.lora_alpha[name] for p, layer in layers.items()})
-    parameters = target_parameter_names(model, layers, r, alpha, name)  # MoE experts/routers (lora_params)
+    parameters = target_parameter_names(model, layers)  # MoE experts/routers (lora_params)
+    ranks = {pattern_key(p, layer): layer.r[name] for p, layer in layers.items()}
+    alphas = {pattern_key(p, layer): layer.lora_alpha[name] for p, layer in layers.items()}
     layers = {p: layer for p, layer in layers.items() if layer.parameter_name is None}
-    ranks = {p: layer.r[name] for p, layer in layers.items()}
-    alphas = {p: layer.lora_alpha[name] for p, layer in layers.items()}
     # Suffix names when they select exactly our layers (the usual case), else the exact paths.
     suffixes = sorted({p.rsplit(".", 1)[-1] for p in layers})
     selected = {n for n in linear_modules(model) if matches_target(n, suffixes)}
@@ -422,8 +423,8 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_pat
                              f"one magnitude per output row, [{pair['lora_B'][0]}]: re-save or re-download the adapter")
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
-        param = is_param_key(module, config.get("target_parameters"))  # experts: rank r per expert, r·E in all
-        if (a_rank % r or b_rank != a_rank) if param else (a_rank != r or b_rank != r):
+        param = is_param_key(module, config.get("target_parameters"))  # experts: r·E; checked with the model
+        if b_rank != a_rank if param else (a_rank != r or b_rank != r):
             raise ModelError(
                 f"{weights_path}: {key}: {CONFIG_NAME} gives rank {r} but the weights have rank "
                 f"{a_rank if a_rank != r else b_rank}; the config and the weights do not belong together"
@@ -483,8 +484,9 @@ def load_adapter(
     pairs = _split_keys(weights, weights_path)
     param_pairs = {p: v for p, v in pairs.items() if is_param_key(p, config.get("target_parameters"))}
     pairs = {p: v for p, v in pairs.items() if p not in param_pairs}
-    param_targets = plan_param_adapter(model, {p: shapes[p] for p in param_pairs}, config, adapter_name,
-                                       str(weights_path)) if param_pairs else []
+    param_targets = plan_param_adapter(
+        model, {p: shapes[p] for p in param_pairs}, config, adapter_name, str(weights_path),
+        lambda key: _pattern_value(config.get("rank_pattern"), key, config["r"])) if param_pairs else []
     linears = linear_modules(model)
     targets = config.get("target_modules")
     if targets == ALL_LINEAR:
@@ -522,8 +524,11 @@ def load_adapter(
                 f"which target_modules selects: the adapter was trained on a different base model"
             )
     if param_targets:  # first: add_lora then activates the adapter on every layer holding it
-        add_lora_params(model, param_targets, adapter_name, config["r"], config["lora_alpha"],
-                        bool(config.get("use_rslora")))
+        add_lora_params(model, param_targets, adapter_name,
+                        {t: _pattern_value(config.get("rank_pattern"), ".".join(t), config["r"])
+                         for t in param_targets},
+                        {t: _pattern_value(config.get("alpha_pattern"), ".".join(t), config["lora_alpha"])
+                         for t in param_targets}, bool(config.get("use_rslora")))
     names = add_lora(model, pairs, adapter_name, ranks, alphas, config.get("lora_dropout") or 0.0,
                      bool(config.get("use_rslora")), bool(config.get("use_dora")))
     pairs |= param_pairs
