@@ -16,7 +16,7 @@ PEFT's ``ParamWrapper``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -114,19 +114,23 @@ def describe_targets(model: nn.Module) -> str | None:
     return text
 
 
-def add_lora_params(model: nn.Module, targets: Iterable[tuple[str, str]], adapter_name: str, r: int,
-                    alpha: float, use_rslora: bool = False) -> list[str]:
+def add_lora_params(model: nn.Module, targets: Iterable[tuple[str, str]], adapter_name: str,
+                    r: int | dict[tuple[str, str], int], alpha: float | dict[tuple[str, str], float],
+                    use_rslora: bool = False) -> list[str]:
     """Add adapter ``adapter_name`` to each (module path, parameter); returns the wrappers' paths.
 
-    A parameter already wrapped (by another adapter) gets the new adapter in its wrapper; otherwise the module
-    is wrapped once more (the new wrapper outermost), as PEFT nests them.
+    ``r``/``alpha`` may be per-target dicts (peft's rank_pattern/alpha_pattern, resolved). A parameter already
+    wrapped (by another adapter) gets the new adapter in its wrapper; otherwise the module is wrapped once more
+    (the new wrapper outermost), as PEFT nests them.
     """
-    for path, name in targets:
+    for target in targets:
+        path, name = target
         wrapper = _wrapper_of(model.get_submodule(path), name)
         if wrapper is None:
             wrapper = LoRAParam(model.get_submodule(path), name)
             _set_submodule(model, path, wrapper)
-        wrapper.add_adapter(adapter_name, r, alpha, 0.0, use_rslora)
+        wrapper.add_adapter(adapter_name, r[target] if isinstance(r, dict) else r,
+                            alpha[target] if isinstance(alpha, dict) else alpha, 0.0, use_rslora)
     return param_layer_paths(model, adapter_name)
 
 
@@ -251,19 +255,13 @@ def is_param_key(path: str, target_parameters: list[str] | None) -> bool:
     return any(module == o or module.endswith(f".{o}") for o in owners if o)
 
 
-def target_parameter_names(model: nn.Module, layers: dict[str, LoRALinear], r: int, alpha: float,
-                           name: str) -> list[str] | None:
+def target_parameter_names(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str] | None:
     """PEFT's ``target_parameters`` for the LoRAParam layers among ``layers`` (None when there are none).
 
     ``<module>.<parameter>`` names (``experts.gate_up_proj``) when they select exactly these parameters, else
-    full paths. PEFT has no rank/alpha pattern for parameters: they must use the adapter's ``r`` and ``alpha``.
+    full paths.
     """
     params = {p: layer for p, layer in layers.items() if isinstance(layer, LoRAParam)}
-    for path, layer in params.items():
-        if (layer.r[name], layer.lora_alpha[name]) != (r, alpha):
-            raise ModelError(f"adapter {name!r}: {path}.{layer.parameter_name} has r={layer.r[name]}, "
-                             f"alpha={layer.lora_alpha[name]} but the adapter r={r}, alpha={alpha}; PEFT's "
-                             "target_parameters cannot describe other ranks: give them one r and alpha")
     if not params:
         return None
     owned = {(_owner_path(p), layer.parameter_name) for p, layer in params.items()}
@@ -273,16 +271,23 @@ def target_parameter_names(model: nn.Module, layers: dict[str, LoRALinear], r: i
     return sorted(f"{path}.{pname}" for path, pname in owned)
 
 
+def pattern_key(path: str, layer: LoRALinear) -> str:
+    """The name peft matches rank_pattern/alpha_pattern keys against: the module path, or for a LoRAParam
+    ``<unwrapped module path>.<parameter>`` (``…mlp.experts.gate_up_proj``)."""
+    return path if layer.parameter_name is None else f"{_owner_path(path)}.{layer.parameter_name}"
+
+
 def _owner_path(path: str) -> str:
     while path.endswith(".base_layer"):
         path = path.removesuffix(".base_layer")
     return path
 
 
-def plan_param_adapter(model: nn.Module, keys: dict[str, dict], config: dict, adapter_name: str,
-                       where: str) -> list[tuple[str, str]]:
+def plan_param_adapter(model: nn.Module, keys: dict[str, dict], config: dict, adapter_name: str, where: str,
+                       rank: Callable[[str], int]) -> list[tuple[str, str]]:
     """Check an adapter's parameter keys (path → {"lora_A": shape, "lora_B": shape}) against the model, without
-    touching it; returns the (module path, parameter) targets to pass to ``add_lora_params``.
+    touching it; returns the (module path, parameter) targets to pass to ``add_lora_params``. ``rank`` gives the
+    rank of ``<module path>.<parameter>`` (peft's rank_pattern resolved).
 
     The key of the k-th of n targeted parameters of a module is ``<module>`` + ``.base_layer`` × (n-1-k).
     """
@@ -305,8 +310,8 @@ def plan_param_adapter(model: nn.Module, keys: dict[str, dict], config: dict, ad
                          f"{sorted(expected)[:3]} in this model but the weights hold {sorted(keys)[:3]} "
                          f"(extra: {extra[:3]}, missing: {missing[:3]}); load the adapter onto the base model it "
                          "was trained on")
-    r = config["r"]
     for key, (path, pname) in expected.items():
+        r = rank(f"{path}.{pname}")
         layer = _wrapper_of(model.get_submodule(path), pname)
         if layer is not None and adapter_name in layer.lora_A:
             raise ModelError(f"{path}.{pname} already has an adapter named {adapter_name!r}; pass another "
