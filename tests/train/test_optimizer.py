@@ -2,9 +2,15 @@
 parameter, the config's refusals, and a full fine-tune through ``train``."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
@@ -221,3 +227,68 @@ def test_train_with_bf16_kahan_follows_the_fp32_master_run(tiny_model_dir, alpac
         assert abs(a - b) < 0.02 * a  # bf16 compute and weights, fp32-like updates
     saved = json.loads((tmp_path / "bf16_kahan" / "model" / "config.json").read_text())
     assert saved.get("torch_dtype", saved.get("dtype")) == "bfloat16"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORKER = """
+import json, sys
+from tuneforge.config import load_config
+from tuneforge.train import distributed
+from tuneforge.train.loop import train
+
+losses = {}
+for name, spec in json.loads(open(sys.argv[1]).read()).items():
+    r = train(load_config(overrides=spec["overrides"]), resume=spec["resume"], quiet=True)
+    losses[name] = [m["loss"] for m in r.metrics]
+if distributed.is_main():
+    open(sys.argv[2], "w").write(json.dumps(losses))
+"""
+
+
+def test_fsdp2_two_processes_train_checkpoint_and_resume(tiny_model_dir, alpaca_file, tmp_path):
+    """Under torchrun (gloo, CPU) the state is DTensor-sharded: two processes follow one, their checkpoint holds
+    the full fp32 moments and bf16 compensation, and a one-process checkpoint resumes in two where one ends."""
+
+    def overrides(name):
+        return [f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]", f"output_dir={tmp_path / name}",
+                "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=4", "train.threads=1",
+                "method.name=full", "train.lr=1e-3", "train.max_steps=4", "train.save_every=2",
+                "train.weights=bf16_kahan"]
+
+    one = [m["loss"] for m in train(load_config(overrides=overrides("one")), quiet=True).metrics]
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    for name in ("config.yaml", "metrics.jsonl", "tuneforge-run.json"):
+        shutil.copy(tmp_path / "one" / name, resumed / name)
+    specs = {"two": {"overrides": overrides("two"), "resume": False},
+             "resumed": {"overrides": overrides("resumed"), "resume": True}}
+    (tmp_path / "spec.json").write_text(json.dumps(specs))
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(tmp_path / "spec.json"),
+           str(tmp_path / "losses.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    two = json.loads((tmp_path / "losses.json").read_text())["two"]
+    for a, b in zip(one, two, strict=True):
+        assert abs(a - b) < 0.01 * a
+
+    step2 = tmp_path / "two" / "checkpoints" / "step-2"
+    state = torch.load(step2 / "state.pt", weights_only=True)["optimizer"]["state"]
+    model = load_file(str(step2 / "trainable.safetensors"))
+    assert len(state) == len(model)  # gathered whole: as many values as the weights, fp32 moments, bf16 compensation
+    assert sum(s["exp_avg"].numel() for s in state.values()) == sum(w.numel() for w in model.values())
+    assert {s["exp_avg_sq"].dtype for s in state.values()} == {torch.float32}
+    assert {s["compensation"].dtype for s in state.values()} == {torch.bfloat16}
+    assert all(s["compensation"].abs().sum() > 0 for s in state.values())
+
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("one", "resumed"))
+    for k in a:  # two processes sum gradients in another order: a bf16 weight may round to its neighbour
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=2 ** -7, rtol=2 ** -6, msg=k)
