@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+from tuneforge.adapters.combine import combine_adapters
 from tuneforge.errors import ModelError
-from tuneforge.methods.lora import add_lora, apply_lora, lora_layers
+from tuneforge.methods.lora import add_lora, apply_lora, lora_layers, merge_lora, unmerge_lora
 from tuneforge.methods.peft_format import load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
@@ -34,7 +35,7 @@ def randomize(model: nn.Module, seed: int = 3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(part in name for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
+            if any(part in name for part in ("lora_A", "lora_B", "lora_magnitude_vector")):  # lora_B.bias too
                 p.add_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
@@ -74,6 +75,7 @@ SUPPORTED = {
     "init mica": {"target_modules": ["q_proj"], "init_lora_weights": "mica"},
     "dropout": {"target_modules": ["q_proj"], "lora_dropout": 0.1},
     "DoRA": {"target_modules": "all-linear", "use_dora": True},
+    "lora_bias": {"target_modules": ["q_proj", "down_proj"], "lora_bias": True},
     "DoRA, rsLoRA, rank_pattern": {"target_modules": ["q_proj", "down_proj"], "use_dora": True, "use_rslora": True,
                                    "rank_pattern": {"down_proj": 2}},
 }
@@ -106,11 +108,12 @@ def test_tuneforge_made_adapter_gives_our_logits_in_peft(tiny_model, tmp_path, c
     assert (peft_logits(tiny_model, out) - logits(ours)).abs().max() < TOL
 
 
-def test_tuneforge_made_per_module_ranks_alphas_and_dora_in_peft(tiny_model, tmp_path):
+@pytest.mark.parametrize("kind", ["use_dora", "lora_bias"])
+def test_tuneforge_made_per_module_ranks_alphas_dora_and_bias_in_peft(tiny_model, tmp_path, kind):
     ours = copy.deepcopy(tiny_model)
     paths = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     add_lora(ours, paths, "default", r={p: 2 if "down" in p else 4 for p in paths},
-             alpha={p: 16 if ".1.self" in p else 8 for p in paths}, use_dora=True)
+             alpha={p: 16 if ".1.self" in p else 8 for p in paths}, **{kind: True})
     randomize(ours)
     out = save_adapter(ours, tmp_path / "a")
     assert (peft_logits(tiny_model, out) - logits(ours)).abs().max() < TOL
@@ -139,7 +142,6 @@ def test_converted_olora_loads_and_unconverted_is_refused(tiny_model, tmp_path):
 
 REFUSED = {
     "init_lora_weights": ["pissa", "pissa_niter_4", "corda", "loftq", "lora_ga", "olora", "kaiming"],
-    "lora_bias": [True],
     "modules_to_save": [["lm_head"]],
     "trainable_token_indices": [[1, 2]],
     "layer_replication": [[[0, 2], [1, 2]]],
@@ -171,8 +173,7 @@ def test_unsupported_config_fields_are_refused_by_name(tiny_model, tmp_path, key
 
 def test_peft_made_unsupported_adapters_are_refused(tiny_model, tmp_path):
     """Real peft output, not an edited file: the fields are found where peft writes them."""
-    for name, config in {"pissa": {"init_lora_weights": "pissa"}, "lora_bias": {"lora_bias": True},
-                         "modules_to_save": {"modules_to_save": ["lm_head"]},
+    for name, config in {"pissa": {"init_lora_weights": "pissa"}, "modules_to_save": {"modules_to_save": ["lm_head"]},
                          "trainable_token_indices": {"trainable_token_indices": [1, 2]}}.items():
         peft_made(tiny_model, tmp_path / name, r=4, lora_alpha=8, target_modules=["q_proj"], **config)
         with pytest.raises(ModelError, match=name):
@@ -214,3 +215,22 @@ def test_inits_that_keep_the_base_load_as_saved(tiny_model, tmp_path, init):
     load_adapter(again, out)
     assert (logits(again) - logits(ours)).abs().max() == 0
     assert (peft_logits(tiny_model, out) - logits(ours)).abs().max() < TOL
+
+
+def test_lora_bias_merges_into_the_base_bias_as_peft(tmp_path):
+    from conftest import build_tiny_model
+
+    base = build_tiny_model(400)
+    base.config.attention_bias = True
+    base = type(base)(base.config).eval()  # q/k/v/o with biases
+    expected = peft_made(base, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                         lora_bias=True)
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "a")
+    bias = ours.get_submodule("model.layers.0.self_attn.q_proj").bias.clone()
+    merge_lora(ours)
+    assert (logits(ours) - expected).abs().max() < TOL
+    unmerge_lora(ours)
+    torch.testing.assert_close(ours.get_submodule("model.layers.0.self_attn.q_proj").bias, bias, atol=1e-7, rtol=0)
+    with pytest.raises(ModelError, match="lora_bias=true: its bias on lora_B is not a low-rank delta"):
+        combine_adapters([tmp_path / "a"], None, tmp_path / "c")

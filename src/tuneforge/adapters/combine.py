@@ -71,6 +71,10 @@ def read_factors(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, Factor
         raise ModelError(f"{directory / CONFIG_NAME}: use_dora=true: a DoRA adapter rescales each row of the whole "
                          "weight, so its change is not a low-rank delta and cannot be combined; merge it into the "
                          "base model instead (`tuneforge adapters merge`)")
+    if config.get("lora_bias"):
+        raise ModelError(f"{directory / CONFIG_NAME}: lora_bias=true: its bias on lora_B is not a low-rank delta "
+                         "and combine does not carry it; merge the adapter into the base model instead "
+                         "(`tuneforge adapters merge`)")
     weights_path = directory / WEIGHTS_NAME
     factors = {}
     for path, pair in _split_keys(_read_weights(directory), weights_path).items():

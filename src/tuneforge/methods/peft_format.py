@@ -5,7 +5,8 @@ a .gguf, a local folder as an absolute path, else the hub id); the reference the
 (``smollm2-135m``) is kept in ``tuneforge.json`` beside it, since peft warns about keys it does not know.
 
 PEFT's keys are ``base_model.model.<module path>.lora_A.weight`` ([r, in]) and ``.lora_B.weight``
-([out, r]), without the adapter name; a DoRA adapter adds ``.lora_magnitude_vector`` ([out]). Never
+([out, r]), without the adapter name; a DoRA adapter adds ``.lora_magnitude_vector`` ([out]), a
+``lora_bias`` adapter ``.lora_B.bias`` ([out]). Never
 unpickles: ``adapter_model.bin`` is refused.
 
 Every LoraConfig field is either reproduced or refused by name (``_REFUSED``, ``_WEIGHT_REWRITING_INITS``),
@@ -57,11 +58,12 @@ KEY_PREFIX = "base_model.model."
 # Files an adapter directory may hold; anything else makes save_adapter refuse to replace it.
 _OWN_FILES = {CONFIG_NAME, WEIGHTS_NAME, TUNEFORGE_NAME, "README.md"}
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitude, keyed without ".weight" by peft
+# Per-output-row vectors some adapters add: part name → (key suffix, the config flag that says they are there).
+_VECTORS = {"magnitude": (f".{MAGNITUDE}", "use_dora"), "bias": (".lora_B.bias", "lora_bias")}
 _MERGE_FIX = ("load it with peft, merge it there (`model.merge_and_unload()`), save the merged model and use that "
               "as the base model")
 # LoraConfig fields whose non-default value tuneforge does not reproduce: loading would change the outputs.
 _REFUSED = {
-    "lora_bias": "a bias on lora_B is not implemented",
     "modules_to_save": "full copies of other modules (e.g. lm_head) replace the base model's own",
     "trainable_token_indices": "trained rows of the embedding matrix replace the base model's own",
     "layer_replication": "the model's layers are repeated, which changes its architecture",
@@ -106,6 +108,9 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
     use_dora = {name in layer.lora_magnitude_vector for layer in layers.values()}
     if len(use_dora) > 1:
         raise ModelError(f"adapter {name!r} mixes DoRA and plain LoRA layers; PEFT cannot describe that")
+    lora_bias = {layer.lora_B[name].bias is not None for layer in layers.values()}
+    if len(lora_bias) > 1:
+        raise ModelError(f"adapter {name!r} mixes layers with and without a lora_B bias; PEFT cannot describe that")
     r = _most_common({p: layer.r[name] for p, layer in layers.items()})
     alpha = _most_common({p: layer.lora_alpha[name] for p, layer in layers.items()})
     parameters = target_parameter_names(model, layers)  # MoE experts/routers (lora_params)
@@ -136,7 +141,7 @@ def _adapter_config(model: nn.Module, layers: dict[str, LoRALinear], name: str, 
         "inference_mode": True,
         "init_lora_weights": True,
         "use_dora": use_dora.pop(),
-        "lora_bias": False,
+        "lora_bias": lora_bias.pop(),
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
@@ -253,9 +258,13 @@ def _refuse_unsupported(config: dict, path: Path) -> None:
     if init not in _PLAIN_INITS:
         raise ModelError(f"{path}: init_lora_weights={init!r} is not a LoRA initialization tuneforge knows; "
                          f"known: {', '.join(map(repr, _PLAIN_INITS + _WEIGHT_REWRITING_INITS))}")
-    if config.get("use_dora") and config.get("target_parameters"):
-        raise ModelError(f"{path}: use_dora with target_parameters is not supported (peft has no DoRA for bare "
-                         f"parameters either); {_MERGE_FIX}")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag) and config.get("target_parameters"):
+            raise ModelError(f"{path}: {flag} with target_parameters is not supported (peft has none for bare "
+                             f"parameters either); {_MERGE_FIX}")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise ModelError(f"{path}: use_dora with lora_bias is not a peft configuration (peft refuses it); re-save "
+                         "or re-download the adapter")
 
 
 def _is_rank(value) -> bool:
@@ -279,7 +288,7 @@ def _check_values(config: dict, path: Path) -> None:
     dropout = config.get("lora_dropout") or 0.0
     if not (isinstance(dropout, int | float) and not isinstance(dropout, bool) and 0 <= dropout < 1):
         raise bad("lora_dropout", "dropout must be a number in [0, 1), e.g. 0.05")
-    for key in ("use_rslora", "use_dora", "inference_mode"):
+    for key in ("use_rslora", "use_dora", "lora_bias", "inference_mode"):
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise bad(key, "give true or false")
     if not isinstance(config.get("base_model_name_or_path") or "", str):
@@ -345,8 +354,9 @@ def _read_shapes(adapter_dir: Path) -> dict[str, list[int]]:
 
 
 def _split_keys(weights: Mapping, path: Path) -> dict[str, dict]:
-    """module path → {"lora_A": value, "lora_B": value[, "magnitude": value]} (tensors or shapes)."""
-    parts = {f".{p}.weight": p for p in ("lora_A", "lora_B")} | {f".{MAGNITUDE}": "magnitude"}
+    """module path → {"lora_A": value, "lora_B": value[, "magnitude": value][, "bias": value]} (tensors or
+    shapes)."""
+    parts = {f".{p}.weight": p for p in ("lora_A", "lora_B")} | {suffix: p for p, (suffix, _) in _VECTORS.items()}
     pairs: dict[str, dict] = {}
     for key, tensor in weights.items():
         name = key.removeprefix(KEY_PREFIX)
@@ -357,7 +367,7 @@ def _split_keys(weights: Mapping, path: Path) -> dict[str, dict]:
         else:
             raise ModelError(
                 f"{path}: unexpected key {key!r}; tuneforge loads LoRA and DoRA weights of Linear layers only "
-                f"(keys ending in .lora_A.weight / .lora_B.weight / .{MAGNITUDE})"
+                f"(keys ending in .lora_A.weight / .lora_B.weight / .lora_B.bias / .{MAGNITUDE})"
             )
     for module, pair in pairs.items():
         for part in ("lora_A", "lora_B"):
@@ -402,25 +412,18 @@ def selects(config: dict, path: str, targets: str | Sequence[str] | None = None)
 def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_path: Path) -> dict[str, dict]:
     """Check the weights' keys and shapes against the adapter's config (no model needed).
 
-    Returns module path → {"lora_A": shape, "lora_B": shape[, "magnitude": shape]}; ModelError naming the
-    file and key otherwise.
+    Returns module path → {"lora_A": shape, "lora_B": shape[, "magnitude": shape][, "bias": shape]};
+    ModelError naming the file and key otherwise.
     """
     pairs = _split_keys(shapes, weights_path)
     targets = config.get("target_modules")
-    use_dora = bool(config.get("use_dora"))
     for module, pair in pairs.items():
         key = KEY_PREFIX + module
         for part in ("lora_A", "lora_B"):
             if len(pair[part]) != 2:
                 raise ModelError(f"{weights_path}: {key}.{part}.weight has shape {list(pair[part])}; LoRA weights "
                                  "are matrices (2 dims): re-save or re-download the adapter")
-        if use_dora != ("magnitude" in pair):
-            what = f"{key}.{MAGNITUDE} is missing" if use_dora else f"{key}.{MAGNITUDE} is there"
-            raise ModelError(f"{weights_path}: {CONFIG_NAME} gives use_dora={use_dora} but {what}; the config and "
-                             "the weights do not belong together")
-        if use_dora and list(pair["magnitude"]) != [pair["lora_B"][0]]:
-            raise ModelError(f"{weights_path}: {key}.{MAGNITUDE} has shape {list(pair['magnitude'])}; DoRA needs "
-                             f"one magnitude per output row, [{pair['lora_B'][0]}]: re-save or re-download the adapter")
+        _check_vectors(pair, config, weights_path, key)
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
         param = is_param_key(module, config.get("target_parameters"))  # experts: r·E; checked with the model
@@ -436,6 +439,19 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_pat
                              f"{CONFIG_NAME}{_selection_detail(config)}; the config and the weights do not belong "
                              "together")
     return {module: {part: list(shape) for part, shape in pair.items()} for module, pair in pairs.items()}
+
+
+def _check_vectors(pair: dict, config: dict, weights_path: Path, key: str) -> None:
+    """DoRA magnitudes and lora_B biases: there exactly when the config says so, one value per output row."""
+    for part, (suffix, flag) in _VECTORS.items():
+        wanted = bool(config.get(flag))
+        if wanted != (part in pair):
+            what = f"{key}{suffix} is missing" if wanted else f"{key}{suffix} is there"
+            raise ModelError(f"{weights_path}: {CONFIG_NAME} gives {flag}={wanted} but {what}; the config and "
+                             "the weights do not belong together")
+        if wanted and list(pair[part]) != [pair["lora_B"][0]]:
+            raise ModelError(f"{weights_path}: {key}{suffix} has shape {list(pair[part])}; it needs one value per "
+                             f"output row, [{pair['lora_B'][0]}]: re-save or re-download the adapter")
 
 
 def _selection_detail(config: dict) -> str:
@@ -495,7 +511,7 @@ def load_adapter(
     for path, pair in pairs.items():
         for part, tensor in pair.items():
             if not tensor.is_floating_point():
-                key = f"{path}.{MAGNITUDE}" if part == "magnitude" else f"{path}.{part}.weight"
+                key = path + (_VECTORS[part][0] if part in _VECTORS else f".{part}.weight")
                 raise ModelError(f"{weights_path}: {KEY_PREFIX}{key} has dtype {tensor.dtype}; LoRA weights are "
                                  "floating point: re-save or re-download the adapter")
     for path in pairs:
@@ -530,7 +546,7 @@ def load_adapter(
                         {t: _pattern_value(config.get("alpha_pattern"), ".".join(t), config["lora_alpha"])
                          for t in param_targets}, bool(config.get("use_rslora")))
     names = add_lora(model, pairs, adapter_name, ranks, alphas, config.get("lora_dropout") or 0.0,
-                     bool(config.get("use_rslora")), bool(config.get("use_dora")))
+                     bool(config.get("use_rslora")), bool(config.get("use_dora")), bool(config.get("lora_bias")))
     pairs |= param_pairs
     with torch.no_grad():
         for path, pair in pairs.items():
@@ -538,6 +554,8 @@ def load_adapter(
             params = {"lora_A": layer.lora_A[adapter_name].weight, "lora_B": layer.lora_B[adapter_name].weight}
             if "magnitude" in pair:
                 params["magnitude"] = layer.lora_magnitude_vector[adapter_name]
+            if "bias" in pair:
+                params["bias"] = layer.lora_B[adapter_name].bias
             for part, param in params.items():
                 param.copy_(pair[part])
                 param.requires_grad_(trainable)
