@@ -1,7 +1,16 @@
 import torch
 
 from tuneforge.data.conversation import Message
-from tuneforge.models.generate import encode_prompts, generate, left_pad, render_chat, stop_token_ids
+from tuneforge.models.generate import (
+    Decoding,
+    RowSampler,
+    encode_prompts,
+    generate,
+    left_pad,
+    render_chat,
+    stop_token_ids,
+    supports_tools,
+)
 
 CHATS = [
     [Message("user", "Hello world")],
@@ -85,3 +94,73 @@ def test_restores_training_mode(tiny_model, tiny_tokenizer):
     tiny_model.train()
     generate(tiny_model, tiny_tokenizer, ["Hello"], max_new_tokens=2)
     assert tiny_model.training
+
+
+def step(rows, scores, generated, constraints=None):
+    """One RowSampler step over fake scores; ``generated``: the tokens each row produced so far."""
+    sampler = RowSampler(rows, prompt_width=1, constraints=constraints)
+    ids = torch.tensor([[0] + g for g in generated])
+    out = sampler(ids, scores.clone())
+    return sampler, out
+
+
+def test_row_sampler_applies_bias_penalties_and_reports_logprobs():
+    scores = torch.tensor([[0.0, 1.0, 2.0, 0.5, -1.0]] * 3)
+    rows = [Decoding(top_logprobs=2),
+            Decoding(logit_bias={0: 5.0}, top_logprobs=0),
+            Decoding(frequency_penalty=0.5, presence_penalty=1.0, top_logprobs=5)]
+    sampler, out = step(rows, scores, [[2, 2], [2, 2], [2, 2]])
+    assert [int(r.argmax()) for r in out] == [2, 0, 1]
+    assert torch.isinf(out).sum(1).tolist() == [4, 4, 4]  # one finite score per row: HF's greedy takes it
+    expected = torch.log_softmax(scores[0], -1)
+    assert sampler.last[0].token == 2 and abs(sampler.last[0].logprob - expected[2].item()) < 1e-6
+    assert [t for t, _ in sampler.last[0].top] == [2, 1]
+    assert sampler.last[1].top == [] and abs(sampler.last[1].logprob - torch.log_softmax(
+        scores[0] + torch.tensor([5.0, 0, 0, 0, 0]), -1)[0].item()) < 1e-6
+    adjusted = scores[0] - torch.tensor([0, 0, 0.5 * 2 + 1.0, 0, 0])  # token 2 seen twice
+    assert [round(lp, 5) for _, lp in sampler.last[2].top] == [
+        round(v, 5) for v in torch.log_softmax(adjusted, -1).sort(descending=True).values.tolist()]
+
+
+def test_row_sampler_seeds_each_row_and_top_p_keeps_the_nucleus():
+    scores = torch.zeros(4, 50)
+    scores[:, 7] = 3.0  # token 7 holds most of the mass: top_p 0.1 keeps only it
+    rows = [Decoding(temperature=1.0, seed=5), Decoding(temperature=1.0, seed=5), Decoding(temperature=1.0, seed=6),
+            Decoding(temperature=1.0, top_p=0.1, seed=5)]
+    picks = [[int(r.argmax()) for r in step(rows, scores, [[]] * 4)[1]] for _ in range(20)]
+    assert all(p[0] == p[1] for p in picks)  # the same seed in two rows of one batch: the same draws
+    assert any(p[0] != p[2] for p in picks)  # another seed: other draws
+    assert all(p[3] == 7 for p in picks)
+
+
+class OnlyEven:
+    """A constraint allowing even token ids; records what it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def allowed(self, vocab_size):
+        return torch.arange(vocab_size) % 2 == 0
+
+    def advance(self, token):
+        self.seen.append(token)
+
+
+def test_row_sampler_follows_the_constraint_and_skips_finished_rows():
+    scores = torch.tensor([[0.0, 9.0, 1.0, 8.0]] * 2)
+    c = OnlyEven()
+    sampler = RowSampler([Decoding(top_logprobs=1), Decoding()], prompt_width=1, constraints=[c, None])
+    out = sampler(torch.tensor([[0], [0]]), scores.clone())
+    assert [int(r.argmax()) for r in out] == [2, 1] and c.seen == [2]
+    # the mask renormalizes over the even tokens 0 and 2
+    assert abs(sampler.last[0].logprob - torch.log_softmax(torch.tensor([0.0, 1.0]), -1)[1].item()) < 1e-6
+    sampler.finished.add(0)
+    sampler(torch.tensor([[0, 2], [0, 1]]), scores.clone())
+    assert c.seen == [2]  # a finished row's constraint is not advanced
+
+
+def test_supports_tools_reads_the_template(tiny_tokenizer):
+    assert not supports_tools(tiny_tokenizer)  # ChatML without a tools block
+    tiny_tokenizer.chat_template = ("{% for t in tools %}{{ t.function.name }}{% endfor %}"
+                                    "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert supports_tools(tiny_tokenizer)

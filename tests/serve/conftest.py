@@ -57,8 +57,8 @@ def start_server(tiny_model_dir, adapters_dir):
 
     def start(**options) -> Server:
         # scan_interval_s=0: no background rescans, so changes are seen through request-time rescans only
-        options = {"port": 0, "scan_interval_s": 0, **options}
-        servers.append(Server(ServeOptions(model=str(tiny_model_dir), adapters=str(adapters_dir), **options)))
+        options = {"model": str(tiny_model_dir), "port": 0, "scan_interval_s": 0, **options}
+        servers.append(Server(ServeOptions(adapters=str(adapters_dir), **options)))
         return servers[-1].start()
 
     yield start

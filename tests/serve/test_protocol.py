@@ -85,3 +85,64 @@ def test_partial_characters_wait_and_limits_finish():
     row.push(5)
     row.push(99)  # a stop token ends the row and is not counted
     assert events(job) == [(TEXT, "x"), (DONE, ("stop", 1))]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"temperature": -0.1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"presence_penalty": -2.01}, "presence_penalty"),
+    ({"frequency_penalty": 3}, "frequency_penalty"), ({"frequency_penalty": "1"}, "frequency_penalty"),
+    ({"n": 129}, "n"), ({"n": 1.0}, "n"), ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": [1]}, "logit_bias"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": 1}, "logprobs"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+    ({"tools": []}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "maybe"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"user": "u1"}, "user"), ({"functions": [{"name": "f"}]}, "functions"), ({"store": True}, "store"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, "messages"),
+])
+def test_chat_range_checks_name_the_parameter(extra, param):
+    with pytest.raises(APIError) as e:
+        parse_chat(chat(**extra), 32)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logprobs": 6}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"echo": True}, "echo"),
+    ({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"), ({"response_format": {"type": "json_object"}},
+                                                                 "response_format"),
+    ({"n": 40, "prompt": ["a", "b"]}, "n"), ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_completion_range_checks_name_the_parameter(extra, param):
+    with pytest.raises(APIError) as e:
+        parse_completion({"model": "m", "prompt": "x", **extra}, 32)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_accepted_parameters_reach_the_sampler():
+    req = parse_chat(chat(temperature=0.5, top_p=0.9, presence_penalty=-1, frequency_penalty=1.5, seed=-3, n=3,
+                          logit_bias={"7": -100, "9": 2.5}, logprobs=True, top_logprobs=4, stop="x",
+                          user=None, response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "p", "schema": {"type": "array"}}}), 32)
+    s = req.sampling
+    assert (s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.stop) == (
+        0.5, 0.9, -1.0, 1.5, -3, ["x"])
+    assert (s.logit_bias, s.top_logprobs, req.n, req.logprobs, req.json_schema) == (
+        {7: -100.0, 9: 2.5}, 4, 3, True, {"type": "array"})
+    assert parse_chat(chat(response_format={"type": "json_object"}), 32).json_schema == {"type": "object"}
+    assert parse_chat(chat(logprobs=False), 32).sampling.top_logprobs is None
+    assert parse_chat(chat(logprobs=True), 32).sampling.top_logprobs == 0
+    assert parse_completion({"model": "m", "prompt": "x", "logprobs": 0}, 32).sampling.top_logprobs == 0
+    tools = parse_chat(chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="none"), 32).tools
+    assert tools is None  # 'none': the tools are neither shown nor parsed

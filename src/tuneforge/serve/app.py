@@ -440,15 +440,16 @@ class Handler(BaseHTTPRequestHandler):
                 completion += count
         for answer, chosen in zip(answers, picks, strict=True):
             if req.logprobs:
-                answer.logprobs = self._logprobs(req, chosen)
+                answer.logprobs = self._logprobs(req, chosen)[0]
             if req.tools is not None:
                 self._tool_calls(req, answer)
         self._json(200, completion_body(req, new_id(req.chat), answers, usage(prompt_tokens, completion)))
 
-    def _logprobs(self, req: ParsedRequest, chosen: list, offset: int = 0) -> dict:
+    def _logprobs(self, req: ParsedRequest, chosen: list, before: bytes = b"") -> tuple[dict, bytes]:
+        """The endpoint's logprobs object for ``chosen`` and the answer's bytes after them (see completion_logprobs)."""
         if req.chat:
-            return chat_logprobs(chosen, self.app.token_bytes)
-        return completion_logprobs(chosen, self.app.token_bytes, offset)
+            return chat_logprobs(chosen, self.app.token_bytes), b""
+        return completion_logprobs(chosen, self.app.token_bytes, before)
 
     @staticmethod
     def _tool_calls(req: ParsedRequest, answer: Answer) -> None:
@@ -471,7 +472,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._sse(chunk_body(req, rid, index, None, first=True))
         held = [Answer() for _ in range(rows)]
         picks: list[list] = [[] for _ in range(rows)]
-        offsets = [0] * rows  # characters sent per choice, for the legacy text_offset
+        sent = [b""] * rows  # each choice's bytes so far, for the legacy text_offset
         try:
             for index, kind, payload in _chain(first, events):
                 if kind == TEXT and req.tools is not None:
@@ -479,8 +480,9 @@ class Handler(BaseHTTPRequestHandler):
                     picks[index] += payload[1]
                 elif kind == TEXT:
                     text, chosen = payload
-                    logprobs = self._logprobs(req, chosen, offsets[index]) if req.logprobs else None
-                    offsets[index] += len(text)
+                    logprobs = None
+                    if req.logprobs:
+                        logprobs, sent[index] = self._logprobs(req, chosen, sent[index])
                     self._sse(chunk_body(req, rid, index, text, logprobs=logprobs))
                 elif kind == DONE:
                     finish, count = payload
@@ -490,7 +492,7 @@ class Handler(BaseHTTPRequestHandler):
                         answer.finish = finish
                         self._tool_calls(req, answer)
                         finish = answer.finish
-                        logprobs = self._logprobs(req, picks[index]) if req.logprobs else None
+                        logprobs = self._logprobs(req, picks[index])[0] if req.logprobs else None
                         self._sse(chunk_body(req, rid, index, answer.text, logprobs=logprobs,
                                              tool_calls=answer.tool_calls))
                     self._sse(chunk_body(req, rid, index, None, finish))

@@ -70,12 +70,16 @@ def chat_logprobs(choices: list[Choice], tokens: TokenBytes) -> dict:
                         for c in choices], "refusal": None}
 
 
-def completion_logprobs(choices: list[Choice], tokens: TokenBytes, offset: int = 0) -> dict:
-    """``choices[].logprobs`` of /v1/completions; ``text_offset`` counts characters from ``offset``."""
-    texts = [tokens.text(c.token) for c in choices]
+def completion_logprobs(choices: list[Choice], tokens: TokenBytes, before: bytes = b"") -> tuple[dict, bytes]:
+    """``choices[].logprobs`` of /v1/completions and the answer's bytes so far (``before`` plus these tokens').
+
+    ``text_offset`` is where each token starts in the answer's text, in characters; a token that
+    continues a character points at that character's start.
+    """
     offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": texts, "token_logprobs": [c.logprob for c in choices],
+    for c in choices:
+        offsets.append(len(before.decode("utf-8", errors="ignore")))
+        before += tokens(c.token)
+    wire = {"tokens": [tokens.text(c.token) for c in choices], "token_logprobs": [c.logprob for c in choices],
             "top_logprobs": [{tokens.text(t): lp for t, lp in c.top} for c in choices], "text_offset": offsets}
+    return wire, before
