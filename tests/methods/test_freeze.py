@@ -1,6 +1,7 @@
 """Partial fine-tuning: which blocks and parameters train."""
 
 import pytest
+import torch
 
 from tuneforge.errors import ConfigError
 from tuneforge.methods.freeze import apply_freeze, find_decoder_layers, freeze_summary
@@ -62,3 +63,27 @@ def test_errors(tiny_model, kwargs, message):
 def test_find_decoder_layers(tiny_model):
     path, layers = find_decoder_layers(tiny_model)
     assert path == "model.layers" and len(layers) == 2
+
+
+@pytest.mark.parametrize("family, path", [
+    ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers"), ("falcon", "transformer.h"),
+    ("bloom", "transformer.h"), ("mpt", "transformer.blocks"), ("opt", "model.decoder.layers"),
+    ("mixtral", "model.layers"), ("gpt_oss", "model.layers"),
+])
+def test_layer_indices_select_the_blocks_of_every_family(family, path):
+    from tiny_families import tiny
+
+    model = tiny(family)
+    assert find_decoder_layers(model)[0] == path
+    names = apply_freeze(model, layers=[-1])
+    assert names and all(n.startswith(f"{path}.1.") for n in names)
+    assert trainable(model) == {n for n, _ in model.named_parameters() if n.startswith(f"{path}.1.")}
+    assert f"trainable blocks ({path}, 2 total): [1]" in freeze_summary(model)
+
+
+def test_unlisted_architecture_finds_transformers_decoder_blocks(tiny_model):
+    # a block list under a name tuneforge does not know is found by transformers' own block class
+    tiny_model.model.blocks_renamed = tiny_model.model.layers
+    del tiny_model.model.layers
+    tiny_model.model.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(5)])  # longer, not blocks
+    assert find_decoder_layers(tiny_model)[0] == "model.blocks_renamed"

@@ -24,8 +24,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if isinstance(layers, nn.ModuleList):
             return path, layers
-    # Unknown architecture: the longest ModuleList is the stack of blocks.
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    # Another architecture: the list of transformers' decoder blocks (the classes it never splits across
+    # devices), else the longest ModuleList.
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for name, layers in lists:
+        if type(layers[0]).__name__ in blocks:
+            return name, layers
     if not lists:
         raise ConfigError(
             "freeze: this model has no list of decoder layers; select parameters with patterns instead "
