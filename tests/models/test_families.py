@@ -29,6 +29,7 @@ from tuneforge.data.conversation import Tokenized
 from tuneforge.data.packing import collate, no_pack, pack
 from tuneforge.errors import TuneforgeError
 from tuneforge.models.generate import generate
+from tuneforge.train.attention import packing_refusal
 from tuneforge.train.loop import train
 from tuneforge.train.step import CausalLMLoss, batch_loss
 
@@ -85,7 +86,8 @@ def write_results():
     yield
     out = os.environ.get("TUNEFORGE_FAMILY_MATRIX")
     if out:
-        Path(out).write_text(json.dumps({"families": list(FAMILIES), "results": RESULTS}, indent=1))
+        families = {name: model_type for name, (model_type, _) in FAMILIES.items()}
+        Path(out).write_text(json.dumps({"families": families, "results": RESULTS}, indent=1, ensure_ascii=False))
 
 
 def tiny_config(family: str, tokenizer):
@@ -166,7 +168,7 @@ def test_packed_loss_equals_unpacked(family, built):
             (a, n_a), (b, n_b) = batch_loss(loss_model, only_i), batch_loss(loss_model, alone)
         assert n_a == n_b
         torch.testing.assert_close(a, b, **TOL)
-    record(family, "packing", "exact")
+    record(family, "packing", "exact" if packing_refusal(model) is None else "✓ unpacked")  # one example per row
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -147,3 +147,15 @@ def test_alibi_models_refuse_packed_masks_and_say_they_unpack(capsys):
         attention_mask(bloom, _seq_ids(), torch.device("cpu"))
     assert use_document_attention(bloom, torch.device("cpu")) is False
     assert "each example gets its own padded row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type, extra", [("qwen3_next", {"num_experts": 2}), ("jamba", {"num_experts": 2}),
+                                               ("recurrent_gemma", {}), ("mamba", {})])
+def test_layers_no_mask_confines_refuse_packing(model_type, extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, **extra)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert "which no attention mask confines" in packing_refusal(model)

@@ -66,11 +66,8 @@ def attention_layout(model: torch.nn.Module) -> AttentionLayout:
     if getattr(config, "use_sliding_window", True) is False:
         window = None
     if _takes_mask_per_layer_type(base):
-        kinds = set(getattr(config, "layer_types", None) or [FULL])
-        windows = {kind: window if kind == SLIDING else None for kind in kinds}
-        other = sorted(kinds - {FULL, SLIDING})
-        refusal = f"its layers include {', '.join(other)}" if other else None
-        return AttentionLayout(windows, refusal or _packing_refusal(model))
+        kinds = set(getattr(config, "layer_types", None) or [FULL]) & {FULL, SLIDING}
+        return AttentionLayout({kind: window if kind == SLIDING else None for kind in kinds}, _packing_refusal(model))
     shared = window if _source_mentions(base, "create_sliding_window_causal_mask") else None
     return AttentionLayout({SHARED: shared}, _packing_refusal(model))
 
@@ -80,8 +77,18 @@ def packing_refusal(model: torch.nn.Module) -> str | None:
     return attention_layout(model).refusal
 
 
+# config keys that list each layer's kind, and the kinds that are attention (or attention's MLP) under a mask
+_LAYER_KIND_KEYS = ("layer_types", "block_types", "layers_block_type")
+_MASKED_KINDS = {FULL, SLIDING, "attention", "moe", "mlp"}
+
+
 def _packing_refusal(model: torch.nn.Module) -> str | None:
     config = model.config
+    kinds = {kind for key in _LAYER_KIND_KEYS for kind in (getattr(config, key, None) or [])}
+    if kinds - _MASKED_KINDS:
+        return f"its layers include {', '.join(sorted(kinds - _MASKED_KINDS))}, which no attention mask confines"
+    if any(key.startswith(("mamba", "ssm", "linear_")) for key in config.to_dict()):
+        return "it has state-space or linear-attention layers, which no attention mask confines"
     attn_config = getattr(config, "attn_config", None)
     if (getattr(config, "alibi", False) or getattr(attn_config, "alibi", False)
             or config.model_type == "bloom"):
