@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+if "--run-case" in sys.argv and sys.argv[sys.argv.index("--run-case") + 1].startswith("unsloth"):
+    import unsloth  # noqa: F401  (before transformers, which it patches)
 
 import bench_runner  # noqa: E402
 import torch  # noqa: E402
@@ -77,6 +79,9 @@ class Case:
     steps: int = 5
     optional: bool = False
     seconds: int = 45
+    precision: str = "bf16"  # ours, lora: the frozen base in bf16 or fp8 (method.lora.base_precision)
+    compile: bool = False  # ours: train.compile (each decoder layer torch.compiled)
+    weights: str = "fp32_master"  # ours, full: train.weights (bf16_kahan: bf16 weights, compensated AdamW)
 
 
 CASES = [
@@ -103,6 +108,22 @@ CASES = [
     Case("ours-8b-p3", "ours", "llama-3-8b", workload="p3", seconds=60),
     Case("ours-8b-p3-dense", "ours", "llama-3-8b", workload="p3", optional=True, seconds=60),
     Case("profile-ours-8b-lora", "ours", "llama-3-8b", warmup=2, steps=2, optional=True),
+    # speed work, each change on its own: an FP8 base, compiled decoder layers, both
+    Case("ours-8b-lora-fp8", "ours", "llama-3-8b", liger=True, precision="fp8"),
+    Case("ours-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90),
+    Case("ours-8b-lora-fp8-compile", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3, seconds=90),
+    Case("ours-8b-p3-liger", "ours", "llama-3-8b", workload="p3", liger=True, seconds=60),
+    Case("ours-8b-p3-fp8", "ours", "llama-3-8b", workload="p3", liger=True, precision="fp8", seconds=60),
+    Case("ours-1b-full-kahan", "ours", "llama-3.2-1b", method="full", batch=8, liger=True, weights="bf16_kahan"),
+    Case("ours-1b-full-kahan-compile", "ours", "llama-3.2-1b", method="full", batch=8, weights="bf16_kahan",
+         compile=True, seconds=90),
+    Case("peer-8b-qlora-liger-off", "peer", "llama-3-8b", method="qlora", recompute="off", liger=True),
+    # Unsloth (unsloth + unsloth_zoo from .whl/unsloth, loaded from a random HF directory of the same weights)
+    Case("unsloth-8b-lora", "unsloth", "llama-3-8b", recompute="off", seconds=120),
+    Case("unsloth-8b-lora-on", "unsloth", "llama-3-8b", recompute="on", seconds=90),
+    Case("unsloth-8b-qlora", "unsloth", "llama-3-8b", method="qlora", recompute="off", seconds=120),
+    Case("unsloth-8b-qlora-on", "unsloth", "llama-3-8b", method="qlora", recompute="on", seconds=120),
+    Case("unsloth-8b-p3", "unsloth", "llama-3-8b", recompute="off", workload="p3", batch=16, seconds=90),
 ]
 COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "peer-8b-lora-liger-off"),
            ("ours-8b-lora", "peer-8b-lora-off"), ("ours-1b-full-liger", "peer-1b-full-liger-off"),
@@ -112,7 +133,19 @@ COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "p
            ("ours-8b-qlora", "peer-8b-qlora-liger"), ("ours-8b-qlora-liger", "peer-8b-qlora-liger"),
            ("ours-8b-qlora-offload", "peer-8b-qlora-liger"), ("ours-8b-qlora", "peer-8b-qlora"),
            ("ours-1b-full", "peer-1b-full-liger"), ("ours-1b-full-liger", "peer-1b-full-liger"),
-           ("ours-1b-full", "peer-1b-full"), ("ours-8b-p3", "peer-8b-p3"), ("ours-8b-p3-dense", "peer-8b-p3")]
+           ("ours-1b-full", "peer-1b-full"), ("ours-8b-p3", "peer-8b-p3"), ("ours-8b-p3-dense", "peer-8b-p3"),
+           ("ours-8b-lora-fp8", "peer-8b-lora-liger-off"), ("ours-8b-lora-compile", "peer-8b-lora-liger-off"),
+           ("ours-8b-lora-fp8-compile", "peer-8b-lora-liger-off"), ("ours-8b-lora-liger", "unsloth-8b-lora"),
+           ("ours-8b-lora-fp8", "unsloth-8b-lora"), ("ours-8b-lora-fp8-compile", "unsloth-8b-lora"),
+           ("ours-8b-lora-compile", "unsloth-8b-lora"), ("ours-8b-qlora-offload", "unsloth-8b-qlora"),
+           ("ours-8b-qlora-liger", "unsloth-8b-qlora"), ("ours-8b-qlora-liger", "peer-8b-qlora-liger-off"),
+           ("ours-8b-p3-liger", "unsloth-8b-p3"), ("ours-8b-p3-fp8", "unsloth-8b-p3"),
+           ("ours-8b-p3-liger", "peer-8b-p3"), ("ours-8b-p3-fp8", "peer-8b-p3"),
+           ("ours-1b-full-kahan", "peer-1b-full-liger-off"), ("ours-1b-full-kahan-compile", "peer-1b-full-liger-off"),
+           ("ours-1b-full-kahan", "peer-1b-full-liger")]
+# cases measured again after all others (round 2, interleaved): each figure is the median with the range
+ROUND_TWO = ["peer-8b-lora-liger-off", "ours-8b-lora-liger", "ours-8b-lora-fp8", "ours-8b-lora-compile",
+             "ours-8b-lora-fp8-compile", "unsloth-8b-lora"]
 
 
 # --- workload ------------------------------------------------------------------------------------
@@ -219,9 +252,60 @@ def build_peer_dense(cfg: dict, method: str, device: torch.device):
     return get_peft_model(model, config)
 
 
+def random_model_dir(cfg: dict, device: torch.device) -> Path:
+    """The seeded random weights every case uses, saved once as an HF directory (with SmolLM2's tokenizer, from
+    ``.bench/tokenizer``) for what loads only from disk: Unsloth, and ``tuneforge train``."""
+    import shutil
+
+    from tuneforge.quant.linear4bit import set_submodule
+
+    path = Path(os.environ.get("TF_RANDOM_DIR", "/tmp")) / f"random-{cfg['num_hidden_layers']}l-{cfg['hidden_size']}"
+    if (path / "done").exists():
+        return path
+    model = skeleton(cfg, torch.bfloat16)
+    materialize_dense(model, device, torch.bfloat16)
+    for name, w in decoder_weights(model, device):
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        set_submodule(model, name, layer)
+    model.save_pretrained(path, max_shard_size="5GB")
+    for f in (ROOT / ".bench" / "tokenizer").iterdir():
+        shutil.copy(f, path / f.name)
+    (path / "done").write_text("")
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def build_unsloth(case: Case, cfg: dict, device: torch.device):
+    """Unsloth's FastLanguageModel on the same weights, its LoRA on the 7 projections (dropout 0, no bias: its fast
+    LoRA kernels), its own checkpointing (``"unsloth"``, offloaded) for ``recompute="on"``."""
+    from unsloth import FastLanguageModel
+
+    path = random_model_dir(cfg, device)
+    t0 = time.perf_counter()
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=case.seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=case.method == "qlora")
+    model.unsloth_load_s = time.perf_counter() - t0
+    return FastLanguageModel.get_peft_model(model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                            target_modules=list(PROJECTIONS), bias="none", random_state=0,
+                                            use_gradient_checkpointing="unsloth" if case.recompute == "on" else False)
+
+
 def build(case: Case, cfg: dict, device: torch.device):
+    if case.impl == "unsloth":
+        return build_unsloth(case, cfg, device)
     if case.impl == "ours":
-        return build_ours(cfg, case.method, device)
+        model = build_ours(cfg, case.method, device)
+        if case.precision == "fp8":
+            from tuneforge.quant.fp8 import to_fp8_base
+
+            model.fp8_layers = to_fp8_base(model, device)
+        if case.weights != "fp32_master":
+            from tuneforge.train.optimizer import to_bf16_weights
+
+            to_bf16_weights(model)
+        return model
     if case.liger:  # before the model's classes are used: Liger patches them (loss included)
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
@@ -243,13 +327,17 @@ def step_fn(case: Case, model, device: torch.device, recompute: str):
     """One optimizer step on a batch, returning its loss: ``train_step`` for ours, HF's loss for the peer."""
     amp = torch.bfloat16 if device.type == "cuda" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5 if case.method == "full" else 2e-4, fused=device.type == "cuda")
+    lr = 1e-5 if case.method == "full" else 2e-4
+    opt = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
     if case.impl == "ours":
+        from tuneforge.train.optimizer import build_optimizer
+
+        opt = build_optimizer(params, lr, 0.0, case.weights, "fp32", device)
         offload = OffloadedActivations() if recompute == "offload" else None
         loss_model = CausalLMLoss(model, LOSS_CHUNK, amp, offload)
         return lambda batch: train_step(loss_model, [batch], opt, max_grad_norm=1.0).loss
 
-    def peer(batch):
+    def peer(batch):  # HF+PEFT and Unsloth: the model's own loss (Unsloth's is its fused cross-entropy)
         kw = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask") if k in batch}
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model(**kw, use_cache=False).loss
@@ -277,9 +365,13 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         recomputation.enable(model, recompute)
         if case.liger:
             apply_kernels(model, "liger", device)
+        if case.compile:
+            from tuneforge.train.kernels import compile_layers
+
+            compile_layers(model, device, "eager" if smoke else "inductor")
         if case.workload == "p3" and not case.name.endswith("dense"):
             out["attention"] = "flex" if use_document_attention(model, device) else "sdpa"
-    elif recompute == "on":
+    elif recompute == "on" and case.impl == "peer":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out["recompute"] = recompute
     model.train()
@@ -290,9 +382,9 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         out["workload"] = {"examples": len(examples), "batches": len(batches),
                            "real_tokens": sum(b["real"] for b in batches),
                            "padded_tokens": sum(b["input_ids"].numel() for b in batches)}
-        warm, timed = batches[:case.warmup], batches
+        warm, timed = batches, batches  # the first pass (compilation included) is the first-call figure
     else:
-        b = fixed_batch(cfg, batch, seq, case.impl)
+        b = fixed_batch(cfg, batch, seq, "ours" if case.impl == "ours" else "peer")
         warm, timed = [b] * (1 if smoke else case.warmup), [b] * (2 if smoke else case.steps)
     sync(device)
     if device.type == "cuda":
@@ -300,7 +392,15 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         out["weights_gib"] = gib(device, "memory_allocated")
         torch.cuda.reset_peak_memory_stats(device)
     step = step_fn(case, model, device, recompute)
-    losses = [step(b) for b in warm]
+    losses, warm_s = [], []
+    for b in warm:  # compile and warm-up, timed on their own
+        t1 = time.perf_counter()
+        losses.append(step(b))
+        sync(device)
+        warm_s.append(time.perf_counter() - t1)
+    out["warmup_s"] = warm_s
+    if case.workload == "p3":
+        out["first_call_tokens_per_s"] = sum(b["real"] for b in warm) / sum(warm_s)
     if case.name.startswith("profile"):
         out.update(profile(step, timed, device))
     sync(device)
@@ -309,6 +409,13 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     sync(device)
     seconds = time.perf_counter() - t1
     real = sum(b["real"] for b in timed)
+    if case.workload == "fixed":  # per-step times: the spread within the call
+        out["step_s"] = []
+        for b in timed[:3]:
+            t1 = time.perf_counter()
+            step(b)
+            sync(device)
+            out["step_s"].append(time.perf_counter() - t1)
     n_params = model_params(cfg)
     attention = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * mean_context(timed)
     flops_tok = (6 if case.method == "full" else 4) * n_params + attention
@@ -392,11 +499,35 @@ def run_all(args: argparse.Namespace) -> dict:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     def command(case: Case, path: Path) -> list[str]:
-        return [sys.executable, *bench_runner.child_args(__file__, case, path, args, ("smoke", "layers"))]
+        child = [sys.executable, *bench_runner.child_args(__file__, case, path, args, ("smoke", "layers"))]
+        if case.impl != "unsloth":
+            return child
+        # Unsloth's packages (and the trl version it pins) only in its own processes; no hub, no statistics calls
+        site = os.environ.get("UNSLOTH_SITE", "/tmp/site_unsloth")
+        return ["env", f"PYTHONPATH={site}:{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE=1",
+                "TRANSFORMERS_OFFLINE=1", "UNSLOTH_DISABLE_STATISTICS=1", *child]
 
-    return bench_runner.run_cases(args, "speed_gpu.py", bench_runner.environment(["liger-kernel"]),
-                                  bench_runner.selected(CASES, args.cases), command, summary_line, markdown,
-                                  lambda cases: {"comparisons": compare(cases)}, reserve=25)
+    cases = bench_runner.selected(CASES, args.cases)
+    cases += [c for c in cases if c.name in ROUND_TWO and args.rounds > 1]
+    return bench_runner.run_cases(args, "speed_gpu.py", bench_runner.environment(["liger-kernel", "unsloth"]),
+                                  cases, command, summary_line, markdown,
+                                  lambda cases: {"comparisons": compare(cases)}, reserve=25, merge=merge_rounds)
+
+
+def merge_rounds(first: dict | None, rec: dict) -> dict:
+    """Keep every round's tokens/s; the figure is their median, ``range`` their min and max."""
+    if first is None:
+        if "tokens_per_s" in rec:
+            rec["rounds"] = [rec["tokens_per_s"]]
+        return rec
+    if "tokens_per_s" in rec:
+        first["rounds"].append(rec["tokens_per_s"])
+        first["peak_gib"] = max(first["peak_gib"] or 0, rec["peak_gib"] or 0) or None
+    rounds = sorted(first["rounds"])
+    mid = len(rounds) // 2
+    first["tokens_per_s"] = rounds[mid] if len(rounds) % 2 else (rounds[mid - 1] + rounds[mid]) / 2
+    first["range"] = [rounds[0], rounds[-1]]
+    return first
 
 
 def summary_line(rec: dict) -> str:
@@ -421,16 +552,26 @@ def markdown(results: dict) -> str:
     for name, rec in results["cases"].items():
         c = rec["case"]
         tokens = (f"P3, {rec['workload']['examples']} ex." if rec.get("workload") else f"{c['batch']}×{c['seq']}")
-        kernels = ("Liger" if c["liger"] else "torch") + (" + flex" if rec.get("attention") == "flex" else "")
-        who = "HF+PEFT" if c["impl"] == "peer" and c["method"] != "full" else "HF" if c["impl"] == "peer" else "ours"
+        kernels = ("Liger" if c["liger"] else "compiled" if c.get("compile") else "torch") + (
+            " + flex" if rec.get("attention") == "flex" else "") + (" + fp8 base" if c.get("precision") == "fp8"
+                                                                    else "")
+        who = ("Unsloth" if c["impl"] == "unsloth" else "HF+PEFT" if c["impl"] == "peer" and c["method"] != "full"
+               else "HF" if c["impl"] == "peer" else "ours")
         method = f"{c['method']} ({who})"
         if "tokens_per_s" not in rec:
             lines.append(f"| {name} | {method} | {tokens} | {c['recompute']} | {kernels} | "
                          f"{rec.get('skipped') or rec.get('error')} | | | | |")
             continue
         mfu = f"{100 * rec['mfu']:.0f}%" if rec.get("mfu") else "-"
+        speed = f"{rec['tokens_per_s']:,.0f}"
+        if rec.get("range"):
+            speed += f" ({rec['range'][0]:,.0f}–{rec['range'][1]:,.0f}, {len(rec['rounds'])} rounds)"
+        if rec.get("first_call_tokens_per_s"):
+            speed += f"; first pass {rec['first_call_tokens_per_s']:,.0f}"
+        if c.get("compile"):
+            speed += f"; compile+warm-up {sum(rec['warmup_s']):.0f} s"
         lines.append(f"| {name} | {method} | {tokens} | {rec['recompute']} | {kernels} | "
-                     f"{rec['tokens_per_s']:,.0f} | {fmt(rec['peak_gib'])} | {mfu} | "
+                     f"{speed} | {fmt(rec['peak_gib'])} | {mfu} | "
                      f"{100 * rec['tokens_per_s'] / rec['limit_tokens_per_s']:.0f}% | {rec['losses'][0]:.4f} |")
     comps = results.get("comparisons", {})
     if comps:
@@ -460,6 +601,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = bench_runner.parser(__doc__, CASES, budget=560)
     p.add_argument("--prepare", action="store_true", help="tokenize the P3 workload from ../shared/data/p3")
+    p.add_argument("--rounds", type=int, default=2, help="2: the ROUND_TWO cases run again after all others")
     args = p.parse_args(argv)
     if args.prepare:
         prepare_workload()

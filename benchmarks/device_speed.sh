@@ -1,0 +1,29 @@
+#!/bin/bash
+# The GPU speed work's device calls, one phase per call (results under $OUT; carry .whl and .bench):
+#   bash benchmarks/device_speed.sh 1   # GPU tests; 8B LoRA: the fastest HF peer, ours (Liger, FP8, compiled), Unsloth
+#   bash benchmarks/device_speed.sh 2   # round 2 of those; QLoRA and P3 peers, Unsloth's QLoRA and P3; 1B full
+#   bash benchmarks/device_speed.sh 3   # FP8 quality (random 8B, 200 steps); `tuneforge train` on a random 8B folder
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+pip_target() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$@"; }
+pip_target /tmp/site .whl/*.whl || exit 1
+pip_target /tmp/site_unsloth .whl/unsloth/*.whl || echo "unsloth wheels did not install"
+export PYTHONPATH=src:/tmp/site
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv | tee "$OUT/session.log"
+speed() { python3 benchmarks/speed_gpu.py --rounds 1 --out "$OUT" "$@"; }
+case "$1" in
+  1)
+    python3 -m pytest -q -p no:cacheprovider tests/quant/test_fp8.py tests/train/test_kernels.py 2>&1 \
+      | tee "$OUT/tests.log" | tail -4
+    speed --budget 470 --cases peer-8b-lora-liger-off,ours-8b-lora-liger,ours-8b-lora-fp8,ours-8b-lora-compile,ours-8b-lora-fp8-compile,unsloth-8b-lora
+    ;;
+  2)
+    speed --budget 540 --cases "$2"
+    ;;
+  3)
+    python3 benchmarks/fp8_quality.py --model llama-3-8b --steps 200 --seq 2048 --rows 1 --out "$OUT" 2>&1 \
+      | tee -a "$OUT/session.log" | tail -3
+    bash benchmarks/train_8b.sh "$OUT" "${2:-40}" 2>&1 | tee -a "$OUT/session.log" | tail -25
+    ;;
+esac
