@@ -147,3 +147,27 @@ def test_quantizes_on_the_device(tmp_path):
     ids = torch.randint(0, 500, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(model(ids.cuda()).logits.cpu(), cpu(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "renamed"), [
+    ("gpt2", None),  # Conv1D weights are [in, out]: quantized transposed
+    ("gpt_neox", "embed_out.weight"),  # transformers 5 loads it as lm_head.weight
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),  # fused into mlp.experts.gate_up_proj
+    ("qwen2_moe", "model.layers.0.mlp.experts.0.gate_proj.weight"),
+    ("gpt_oss", None),  # experts stored as 3D already
+])
+def test_checkpoint_keys_are_mapped_as_transformers_maps_them(tmp_path, family, renamed):
+    from safetensors import safe_open
+
+    from tiny_families import tiny
+
+    tiny(family).save_pretrained(tmp_path)  # transformers 5 writes the original (hub) key names
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert renamed is None or renamed in f.keys()
+    model = load_model_4bit(str(tmp_path), compute_dtype=torch.float32)
+    reference = load_model(str(tmp_path))
+    quantize_model(reference, compute_dtype=torch.float32)
+    assert torch.equal(logits(model, vocab=64), logits(reference.eval(), vocab=64))
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(isinstance(m, Linear4bit) for m in model.modules())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, quantize_model
+from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, quantize_model, unquantized_weights
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -145,3 +145,33 @@ def test_quantizing_a_lora_model_leaves_the_adapters_alone():
     model = nn.Sequential(LoRALinear(nn.Linear(64, 64), adapter_name="default", r=4, alpha=8))
     assert quantize_model(model).modules == ["0.base_layer"]
     assert type(model[0].lora_A["default"]) is nn.Linear
+
+
+def test_a_conv1d_is_quantized_from_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(40, 96)  # nf=out, nx=in: weight [96, 40]
+    nn.init.normal_(conv.bias)
+    layer = Linear4bit.from_linear(conv)
+    assert (layer.in_features, layer.out_features) == (96, 40) and layer.fan_in_fan_out
+    assert not Linear4bit.from_linear(nn.Linear(96, 40)).fan_in_fan_out
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(torch.float32), conv.bias))
+    assert (layer.dequantize(torch.float32) - conv.weight.t()).abs().max() < 0.02
+
+
+def test_quantize_model_covers_conv1d_and_names_the_moe_experts_it_leaves(caplog):
+    from tiny_families import tiny
+
+    gpt2 = tiny("gpt2")
+    names = quantize_model(gpt2).modules
+    assert len(names) == 8 and {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
+    assert unquantized_weights(gpt2) == ([], 0.0)
+    mixtral = tiny("mixtral")
+    with caplog.at_level("WARNING"):
+        quantize_model(mixtral)
+    left, share = unquantized_weights(mixtral)
+    assert left == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    assert 0.5 < share < 1
+    assert f"{len(left)} MoE expert weights ({share:.0%} of the model" in caplog.text
