@@ -155,6 +155,7 @@ def test_quantizes_on_the_device(tmp_path):
     ("mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),  # fused into mlp.experts.gate_up_proj
     ("qwen2_moe", "model.layers.0.mlp.experts.0.gate_proj.weight"),
     ("gpt_oss", None),  # experts stored as 3D already
+    ("falcon", None),  # FalconLinear, an nn.Linear subclass
 ])
 def test_checkpoint_keys_are_mapped_as_transformers_maps_them(tmp_path, family, renamed):
     from safetensors import safe_open

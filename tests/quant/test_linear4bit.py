@@ -175,3 +175,18 @@ def test_quantize_model_covers_conv1d_and_names_the_moe_experts_it_leaves(caplog
     assert left == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
     assert 0.5 < share < 1
     assert f"{len(left)} MoE expert weights ({share:.0%} of the model" in caplog.text
+
+
+def test_falcon_linear_is_quantized_like_a_linear():
+    from tiny_families import tiny
+
+    model = tiny("falcon")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    names = quantize_model(model).modules
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    with torch.no_grad():
+        assert F.cosine_similarity(model(ids).logits.flatten(), before.flatten(), dim=0) > 0.99
+    mha = nn.MultiheadAttention(64, 4)  # its out_proj (a Linear subclass) is read as a weight, not called
+    assert quantization_targets(nn.ModuleDict({"attn": mha})) == []

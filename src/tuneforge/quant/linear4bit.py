@@ -35,6 +35,17 @@ from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
 logger = get_logger(__name__)
 
 
+# nn.Linear subclasses of transformers whose forward is exactly ``x @ W.T + b`` (so a Linear4bit computes it).
+# Other subclasses may read their weight elsewhere (nn.MultiheadAttention's out_proj): they are left alone.
+_PLAIN_LINEAR_SUBCLASSES = ("FalconLinear",)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a transformers subclass of it that computes the same (Falcon's ``FalconLinear``)."""
+    return type(module) is nn.Linear or (isinstance(module, nn.Linear)
+                                         and type(module).__name__ in _PLAIN_LINEAR_SUBCLASSES)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2 family): a Linear whose weight is stored ``[in, out]``.
 
@@ -81,7 +92,7 @@ def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -
         uses[id(p)] = uses.get(id(p), 0) + 1
     return [
         name for name, m in model.named_modules()
-        if (type(m) is nn.Linear or is_conv1d(m)) and uses[id(m.weight)] == 1
+        if (is_plain_linear(m) or is_conv1d(m)) and uses[id(m.weight)] == 1
         and not any(name == s or name.endswith(f".{s}") for s in skip)
         and not any(part.startswith("lora_") for part in name.split("."))
     ]
