@@ -7,6 +7,7 @@ fp32, a tiny random Llama; a difference of 1e-5 is rounding, a wrong feature is 
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -234,3 +235,18 @@ def test_lora_bias_merges_into_the_base_bias_as_peft(tmp_path):
     torch.testing.assert_close(ours.get_submodule("model.layers.0.self_attn.q_proj").bias, bias, atol=1e-7, rtol=0)
     with pytest.raises(ModelError, match="lora_bias=true: its bias on lora_B is not a low-rank delta"):
         combine_adapters([tmp_path / "a"], None, tmp_path / "c")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target_modules": "all-linear", "layers_to_transform": [1]}, "layers_to_transform=[1]; it works with a list"),
+    ({"target_modules": ".*q_proj", "layers_to_transform": 0}, "layers_to_transform=0; it works with a list"),
+    ({"layers_pattern": "layers"}, "layers_pattern='layers'; it needs layers_to_transform"),
+])
+def test_configs_peft_itself_refuses_are_refused(tiny_model, tmp_path, change, message):
+    ours = copy.deepcopy(tiny_model)
+    apply_lora(ours, r=4, alpha=8, target_modules=["q_proj"])
+    out = save_adapter(ours, tmp_path / "a")
+    path = out / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | change))
+    with pytest.raises(ModelError, match=re.escape(message)):
+        load_adapter(copy.deepcopy(tiny_model), out)

@@ -302,6 +302,12 @@ def _check_values(config: dict, path: Path) -> None:
                 raise bad("target_modules", f"a string is a regex and this one is invalid ({e})") from e
     elif not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise bad("target_modules", 'give a list of module names, a regex string or "all-linear"')
+    # peft's own LoraConfig checks: it refuses these files too
+    if isinstance(targets, str) and config.get("layers_to_transform") is not None:
+        raise bad("layers_to_transform", "it works with a list of target_modules only, not a regex or all-linear "
+                  "(peft refuses it too)")
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        raise bad("layers_pattern", "it needs layers_to_transform as well (peft refuses it alone)")
     params = config.get("target_parameters")
     if not (params is None or (isinstance(params, list) and all(isinstance(t, str) for t in params))):
         raise bad("target_parameters", "give a list of <module>.<parameter> names, e.g. [experts.gate_up_proj]")
