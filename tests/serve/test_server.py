@@ -234,3 +234,50 @@ def test_cli_serve_arguments():
     c = config_of(build_parser().parse_args(["serve", "--model", "m", "--adapters", "d", "--port", "9001",
                                              "--api-key", "k"]))
     assert (c.port, c.api_key) == (9001, "k")
+
+
+def test_n_choices_are_seeded_and_distinct(client):
+    kw = {"model": "alpha", "messages": CHATS[0], "max_tokens": N, "temperature": 1.2, "seed": 5}
+    r = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) == 3
+    assert [c.message.content for c in client.chat.completions.create(n=3, **kw).choices] == texts
+    assert client.chat.completions.create(n=1, **kw).choices[0].message.content == texts[0]  # choice j: seed + j
+    r = client.completions.create(model="beta", prompt=PROMPTS[:2], max_tokens=N, temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text  # greedy: n equal copies
+
+
+def test_temperature_and_top_p_have_their_effect(client):
+    greedy = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=N, temperature=0).choices[0].text
+    hot = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=N, temperature=2, seed=1)
+    assert hot.choices[0].text != greedy
+    nucleus = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=N, temperature=2, seed=1,
+                                        top_p=1e-6)  # the nucleus is the likeliest token alone
+    assert nucleus.choices[0].text == greedy
+
+
+def test_logit_bias_and_penalties_have_their_effect(server, client):
+    tok = server.adapter_set.tokenizer
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    both = {str(a): 100, str(b): 100}  # two tokens far above the rest, close to each other
+    kw = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0, "logit_bias": both}
+    plain = client.completions.create(**kw).choices[0].text
+    assert plain in ("a" * N, "b" * N)  # greedy keeps picking the one the model slightly prefers
+    for penalty in ({"frequency_penalty": 2}, {"presence_penalty": 2}):
+        text = client.completions.create(**kw, **penalty).choices[0].text
+        assert set(text) == {"a", "b"} and len(text) == N  # each use pushes the token below the other one
+    ban = str(tok.convert_tokens_to_ids(plain[0]))
+    banned = client.completions.create(**{**kw, "logit_bias": {**both, ban: -100}}).choices[0].text
+    assert banned == ("b" if plain[0] == "a" else "a") * N
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(**{**kw, "logit_bias": {str(len(tok) + 10_000): 5}})
+
+
+def test_unsupported_parameters_are_400_by_name(client):
+    for extra in ({"user": "u"}, {"metadata": {"k": "v"}}, {"reasoning_effort": "low"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=N, **extra)
+        assert e.value.body["param"] == next(iter(extra))
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=N, presence_penalty=2.5)
