@@ -200,3 +200,23 @@ def test_gpt2_conv1d_dora_equals_peft_both_ways(tmp_path):
     apply_lora(mine, r=4, alpha=8, target_modules=["c_proj"], use_dora=True)
     randomize(mine)
     torch.testing.assert_close(logits(peft_twin(base, mine.eval(), tmp_path).eval()), logits(mine), atol=1e-5, rtol=0)
+
+
+def test_method_config_trains_dora_and_peft_reads_the_result(tiny_model, tmp_path):
+    from tuneforge.config import MethodConfig
+    from tuneforge.methods.setup import prepare_model
+
+    model = copy.deepcopy(tiny_model)
+    prepare_model(model, MethodConfig(name="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": True,
+                                                         "target_modules": ["q_proj", "v_proj"]}))
+    magnitude = model.get_submodule("model.layers.0.self_attn.q_proj").lora_magnitude_vector["default"]
+    before = magnitude.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(magnitude.detach(), before)
+    torch.testing.assert_close(logits(peft_twin(tiny_model, model.eval(), tmp_path).eval()), logits(model),
+                               atol=1e-5, rtol=0)
