@@ -267,3 +267,17 @@ def test_qlora_on_moe_names_the_expert_weights_it_leaves_in_full_precision(caplo
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
     assert "trainable params" in summary
     assert torch.isfinite(logits(model)).all()
+
+
+def test_row_adapters_run_an_expert_adapter_only_when_every_row_runs_it():
+    from tuneforge.methods.lora import row_adapters
+
+    model = tiny("olmoe")
+    prepare_model(model, MethodConfig(name="lora", lora={"r": 2, "alpha": 4, "dropout": 0.0}))
+    randomize_b(model)
+    model.eval()
+    active = logits(model)
+    with row_adapters(model, ["default", "default"]):
+        assert torch.equal(logits(model), active)
+    with row_adapters(model, ["default", None]), pytest.raises(ModelError, match="routed across batch rows"):
+        logits(model)

@@ -219,11 +219,24 @@ class LoRAParam(LoRALinear):
     def _delta_as_stored(self, name: str) -> torch.Tensor:
         return self.delta_weight(name)
 
+    def _running(self) -> list[str]:
+        """The adapters this forward adds: the active ones, or under ``row_adapters`` the one every row runs."""
+        if self.disabled:
+            return []
+        if self.row_groups is None:
+            return [a for a in self.active_adapters if a not in self.merged_adapters]
+        # The experts see tokens routed across rows, so the rows cannot run different adapters here.
+        if len(self.row_groups) == 1 and self.row_groups[0][1].numel() == self.batch_rows:
+            return [self.row_groups[0][0]]
+        if not self.row_groups:
+            return []
+        raise ModelError(f"adapter(s) {[n for n, _ in self.row_groups]} put LoRA on {self.parameter_name} (MoE "
+                         "experts/routers), whose tokens are routed across batch rows: a batch can run only one such "
+                         "adapter for all its rows (peft has no per-row adapters here either); send one adapter per "
+                         "request batch")
+
     def forward(self, *args, **kwargs):
-        if self.row_groups is not None:
-            raise ModelError("one adapter per batch row is not supported with LoRA on expert/router parameters "
-                             "(nor in PEFT); run one adapter at a time")
-        active = [] if self.disabled else [a for a in self.active_adapters if a not in self.merged_adapters]
+        active = self._running()
         if not active:
             return self.base_layer(*args, **kwargs)
         weight = self.weight
