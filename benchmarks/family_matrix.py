@@ -33,12 +33,19 @@ def run_matrix(out: Path) -> int:
 
 
 def render(results: dict) -> str:
-    """The Markdown table: one row per family, a cell per capability (✗: the test failed or did not run)."""
+    """The Markdown table (one row per family, a cell per capability; ✗: the test failed or did not run), then the
+    families refused at start, with the message that refuses them."""
     lines = ["| family | `model_type` | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    refused = []
     for family, model_type in results["families"].items():
         row = results["results"].get(family, {})
+        if "refused" in row:
+            refused.append(f"- **{family}** (`{model_type}`): refused at start: {row['refused']}")
+            continue
         cells = [MARKS.get(row.get(c, ""), row.get(c, "✗")) for c in COLUMNS]
         lines.append(f"| {family} | `{model_type}` | " + " | ".join(cells) + " |")
+    if refused:
+        lines += ["", "Refused families (the test asserts the refusal):", "", *refused]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ Per family (2 layers, hidden 64, the tiny test tokenizer's ~400-token vocabulary
 family has sliding-window attention, non-trivial logit scales and soft-caps): full / freeze / lora / qlora train 2
 steps through ``train()``; a packed example's loss equals its loss alone; the fused loss (and its gradients) equals
 ``model(..., labels=...).loss``; peft loads the LoRA adapter with our logits; the merged export reloads in
-transformers with those logits; ``generate`` runs. A capability a family cannot have is refused at start with a
+transformers with those logits; ``generate`` runs. A family tuneforge cannot train right is refused at start with a
 TuneforgeError, and the test asserts that refusal (``REFUSED``).
 
 With ``TUNEFORGE_FAMILY_MATRIX=<file.json>`` the outcomes are written there (``benchmarks/family_matrix.py`` runs
@@ -70,9 +70,12 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "GPT-OSS": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": WINDOW,
                             "layer_types": ["sliding_attention", "full_attention"]}),
 }
+# families tuneforge cannot train right → (model_type, config keys, a piece of the error that refuses them at start)
+REFUSED: dict[str, tuple[str, dict, str]] = {
+    "RecurrentGemma": ("recurrent_gemma", {"lru_width": 64, "attention_window_size": WINDOW},
+                       r"transforms its output logits \(logits = nn.functional.tanh"),
+}
 METHODS = ("full", "freeze", "lora", "qlora")
-# (family, capability) → a piece of the TuneforgeError a family that cannot have it is refused with
-REFUSED: dict[tuple[str, str], str] = {}
 RESULTS: dict[str, dict[str, str]] = {}
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -86,12 +89,12 @@ def write_results():
     yield
     out = os.environ.get("TUNEFORGE_FAMILY_MATRIX")
     if out:
-        families = {name: model_type for name, (model_type, _) in FAMILIES.items()}
+        families = {name: spec[0] for name, spec in {**FAMILIES, **REFUSED}.items()}
         Path(out).write_text(json.dumps({"families": families, "results": RESULTS}, indent=1, ensure_ascii=False))
 
 
 def tiny_config(family: str, tokenizer):
-    model_type, extra = FAMILIES[family]
+    model_type, extra = FAMILIES[family] if family in FAMILIES else REFUSED[family][:2]
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     keys = {k: v for k, v in {**DIMS, **extra}.items() if v is not None}
@@ -199,20 +202,27 @@ def test_generate_runs(family, built, tokenizer):
     record(family, "generate", "runs")
 
 
+def run_config(model_dir: Path, data_file: Path, out: Path, method: str):
+    return load_config(overrides=[f"model={model_dir}", f"data.train=[{data_file}]", f"output_dir={out}",
+                                  "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=4",
+                                  "train.max_steps=2", "train.lr=1e-2", "train.threads=1",
+                                  f"method.name={method}", "method.freeze.top_k_layers=1"])
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_a_family_that_cannot_train_right_is_refused_at_start(family, built, data_file, tmp_path):
+    for method in METHODS:
+        with pytest.raises(TuneforgeError, match=REFUSED[family][2]) as refusal:
+            train(run_config(built(family), data_file, tmp_path / method, method), quiet=True)
+        assert not (tmp_path / method / "metrics.jsonl").exists()
+    record(family, "refused", str(refusal.value))
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trains_two_steps(family, method, built, data_file, tmp_path):
     out = tmp_path / "run"
-    config = load_config(overrides=[f"model={built(family)}", f"data.train=[{data_file}]", f"output_dir={out}",
-                                    "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=4",
-                                    "train.max_steps=2", "train.lr=1e-2", "train.threads=1",
-                                    f"method.name={method}", "method.freeze.top_k_layers=1"])
-    refusal = REFUSED.get((family, method))
-    if refusal is not None:
-        with pytest.raises(TuneforgeError, match=refusal):
-            train(config, quiet=True)
-        record(family, method, "refused")
-        return
+    config = run_config(built(family), data_file, out, method)
     result = train(config, quiet=True)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
     if method in ("lora", "qlora"):
@@ -241,9 +251,6 @@ def test_lora_adapter_loads_in_peft_and_merges(family, built, tmp_path):
     from tuneforge.methods.lora import apply_lora
     from tuneforge.methods.peft_format import save_adapter
 
-    refusal = REFUSED.get((family, "lora"))
-    if refusal is not None:
-        pytest.skip(f"{family} LoRA is refused: {refusal}")
     base_dir = built(family)
     model = load(base_dir)
     apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
