@@ -71,11 +71,19 @@ def test_cpu_batches_get_a_padding_mask_or_a_dense_block_mask(tiny_model):
     assert torch.equal(attention_mask(tiny_model, *shared[:1], device, shared[1]), block_causal_mask(*shared))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fast path is for GPUs")
-def test_packed_loss_with_flex_equals_dense_mask_on_gpu(tiny_model):
+GPU_MODELS = {  # full attention; one windowed mask; a mask per layer type; eager with soft-capped scores
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {"sliding_window": 4}),
+    "qwen2-hybrid": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+    "gemma2": ("gemma2", {"sliding_window": 4, "query_pre_attn_scalar": 16}),
+}
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fast path is for GPUs")
+@pytest.mark.parametrize("name", GPU_MODELS)
+def test_packed_loss_with_flex_equals_dense_mask_on_gpu(name):
     device = torch.device("cuda")
-    model = tiny_model.to(device)
+    model = _tiny(GPU_MODELS[name][0], **GPU_MODELS[name][1]).to(device)
     seq_ids = _seq_ids()
     ids = torch.randint(0, model.config.vocab_size, seq_ids.shape)
     positions = torch.cat([torch.arange(5), torch.arange(7), torch.arange(3), torch.arange(1)])
