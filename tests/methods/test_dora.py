@@ -15,6 +15,7 @@ from tuneforge.methods.lora import (
     apply_lora,
     lora_layers,
     merge_lora,
+    remove_lora,
     row_adapters,
     set_active_adapters,
     unmerge_lora,
@@ -116,6 +117,11 @@ def test_dora_merges_only_alone(tiny_model):
     merge_lora(model, "plain")
     with pytest.raises(ModelError, match="cannot merge DoRA adapter 'default' while \\['plain'\\] is merged"):
         merge_lora(model, "default")
+    remove_lora(model, "plain")
+    merge_lora(model, "default")
+    remove_lora(model, "default")  # unmerges first
+    assert not lora_layers(model)
+    torch.testing.assert_close(logits(model), logits(tiny_model), atol=1e-5, rtol=0)
 
 
 def test_adapter_weight_scales_dora_change(tiny_model):

@@ -456,7 +456,8 @@ class LoRALinear(nn.Module):
         self.unmerge(name)
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[name]
-        self.lora_magnitude_vector.pop(name, None)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for d in (self.r, self.lora_alpha, self.use_rslora, self.dropout, self.scaling):
             del d[name]
         self.adapter_weights.pop(name, None)
