@@ -226,3 +226,23 @@ def test_method_config_trains_dora_and_peft_reads_the_result(tiny_model, tmp_pat
     assert not torch.equal(magnitude.detach(), before)
     torch.testing.assert_close(logits(peft_twin(tiny_model, model.eval(), tmp_path).eval()), logits(model),
                                atol=1e-5, rtol=0)
+
+
+def test_two_active_adapters_dora_and_lora_equal_peft(tiny_model, tmp_path):
+    """Several active adapters run in turn, each DoRA one rescaling the output so far (peft's order)."""
+    first = save_adapter(dora_model(tiny_model, seed=3), tmp_path / "d")
+    plain = copy.deepcopy(tiny_model)
+    apply_lora(plain, r=2, alpha=4, target_modules=["q_proj", "o_proj"])
+    randomize(plain, seed=4)
+    second = save_adapter(plain, tmp_path / "p")
+    ours = copy.deepcopy(tiny_model)
+    load_adapter(ours, first, "d")
+    load_adapter(ours, second, "p")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(first), adapter_name="d")
+        theirs.load_adapter(str(second), adapter_name="p")
+    for order in (["d", "p"], ["p", "d"]):
+        set_active_adapters(ours, order)
+        theirs.base_model.set_adapter(order)
+        torch.testing.assert_close(logits(ours), logits(theirs.eval()), atol=1e-5, rtol=0)
