@@ -117,6 +117,7 @@ CASES = [
     Case("ours-1b-full-kahan", "ours", "llama-3.2-1b", method="full", batch=8, liger=True, weights="bf16_kahan"),
     Case("ours-1b-full-kahan-compile", "ours", "llama-3.2-1b", method="full", batch=8, weights="bf16_kahan",
          compile=True, seconds=90),
+    Case("ours-8b-qlora-fast", "ours", "llama-3-8b", method="qlora", liger=True),  # the planner's choice (off)
     Case("peer-8b-qlora-liger-off", "peer", "llama-3-8b", method="qlora", recompute="off", liger=True),
     # Unsloth (unsloth + unsloth_zoo from .whl/unsloth, loaded from a random HF directory of the same weights)
     Case("unsloth-8b-lora", "unsloth", "llama-3-8b", recompute="off", seconds=120),
@@ -138,7 +139,8 @@ COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "p
            ("ours-8b-lora-fp8-compile", "peer-8b-lora-liger-off"), ("ours-8b-lora-liger", "unsloth-8b-lora"),
            ("ours-8b-lora-fp8", "unsloth-8b-lora"), ("ours-8b-lora-fp8-compile", "unsloth-8b-lora"),
            ("ours-8b-lora-compile", "unsloth-8b-lora"), ("ours-8b-qlora-offload", "unsloth-8b-qlora"),
-           ("ours-8b-qlora-liger", "unsloth-8b-qlora"), ("ours-8b-qlora-liger", "peer-8b-qlora-liger-off"),
+           ("ours-8b-qlora-fast", "unsloth-8b-qlora"), ("ours-8b-qlora-fast", "peer-8b-qlora-liger-off"),
+           ("ours-8b-qlora-offload", "unsloth-8b-qlora-on"),
            ("ours-8b-p3-liger", "unsloth-8b-p3"), ("ours-8b-p3-fp8", "unsloth-8b-p3"),
            ("ours-8b-p3-liger", "peer-8b-p3"), ("ours-8b-p3-fp8", "peer-8b-p3"),
            ("ours-1b-full-kahan", "peer-1b-full-liger-off"), ("ours-1b-full-kahan-compile", "peer-1b-full-liger-off"),
