@@ -281,3 +281,17 @@ def test_row_adapters_run_an_expert_adapter_only_when_every_row_runs_it():
         assert torch.equal(logits(model), active)
     with row_adapters(model, ["default", None]), pytest.raises(ModelError, match="routed across batch rows"):
         logits(model)
+
+
+def test_transformers4_per_expert_adapter_is_refused_with_the_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "v4"
+    out.mkdir()
+    key = "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 32), f"{key}.lora_B.weight": torch.zeros(64, 2)},
+              str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                         "target_modules": ["w1"]}))
+    with pytest.raises(ModelError, match="made on transformers 4.*save_pretrained it again"):
+        load_adapter(tiny("mixtral"), out)

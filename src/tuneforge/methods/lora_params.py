@@ -16,6 +16,7 @@ PEFT's ``ParamWrapper``:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 import torch
@@ -95,6 +96,16 @@ def parameter_targets(model: nn.Module, target_modules: list[str] | str,
         raise ConfigError(f"method.lora.target_parameters={target_parameters!r} matches no parameter of the model; "
                           f"this model has {sorted(set(candidates)) or 'no expert or router parameters'}")
     return found
+
+
+def per_expert_key_fix(model: nn.Module, path: str) -> str | None:
+    """The fix for an adapter key of one expert's Linear (``…experts.3.w1``, transformers 4's layout) on a model
+    whose experts are 3D stacks; None for any other key."""
+    if not re.search(r"\.experts\.\d+\.", path) or not expert_parameters(model):
+        return None
+    return ("this adapter was made on transformers 4, where each expert was its own Linear; here the experts are "
+            "3D stacks. peft converts such adapters when it loads them: load it with peft on transformers 5 and "
+            "save_pretrained it again, then load that")
 
 
 def describe_targets(model: nn.Module) -> str | None:

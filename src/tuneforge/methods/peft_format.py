@@ -46,6 +46,7 @@ from tuneforge.methods.lora_params import (
     add_lora_params,
     is_param_key,
     pattern_key,
+    per_expert_key_fix,
     plan_param_adapter,
     target_parameter_names,
 )
@@ -524,6 +525,8 @@ def load_adapter(
         where = f"{weights_path}: {KEY_PREFIX}{path}"
         module = linears.get(path)
         if module is None:
+            if (fix := per_expert_key_fix(model, path)) is not None:
+                raise ModelError(f"{where}: {fix}")
             raise ModelError(
                 f"{where}: adapter was trained on a different base model: {path} is not a Linear layer of this "
                 "model; load the adapter onto the base model it was trained on"
