@@ -70,8 +70,12 @@ class RowSampler(LogitsProcessor):
         self.generators: list[torch.Generator] = []
         self.finished: set[int] = set()
         self.last: list[Choice | None] = [None] * len(rows)
+        # Plain greedy rows need nothing from us: Hugging Face's argmax over the raw scores is the answer.
+        self.plain = all(d == Decoding(seed=d.seed) for d in rows) and not any(self.constraints)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.plain:
+            return scores
         if not self.generators:
             self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
         out = torch.full_like(scores, float("-inf"))

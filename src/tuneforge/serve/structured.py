@@ -22,9 +22,9 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 def _llguidance():
-    try:
-        import llguidance
-        import llguidance.hf
+    try:  # optional dependency
+        import llguidance  # optional dependency
+        import llguidance.hf  # optional dependency
     except ImportError:
         raise bad_request(f"structured output (response_format, tool_choice 'required' or a named function) needs "
                           f"the 'llguidance' package on the server: {INSTALL_HINT}", "response_format") from None
