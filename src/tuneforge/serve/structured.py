@@ -90,6 +90,10 @@ class Grammars:
     def _tokenizer(self):
         with self._lock:
             if self._lltok is None:
-                self._lltok = _llguidance().hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                              eos_token=self.stop_ids)
+                llg = _llguidance()
+                lltok = llg.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.stop_ids)
+                # The first mask ever builds llguidance's token tables (~1.4 s for 49k tokens): pay it here, in
+                # the first structured request's thread, not in the batcher's, where it would stall every row.
+                llg.LLMatcher(lltok, json_grammar({"type": "object"})).compute_bitmask()
+                self._lltok = lltok
             return self._lltok
