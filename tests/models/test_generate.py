@@ -164,3 +164,10 @@ def test_supports_tools_reads_the_template(tiny_tokenizer):
     tiny_tokenizer.chat_template = ("{% for t in tools %}{{ t.function.name }}{% endfor %}"
                                     "{% for m in messages %}{{ m.content }}{% endfor %}")
     assert supports_tools(tiny_tokenizer)
+
+
+def test_plain_greedy_rows_pass_the_scores_through():
+    scores = torch.randn(2, 9)
+    sampler = RowSampler([Decoding(seed=3), Decoding(top_p=0.5)], prompt_width=1)
+    assert sampler(torch.tensor([[0], [0]]), scores) is scores  # top_p does nothing at temperature 0
+    assert not RowSampler([Decoding(), Decoding(presence_penalty=0.5)], prompt_width=1).plain

@@ -34,6 +34,11 @@ class Decoding:
     logit_bias: dict[int, float] = field(default_factory=dict)
     top_logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and the k likeliest
 
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to adjust or report: the argmax of the model's own scores."""
+        return (self.temperature == 0 and not self.logit_bias and not self.presence_penalty
+                and not self.frequency_penalty and self.top_logprobs is None)
+
 
 class Constraint(Protocol):
     """A grammar that limits which tokens may come next (see serve/structured.py)."""
@@ -71,7 +76,7 @@ class RowSampler(LogitsProcessor):
         self.finished: set[int] = set()
         self.last: list[Choice | None] = [None] * len(rows)
         # Plain greedy rows need nothing from us: Hugging Face's argmax over the raw scores is the answer.
-        self.plain = all(d == Decoding(seed=d.seed) for d in rows) and not any(self.constraints)
+        self.plain = all(d.plain_greedy() for d in rows) and not any(self.constraints)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.plain:
