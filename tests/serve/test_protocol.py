@@ -109,6 +109,7 @@ def test_partial_characters_wait_and_limits_finish():
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"user": "u1"}, "user"), ({"functions": [{"name": "f"}]}, "functions"), ({"store": True}, "store"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "x", "name": "ann"}]}, "messages"),
     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}]}]}, "messages"),
 ])
@@ -141,6 +142,9 @@ def test_accepted_parameters_reach_the_sampler():
     assert (s.logit_bias, s.top_logprobs, req.n, req.logprobs, req.json_schema) == (
         {7: -100.0, 9: 2.5}, 4, 3, True, {"type": "array"})
     assert parse_chat(chat(response_format={"type": "json_object"}), 32).json_schema == {"type": "object"}
+    answer = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "tool_calls": None}  # an earlier answer as the openai client dumps it
+    assert parse_chat(chat(messages=[answer]), 32).prompts[0] == [{"role": "assistant", "content": "hello"}]
     assert parse_chat(chat(logprobs=False), 32).sampling.top_logprobs is None
     assert parse_chat(chat(logprobs=True), 32).sampling.top_logprobs == 0
     assert parse_completion({"model": "m", "prompt": "x", "logprobs": 0}, 32).sampling.top_logprobs == 0

@@ -165,14 +165,12 @@ def _message(m: object, i: int) -> dict:
     where = f"messages[{i}]"
     if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
         raise bad_request(f"{where} must be an object with a role in {sorted(ROLES)}", "messages")
-    allowed = {"role", "content", "name"} | {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(m["role"],
-                                                                                                       set())
-    extra = sorted(k for k, v in m.items() if k not in allowed and v is not None)
+    allowed = {"role", "content"} | {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(m["role"], set())
+    # Empty fields are what the openai client writes back for an earlier answer (refusal, annotations, audio).
+    extra = sorted(k for k, v in m.items() if k not in allowed and v not in (None, "", [], {}))
     if extra:
-        raise bad_request(f"{where}.{extra[0]} is not supported for role {m['role']!r}", "messages")
+        raise bad_request(f"{where}.{extra[0]} is not supported for role {m['role']!r}; leave it out", "messages")
     turn: dict = {"role": ROLES[m["role"]], "content": _content(m.get("content"), where)}
-    if isinstance(m.get("name"), str):
-        turn["name"] = m["name"]
     if m.get("tool_calls") is not None:
         turn["tool_calls"] = _history_calls(m["tool_calls"], where)
     elif turn["content"] is None:
