@@ -106,6 +106,8 @@ def test_partial_characters_wait_and_limits_finish():
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "response_format": {"type": "json_object"}}, "response_format"),
     ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"stop": "}", "response_format": {"type": "json_object"}}, "stop"),
+    ({"stop": "x", "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"user": "u1"}, "user"), ({"functions": [{"name": "f"}]}, "functions"), ({"store": True}, "store"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),

@@ -114,6 +114,9 @@ def parse_chat(body: dict, max_tokens_limit: int) -> ParsedRequest:
     if tools is not None and schema is not None:
         raise bad_request("'response_format' and 'tools' cannot be combined (a forced format leaves the model no "
                           "way to call a tool); send one of them, or tool_choice 'none'", "response_format")
+    if sampling.stop and (schema is not None or (tools is not None and tools.choice != "auto")):
+        raise bad_request("'stop' cannot be combined with a forced format (response_format, or tool_choice "
+                          "'required' or a named function): a stop string would cut the JSON", "stop")
     n = _n(body, 1)
     return ParsedRequest(model=_model(body), prompts=[parsed], chat=True, sampling=sampling, n=n,
                          stream=_bool(body, "stream"), include_usage=_include_usage(body), logprobs=logprobs,
