@@ -20,11 +20,12 @@ from torch import nn
 from tiny_families import tiny
 from tuneforge.config import MethodConfig
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods.lora import apply_lora, lora_layers, merge_lora, unwrap_lora
-from tuneforge.methods.lora_params import LoRAParam, expert_parameters, router_parameters
+from tuneforge.methods.lora import apply_lora, format_trainable, lora_layers, merge_lora, unwrap_lora
+from tuneforge.methods.lora_params import LoRAParam, expert_parameters, router_parameters, unwrap_params
 from tuneforge.methods.peft_format import load_adapter, save_adapter
 from tuneforge.methods.setup import prepare_model
-from tuneforge.quant.linear4bit import Linear4bit
+from tuneforge.quant.experts4bit import Experts4bit
+from tuneforge.quant.linear4bit import Linear4bit, expert_targets, set_submodule
 
 peft = pytest.importorskip("peft")
 
@@ -259,13 +260,41 @@ def test_adapter_for_other_experts_is_refused_before_the_model_changes(tmp_path)
     assert not lora_layers(model)
 
 
-def test_qlora_on_moe_names_the_expert_weights_it_leaves_in_full_precision(caplog):
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_expert_lora_on_4bit_stacks_equals_it_on_the_dequantized_weights(family):
+    quantized, dense = tiny(family), tiny(family)
+    for path in expert_targets(quantized):
+        layer = Experts4bit.from_module(quantized.get_submodule(path))
+        set_submodule(quantized, path, layer)
+        with torch.no_grad():
+            for name in layer.stacks:
+                getattr(dense.get_submodule(path), name).copy_(layer.dense(name))
+    for model in (quantized, dense):
+        torch.manual_seed(7)
+        prepare_model(model, MethodConfig(name="lora", lora={
+            "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"],
+            "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}))
+        randomize_b(model)
+    layers = [m for m in quantized.modules() if isinstance(m, LoRAParam)]
+    assert layers and all(m.lora_A["default"].weight.dtype == torch.float32 for m in layers)
+    torch.testing.assert_close(logits(quantized), logits(dense), atol=1e-6, rtol=0)
+    quantized.train()
+    quantized(ids(), labels=ids()).loss.backward()
+    assert all(m.lora_A["default"].weight.grad.abs().sum() > 0 for m in layers)
+    with pytest.raises(ModelError, match="4-bit expert weights"):
+        merge_lora(quantized)
+
+
+def test_qlora_on_moe_quantizes_the_experts_and_adapts_them():
     model = tiny("mixtral")
-    with caplog.at_level("WARNING"):
-        summary = prepare_model(model, MethodConfig(name="qlora", lora={"r": 2, "alpha": 4}))
-    assert "4 MoE expert weights" in caplog.text and "model.layers.0.mlp.experts.gate_up_proj" in caplog.text
+    summary = prepare_model(model, MethodConfig(name="qlora", lora={"r": 2, "alpha": 4}))
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
-    assert "trainable params" in summary
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LoRAParam) and isinstance(unwrap_params(experts), Experts4bit)
+    assert not list(unwrap_params(experts).base_layer.parameters())  # the 16/32-bit stacks are gone
+    reference = copy.deepcopy(tiny("mixtral"))
+    prepare_model(reference, MethodConfig(name="lora", lora={"r": 2, "alpha": 4}))
+    assert summary.split("||")[1] == format_trainable(reference).split("||")[1]  # all params: the same count
     assert torch.isfinite(logits(model)).all()
 
 

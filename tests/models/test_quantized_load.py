@@ -14,6 +14,7 @@ from torch import nn
 from tuneforge.errors import ModelError
 from tuneforge.models.load import load_model
 from tuneforge.models.quantized_load import load_model_4bit
+from tuneforge.quant.experts4bit import Experts4bit
 from tuneforge.quant.linear4bit import Linear4bit, model_nbytes, quantize_model
 
 
@@ -172,3 +173,6 @@ def test_checkpoint_keys_are_mapped_as_transformers_maps_them(tmp_path, family, 
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert any(isinstance(m, Linear4bit) for m in model.modules())
+    moe = family in ("mixtral", "qwen2_moe", "gpt_oss")
+    assert moe == any(isinstance(m, Experts4bit) for m in model.modules())  # expert stacks stored 4-bit too
+    assert not any(p.dim() == 3 for p in model.parameters())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, quantize_model, unquantized_weights
+from tuneforge.quant.linear4bit import Linear4bit, quantization_targets, quantize_model
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -161,20 +161,32 @@ def test_a_conv1d_is_quantized_from_its_transposed_weight():
     assert (layer.dequantize(torch.float32) - conv.weight.t()).abs().max() < 0.02
 
 
-def test_quantize_model_covers_conv1d_and_names_the_moe_experts_it_leaves(caplog):
+def test_quantize_model_covers_conv1d_and_moe_expert_stacks():
     from tiny_families import tiny
+    from tuneforge.methods.lora import count_parameters
+    from tuneforge.quant.experts4bit import Experts4bit
 
     gpt2 = tiny("gpt2")
     names = quantize_model(gpt2).modules
     assert len(names) == 8 and {n.rsplit(".", 1)[-1] for n in names} == {"c_attn", "c_proj", "c_fc"}
-    assert unquantized_weights(gpt2) == ([], 0.0)
-    mixtral = tiny("mixtral")
-    with caplog.at_level("WARNING"):
-        quantize_model(mixtral)
-    left, share = unquantized_weights(mixtral)
-    assert left == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
-    assert 0.5 < share < 1
-    assert f"{len(left)} MoE expert weights ({share:.0%} of the model" in caplog.text
+    for family in ("mixtral", "gpt_oss"):  # [E, out, in] and GPT-OSS's [E, in, out] with expert biases
+        model = tiny(family)
+        ids = torch.randint(0, 64, (2, 9))
+        with torch.no_grad():
+            before = model(ids).logits
+        total = count_parameters(model)[1]
+        result = quantize_model(model)
+        assert [n for n in result.modules if n.endswith(".experts")] == ["model.layers.0.mlp.experts",
+                                                                         "model.layers.1.mlp.experts"]
+        layer = model.model.layers[0].mlp.experts
+        assert isinstance(layer, Experts4bit) and set(layer.stacks) == {"gate_up_proj", "down_proj"}
+        assert [n for n, p in model.named_parameters() if p.dim() == 3] == []
+        assert count_parameters(model)[1] == total and result.bytes_after < result.bytes_before / 3
+        with torch.no_grad():
+            after = model(ids).logits
+        assert F.cosine_similarity(after.flatten(), before.flatten(), dim=0) > 0.99
+        model.to(torch.bfloat16)  # casting never rounds the 4-bit state
+        assert layer.gate_up_proj_packed.dtype == torch.uint8 and layer.gate_up_proj_absmax2.dtype == torch.float32
 
 
 def test_falcon_linear_is_quantized_like_a_linear():

@@ -20,7 +20,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods import dora
-from tuneforge.quant.linear4bit import Linear4bit, is_conv1d
+from tuneforge.quant.linear4bit import Linear4bit, is_conv1d, quantized_numel
 
 ALL_LINEAR = "all-linear"
 
@@ -347,7 +347,7 @@ def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights count once, 4-bit weights as their full shape."""
     params = list(model.parameters())
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    quantized = quantized_numel(model)
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 

@@ -31,23 +31,46 @@ from tuneforge.methods.lora import (
     mark_only_lora_trainable,
     set_active_adapters,
 )
+from tuneforge.quant.experts4bit import Experts4bit
 
 
 def unwrap_params(module: nn.Module) -> nn.Module:
-    """The module a chain of LoRAParam wrappers adapts."""
+    """The module a chain of LoRAParam wrappers adapts (an ``Experts4bit`` stands for its experts module)."""
     while isinstance(module, LoRAParam):
         module = module.base_layer
     return module
 
 
+def _raw(module: nn.Module) -> nn.Module:
+    """The transformers module itself: LoRAParam wrappers and 4-bit storage taken off."""
+    module = unwrap_params(module)
+    return module.base_layer if isinstance(module, Experts4bit) else module
+
+
+def owned_parameters(module: nn.Module) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of the parameters a module holds itself, in registration order (4-bit stacks included)."""
+    module = unwrap_params(module)
+    own = [(n, p.shape) for n, p in _raw(module).named_parameters(recurse=False)]
+    if isinstance(module, Experts4bit):  # its stacks were registered before the module's remaining parameters
+        return [(n, s[0]) for n, s in module.stacks.items()] + own
+    return own
+
+
+def dense_parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """Parameter ``name`` of the wrapped module as a dense tensor (a 4-bit stack dequantized)."""
+    module = unwrap_params(module)
+    if isinstance(module, Experts4bit) and name in module.stacks:
+        return module.dense(name)
+    return getattr(_raw(module), name)
+
+
 def param_features(module: nn.Module, name: str) -> tuple[int, int, int, bool]:
     """(experts, in, out, stored [in, out]) of parameter ``name``: 2D is ``[out, in]``; 3D is ``[E, out, in]``
     unless the module declares ``is_transposed`` (GPT-OSS: ``[E, in, out]``), PEFT's rule."""
-    module = unwrap_params(module)
-    shape = getattr(module, name).shape
+    shape = dict(owned_parameters(module))[name]
     if len(shape) == 2:
         return 1, shape[1], shape[0], False
-    if getattr(module, "is_transposed", False):
+    if getattr(_raw(module), "is_transposed", False):
         return shape[0], shape[1], shape[2], True
     return shape[0], shape[2], shape[1], False
 
@@ -62,7 +85,7 @@ def _parameter_owners(model: nn.Module):
 def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
     """(module path, parameter name) of every 3D parameter: the stacked expert weights of an MoE model."""
     return [(path, name) for path, module in _parameter_owners(model)
-            for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+            for name, shape in owned_parameters(module) if len(shape) == 3]
 
 
 def router_parameters(model: nn.Module) -> list[tuple[str, str]]:
@@ -79,9 +102,9 @@ def find_target_parameters(model: nn.Module, targets: Iterable[str]) -> list[tup
     """
     targets = list(targets)
     return [(path, name) for path, module in _parameter_owners(model)
-            for name, p in module.named_parameters(recurse=False)
-            if p.dim() in (2, 3) and any(f"{path}.{name}" == t or f"{path}.{name}".endswith(f".{t}")
-                                         for t in targets)]
+            for name, shape in owned_parameters(module)
+            if len(shape) in (2, 3) and any(f"{path}.{name}" == t or f"{path}.{name}".endswith(f".{t}")
+                                            for t in targets)]
 
 
 def parameter_targets(model: nn.Module, target_modules: list[str] | str,
@@ -187,8 +210,8 @@ class LoRAParam(LoRALinear):
     """LoRA on one 2D/3D parameter of a module (PEFT's ParamWrapper); see the module docstring for the layout."""
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
-        param = getattr(unwrap_params(base_layer), parameter_name, None)
-        if not isinstance(param, nn.Parameter) or param.dim() not in (2, 3):
+        shape = dict(owned_parameters(base_layer)).get(parameter_name)
+        if shape is None or len(shape) not in (2, 3):
             raise ModelError(f"LoRA on parameter {parameter_name!r} of {type(base_layer).__name__}: only 2D and 3D "
                              "parameters (expert stacks, router weights) can be adapted")
         self.parameter_name = parameter_name
@@ -200,7 +223,11 @@ class LoRAParam(LoRALinear):
 
     @property
     def weight(self) -> torch.Tensor:
-        return getattr(unwrap_params(self.base_layer), self.parameter_name)
+        """The parameter, or for a 4-bit stack its packed codes (uint8: the adapters then train in fp32)."""
+        module = unwrap_params(self.base_layer)
+        if isinstance(module, Experts4bit) and self.parameter_name in module.stacks:
+            return module.quantized(self.parameter_name).packed
+        return getattr(_raw(module), self.parameter_name)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -219,7 +246,7 @@ class LoRAParam(LoRALinear):
         self._check(name)
         a = self.lora_A[name].weight.float()
         b = self.lora_B[name].weight.float()
-        if self.num_experts == 1 and self.weight.dim() == 2:
+        if self.num_experts == 1 and len(dict(owned_parameters(self.base_layer))[self.parameter_name]) == 2:
             return (b @ a) * self.scaling[name]
         e = self.num_experts
         a = a.reshape(e, -1, a.shape[-1])  # [E, r, in]
@@ -228,6 +255,9 @@ class LoRAParam(LoRALinear):
         return delta.transpose(1, 2) if self.stored_in_out else delta
 
     def _delta_as_stored(self, name: str) -> torch.Tensor:
+        if not self.weight.is_floating_point():
+            raise ModelError("cannot merge an adapter into 4-bit expert weights: load the base model in 16/32-bit "
+                             "and merge there (`tuneforge adapters merge` does)")
         return self.delta_weight(name)
 
     def _running(self) -> list[str]:
@@ -250,11 +280,13 @@ class LoRAParam(LoRALinear):
         active = self._running()
         if not active:
             return self.base_layer(*args, **kwargs)
-        weight = self.weight
+        weight = dense_parameter(self.base_layer, self.parameter_name)
         delta = sum(self.delta_weight(a) * self.adapter_weights.get(a, 1.0) for a in active)
         # The base runs with W + delta in place of W (autograd reaches A and B through delta), as PEFT's
-        # parametrization does; a nested wrapper adds its own parameter's delta inside.
-        path = ".".join(["base_layer"] * _depth(self.base_layer) + [self.parameter_name])
+        # parametrization does; a nested wrapper adds its own parameter's delta inside, and an Experts4bit
+        # dequantizes only the stacks not given here.
+        stored = isinstance(unwrap_params(self.base_layer), Experts4bit)
+        path = ".".join(["base_layer"] * (_depth(self.base_layer) + stored) + [self.parameter_name])
         return functional_call(self.base_layer, {path: weight + delta.to(weight.dtype)}, args, kwargs,
                                strict=False)
 

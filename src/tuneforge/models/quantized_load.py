@@ -23,14 +23,15 @@ from torch import nn
 from tuneforge.errors import ModelError
 from tuneforge.models.load import empty_model
 from tuneforge.models.resolve import resolve_model
+from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
 from tuneforge.quant.linear4bit import (
     Linear4bit,
+    expert_targets,
     is_conv1d,
     quantization_targets,
     set_submodule,
-    warn_unquantized,
 )
-from tuneforge.quant.nf4 import quantize_4bit
+from tuneforge.quant.nf4 import Quantized4bit, quantize_4bit
 
 
 def load_model_4bit(
@@ -43,24 +44,27 @@ def load_model_4bit(
     blocksize: int = 64,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A causal LM whose Linear and Conv1D layers (all but ``skip``) are ``Linear4bit``, in eval mode.
+    """A causal LM whose Linear and Conv1D layers (all but ``skip``) are ``Linear4bit`` and whose MoE experts
+    modules are ``Experts4bit``, in eval mode.
 
-    Embeddings, norms, the output head and MoE expert stacks are kept in ``compute_dtype`` (see
-    ``tuneforge.quant.linear4bit`` for why). Checkpoint keys are mapped as transformers maps them
+    Embeddings, norms and the output head are kept in ``compute_dtype`` (see ``tuneforge.quant.linear4bit``
+    for why). Checkpoint keys are mapped as transformers maps them
     (its renames, legacy names and expert fusions), so the result equals ``quantize_model(load_model(ref))``
     for the same settings.
     """
     model = empty_model(ref, dtype=compute_dtype, trust_remote_code=trust_remote_code)
-    warn_unquantized(model)
     path = resolve_model(ref)
     tied = _tied_groups(model)
     targets = {f"{name}.weight" for name in quantization_targets(model, skip)}
+    stacks = {f"{name}.{p}" for name in expert_targets(model) for p in expert_stacks(model.get_submodule(name))}
     loaded: set[str] = set()
 
     def place(name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.to(device)
         if name in targets:
             _put_quantized(model, name, tensor, quant_type, double_quant, blocksize, compute_dtype)
+        elif name in stacks:
+            _put_stack(model, name, quantize_4bit(tensor, blocksize, quant_type, double_quant), compute_dtype)
         else:
             _set_tensor(model, name, tensor.to(compute_dtype) if tensor.is_floating_point() else tensor)
         loaded.add(name)
@@ -87,6 +91,16 @@ def _put_quantized(model: nn.Module, name: str, weight: torch.Tensor, quant_type
     if old.bias is not None and bias is None:
         new.bias = old.bias  # still meta: its key comes later in the file
     set_submodule(model, module_name, new)
+
+
+def _put_stack(model: nn.Module, name: str, q: Quantized4bit, compute_dtype: torch.dtype) -> None:
+    """Store MoE expert stack ``name`` 4-bit, wrapping its experts module in an Experts4bit the first time."""
+    module_name, _, stack = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if not isinstance(module, Experts4bit):
+        module = Experts4bit(module, compute_dtype)
+        set_submodule(model, module_name, module)
+    module.set_stack(stack, q)
 
 
 def _load_mapped(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]],
@@ -165,6 +179,8 @@ def _open(file: Path):
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, Experts4bit):  # the experts' other tensors (GPT-OSS biases) stay on the module itself
+        module = module.base_layer
     if attr in module._parameters:
         old = module._parameters[attr]
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)

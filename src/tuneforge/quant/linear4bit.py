@@ -11,9 +11,10 @@ What ``quantize_model`` leaves alone, and why:
   (SmolLM2) it shares its weight with the embeddings (QLoRA and bitsandbytes keep it too);
 - embeddings: a row lookup, not a matmul, so 4 bits would save memory but no compute, and they
   are often tied to the head;
-- norms and biases: tiny, and precision-sensitive;
-- MoE expert stacks (3D parameters in transformers 5, not Linear layers): they stay in the compute dtype, and
-  ``unquantized_weights`` names them so the caller can say so (their share of the weights is large).
+- norms and biases: tiny, and precision-sensitive.
+
+MoE expert stacks (3D parameters in transformers 5, not Linear layers) are quantized too, by ``Experts4bit``
+(``tuneforge.quant.experts4bit``).
 
 transformers' ``Conv1D`` (GPT-2 family, weight stored ``[in, out]``) is a Linear too: it is quantized from
 its transposed weight, and the ``Linear4bit`` remembers it (``fan_in_fan_out``) so adapters saved on it say so.
@@ -28,12 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tuneforge.log import get_logger
+from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
-
-logger = get_logger(__name__)
-
 
 # nn.Linear subclasses of transformers whose forward is exactly ``x @ W.T + b`` (so a Linear4bit computes it).
 # Other subclasses may read their weight elsewhere (nn.MultiheadAttention's out_proj): they are left alone.
@@ -62,7 +60,8 @@ def quantize_model(
     blocksize: int = 64,
     compute_dtype: torch.dtype | None = None,
 ) -> QuantizeResult:
-    """Replace every ``nn.Linear`` and ``Conv1D`` but those in ``skip`` by a ``Linear4bit``, in place.
+    """Replace every ``nn.Linear`` and ``Conv1D`` but those in ``skip`` by a ``Linear4bit``, and every MoE
+    experts module by an ``Experts4bit``, in place.
 
     ``skip`` entries match a module path exactly or as a suffix (``"lm_head"`` matches
     ``"model.lm_head"``). A Linear whose weight is shared with another module (a tied head) is
@@ -70,14 +69,31 @@ def quantize_model(
     before and after.
     """
     before = model_nbytes(model)
-    warn_unquantized(model)
     names = quantization_targets(model, skip)
     for name in names:
         linear = model.get_submodule(name)
         set_submodule(model, name, Linear4bit.from_linear(
             linear, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
             compute_dtype=compute_dtype))
-    return QuantizeResult(names, before, model_nbytes(model))
+    experts = expert_targets(model)
+    for name in experts:
+        set_submodule(model, name, Experts4bit.from_module(
+            model.get_submodule(name), quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+            compute_dtype=compute_dtype))
+    return QuantizeResult(names + experts, before, model_nbytes(model))
+
+
+def expert_targets(model: nn.Module) -> list[str]:
+    """Paths of the modules holding MoE expert stacks (3D parameters) to quantize; LoRA wrappers never are."""
+    return [name for name, m in model.named_modules()
+            if expert_stacks(m) and not isinstance(m, Experts4bit)
+            and not any(part.startswith("lora_") for part in name.split("."))]
+
+
+def quantized_numel(model: nn.Module) -> int:
+    """Values the model stores 4-bit (Linear4bit weights and Experts4bit stacks), for parameter counts."""
+    return sum(m.in_features * m.out_features if isinstance(m, Linear4bit) else m.quantized_numel
+               for m in model.modules() if isinstance(m, Linear4bit | Experts4bit))
 
 
 def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list[str]:
@@ -96,27 +112,6 @@ def quantization_targets(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -
         and not any(name == s or name.endswith(f".{s}") for s in skip)
         and not any(part.startswith("lora_") for part in name.split("."))
     ]
-
-
-def unquantized_weights(model: nn.Module) -> tuple[list[str], float]:
-    """MoE expert stacks (3D float parameters) 4-bit leaves alone: their names and share of all weights."""
-    names, n, total = [], 0, 0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        if p.dim() == 3 and p.is_floating_point():
-            names.append(name)
-            n += p.numel()
-    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
-    return names, n / (total + quantized) if total + quantized else 0.0
-
-
-def warn_unquantized(model: nn.Module) -> None:
-    """Say which MoE expert weights stay in 16/32-bit, and their share, when there are any."""
-    names, share = unquantized_weights(model)
-    if names:
-        logger.warning(f"4-bit covers Linear and Conv1D layers only: {len(names)} MoE expert weights "
-                       f"({share:.0%} of the model, e.g. {names[0]}) stay in 16/32-bit, so QLoRA saves much less "
-                       "memory on this model than on a dense one")
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
