@@ -135,12 +135,12 @@ def test_completion_range_checks_name_the_parameter(extra, param):
 
 def test_accepted_parameters_reach_the_sampler():
     req = parse_chat(chat(temperature=0.5, top_p=0.9, presence_penalty=-1, frequency_penalty=1.5, seed=-3, n=3,
-                          logit_bias={"7": -100, "9": 2.5}, logprobs=True, top_logprobs=4, stop="x",
+                          logit_bias={"7": -100, "9": 2.5}, logprobs=True, top_logprobs=4,
                           user=None, response_format={"type": "json_schema",
                                                       "json_schema": {"name": "p", "schema": {"type": "array"}}}), 32)
     s = req.sampling
-    assert (s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed, s.stop) == (
-        0.5, 0.9, -1.0, 1.5, -3, ["x"])
+    assert (s.temperature, s.top_p, s.presence_penalty, s.frequency_penalty, s.seed) == (0.5, 0.9, -1.0, 1.5, -3)
+    assert parse_chat(chat(stop="x"), 32).sampling.stop == ["x"]
     assert (s.logit_bias, s.top_logprobs, req.n, req.logprobs, req.json_schema) == (
         {7: -100.0, 9: 2.5}, 4, 3, True, {"type": "array"})
     assert parse_chat(chat(response_format={"type": "json_object"}), 32).json_schema == {"type": "object"}
