@@ -2,7 +2,7 @@
 # The GPU speed work's device calls, one phase per call (results under $OUT; carry .whl and .bench):
 #   bash benchmarks/device_speed.sh 1   # GPU tests; 8B LoRA: the fastest HF peer, ours (Liger, FP8, compiled), Unsloth
 #   bash benchmarks/device_speed.sh 2   # round 2 of those; QLoRA and P3 peers, Unsloth's QLoRA and P3; 1B full
-#   bash benchmarks/device_speed.sh 3   # FP8 quality (random 8B, 200 steps); `tuneforge train` on a random 8B folder
+#   bash benchmarks/device_speed.sh 3   # FP8 quality (random 8B, 200 steps); `tuneforge train` on a random 8B folder; P3
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -24,6 +24,7 @@ case "$1" in
   3)
     python3 benchmarks/fp8_quality.py --model llama-3-8b --steps 200 --seq 2048 --rows 1 --out "$OUT" 2>&1 \
       | tee -a "$OUT/session.log" | tail -3
-    bash benchmarks/train_8b.sh "$OUT" "${2:-40}" 2>&1 | tee -a "$OUT/session.log" | tail -25
+    bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -30
+    speed --budget 230 --cases peer-8b-p3,ours-8b-p3-liger,ours-8b-p3-fp8,unsloth-8b-p3
     ;;
 esac

@@ -113,7 +113,7 @@ CASES = [
     Case("ours-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90),
     Case("ours-8b-lora-fp8-compile", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3, seconds=90),
     Case("ours-8b-p3-liger", "ours", "llama-3-8b", workload="p3", liger=True, seconds=60),
-    Case("ours-8b-p3-fp8", "ours", "llama-3-8b", workload="p3", liger=True, precision="fp8", seconds=60),
+    Case("ours-8b-p3-fp8", "ours", "llama-3-8b", workload="p3", precision="fp8", compile=True, seconds=60),
     Case("ours-1b-full-kahan", "ours", "llama-3.2-1b", method="full", batch=8, liger=True, weights="bf16_kahan"),
     Case("ours-1b-full-kahan-compile", "ours", "llama-3.2-1b", method="full", batch=8, weights="bf16_kahan",
          compile=True, seconds=90),

@@ -1,6 +1,7 @@
 #!/bin/bash
 # `tuneforge train` itself on a random Llama-3-8B HF folder (the benchmark's seeded weights, SmolLM2's tokenizer):
-# 5,848 real P3 examples packed into 4×2048 rows, LoRA r=16 on all 7 projections, the GPU defaults (planner, Liger).
+# 5,848 real P3 examples packed into 4×2048 rows, LoRA r=16 on all 7 projections, the GPU defaults (planner, Liger);
+# then the FP8 base with compiled layers.
 #   bash benchmarks/train_8b.sh OUT [STEPS]     # on the GPU machine; OUT gets metrics.jsonl and the summary
 set -o pipefail
 out=${1:?output folder}; steps=${2:-40}
@@ -19,7 +20,7 @@ data:
 method:
   name: lora
   lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, base_precision: $precision}
-train: {max_steps: $steps, batch_size: 4, lr: 2.0e-4, log_every: 1}
+train: {max_steps: $steps, batch_size: 4, lr: 2.0e-4, log_every: 1, compile: $([ $precision = fp8 ] && echo true || echo false)}
 YAML
   python3 -m tuneforge.cli train -c /tmp/train_8b_$precision.yaml --overwrite 2>&1 | tail -22
   cp /tmp/runs/train-8b-$precision/metrics.jsonl "$out/train_8b_${precision}_metrics.jsonl"

@@ -171,12 +171,14 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
     if not quiet:
         report_data(data)
     rows = forward_rows(config, runtime.device, model, recompute, quiet)
-    model, loss_model, attention_before = setup_model(config, runtime, model, data, recompute, quiet)
+    model, loss_model, attention_before, residuals = setup_model(config, runtime, model, data, recompute, quiet)
     status = status or RunStatus(run_dir)
     runtime.on_main(status.create, inputs, resume, overwrite)  # rank 0 writes files, all wait
     runtime.on_main(save_config, config, run_dir / "config.yaml")
     params = [p for p in loss_model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, config.lr, t.weight_decay, t.weights, t.optimizer_state, runtime.device)
+    optimizer = build_optimizer(params, config.lr, t.weight_decay, t.weights, t.optimizer_state, runtime.device,
+                                residuals)
+    del residuals
     steps = total_steps(config, len(train_units(data)))
     if not quiet and t.max_steps is None and t.epochs is None:
         logger.info(f"train.epochs unset: {epochs_for(config, len(train_units(data))):g} pass(es) over the data, "
@@ -197,10 +199,11 @@ def setup(config: RunConfig, resume: bool, overwrite: bool, model: torch.nn.Modu
 
 def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | None,
                 data: TrainData | PreferenceData, recompute: str,
-                quiet: bool) -> tuple[torch.nn.Module, CausalLMLoss, str]:
+                quiet: bool) -> tuple[torch.nn.Module, CausalLMLoss, str, dict[torch.nn.Parameter, torch.Tensor]]:
     """Load (unless given) and prepare the model for the method; wrap it with its loss; shard under torchrun.
 
-    Returns the HF model, its loss wrapper and the attention implementation to restore at the end.
+    Returns the HF model, its loss wrapper, the attention implementation to restore at the end and, with
+    ``train.weights=bf16_kahan``, what the cast to bf16 dropped from each weight (the starting compensation).
     """
     t, device = config.train, runtime.device
     placement = runtime.load_placement(config, model is not None)
@@ -208,11 +211,13 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         model = load_model_for(config, device, placement)
     if placement == "device":
         model.to(device)
+    residuals = {}
     if t.weights != "fp32_master":  # bf16 weights with no fp32 master copy (tuneforge.train.optimizer)
-        to_bf16_weights(model)
+        residuals = to_bf16_weights(model, keep_residuals=t.weights == "bf16_kahan")
     trainable_summary = prepare_method(model, config)
     recomputation.enable(model, recompute)
-    kernels = apply_kernels(model, t.kernels, device)
+    # compiled layers fuse what Liger's kernels would (measured faster on an H200), so auto leaves Liger out then
+    kernels = apply_kernels(model, "torch" if t.compile and t.kernels == "auto" else t.kernels, device)
     if t.compile:
         kernels += f", {compile_layers(model, device)} compiled layers"
     attention_before = model.config._attn_implementation  # transformers has no public getter
@@ -232,7 +237,7 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         reference = frozen_reference(model) if settings.needs_reference and settings.reference == "model" else None
         loss_model = PreferenceLoss(model, settings, amp, offload, reference)
     loss_model.train()
-    return model, runtime.setup(loss_model, placement), attention_before
+    return model, runtime.setup(loss_model, placement), attention_before, residuals
 
 
 def prepare_method(model: torch.nn.Module, config: RunConfig) -> str:
