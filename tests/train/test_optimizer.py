@@ -292,3 +292,16 @@ def test_fsdp2_two_processes_train_checkpoint_and_resume(tiny_model_dir, alpaca_
     a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("one", "resumed"))
     for k in a:  # two processes sum gradients in another order: a bf16 weight may round to its neighbour
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=2 ** -7, rtol=2 ** -6, msg=k)
+
+
+def test_kahan_starts_from_the_loaded_fp32_weights():
+    """The cast's residual is the first compensation: weight + compensation is the fp32 weight as loaded."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(32, 32)
+    loaded = {n: p.detach().clone() for n, p in net.named_parameters()}
+    residuals = to_bf16_weights(net, keep_residuals=True)
+    opt = build_optimizer(list(net.parameters()), 1e-3, 0.0, "bf16_kahan", "fp32", torch.device("cpu"), residuals)
+    for name, p in net.named_parameters():
+        kept = p.float() + opt.state[p]["compensation"].float()
+        torch.testing.assert_close(kept, loaded[name], atol=0, rtol=2 ** -16)
+        assert not torch.equal(p.float(), loaded[name])
