@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from tuneforge.errors import ModelError
 from tuneforge.models.load import empty_model
@@ -112,9 +114,6 @@ def _load_mapped(model: nn.Module, tensors: dict[str, Callable[[], torch.Tensor]
     A plain tensor is read and placed at once; the tensors a converter fuses are read when it runs, one target
     at a time, so the peak stays one fused tensor and its pieces.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
