@@ -281,3 +281,11 @@ def test_unsupported_parameters_are_400_by_name(client):
         assert e.value.body["param"] == next(iter(extra))
     with pytest.raises(openai.BadRequestError, match="presence_penalty"):
         client.chat.completions.create(model="alpha", messages=CHATS[0], max_tokens=N, presence_penalty=2.5)
+
+
+def test_max_completion_tokens_bounds_the_answer(client):
+    r = client.chat.completions.create(model="alpha", messages=CHATS[0], max_completion_tokens=2, temperature=0)
+    assert r.usage.completion_tokens <= 2
+    longer = client.chat.completions.create(model="alpha", messages=CHATS[0], max_completion_tokens=N, temperature=0)
+    assert longer.choices[0].message.content.startswith(r.choices[0].message.content)
+    assert r.choices[0].finish_reason == "length" or r.choices[0].message.content == longer.choices[0].message.content

@@ -161,3 +161,43 @@ def test_parse_calls_of_auto_answers():
         assert parse_calls(text, tools) == (text, [])  # not a well-formed call of a known tool: plain content
     one = Tools(tools.functions, "auto", parallel=False)
     assert len(parse_calls('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>' * 2, one)[1]) == 1
+
+
+def scripted(server, text):
+    """Make the base model write ``text`` and end its turn: a hook on its output head (removed by the caller)."""
+    tok = server.adapter_set.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    step = iter(ids)
+
+    def force(module, args, out):
+        out = out.clone()
+        out[:, -1, next(step, ids[-1])] += 1e4
+        return out
+
+    return server.adapter_set.model.lm_head.register_forward_hook(force)
+
+
+def test_auto_parses_the_calls_the_model_writes(server, client):
+    text = 'Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    for stream in (False, True):
+        hook = scripted(server, text)
+        try:
+            kw = {"model": server.options.model, "messages": CHAT, "tools": TOOLS, "max_tokens": 96, "temperature": 0}
+            if stream:
+                chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+                calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+                content = "".join(c.choices[0].delta.content or "" for c in chunks)
+                finish = chunks[-1].choices[0].finish_reason
+            else:
+                choice = client.chat.completions.create(**kw).choices[0]
+                calls, content, finish = choice.message.tool_calls, choice.message.content, choice.finish_reason
+        finally:
+            hook.remove()
+        assert (content, finish) == ("Checking.", "tool_calls")
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_time", {"zone": "UTC"})]
+    hook = scripted(server, "No call.")  # auto: plain text stays content
+    try:
+        choice = client.chat.completions.create(**kw).choices[0]
+    finally:
+        hook.remove()
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("No call.", None, "stop")
