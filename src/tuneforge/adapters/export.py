@@ -29,10 +29,10 @@ def merge_roundtrip_error(model: nn.Module, adapter_name: str = "default") -> fl
     for path, layer in layers.items():
         if adapter_name in layer.merged_adapters:
             raise ModelError(f"adapter {adapter_name!r} is already merged in {path}; unmerge it first")
-        before = layer.base_layer.weight.detach().clone()
+        before = layer.weight.detach().clone()
         layer.merge(adapter_name)
         layer.unmerge(adapter_name)
-        worst = max(worst, (layer.base_layer.weight.detach().float() - before.float()).abs().max().item())
+        worst = max(worst, (layer.weight.detach().float() - before.float()).abs().max().item())
     return worst
 
 
