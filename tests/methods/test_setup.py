@@ -39,3 +39,15 @@ def test_a_frozen_lora_base_loads_in_bf16_on_a_gpu_only_for_lora():
     assert gpu_weight_dtype("lora") == "bf16"
     assert gpu_weight_dtype("lora", "fp32") == "fp32"
     assert gpu_weight_dtype("full") == gpu_weight_dtype("freeze") == "fp32"
+
+
+def test_the_configured_attention_reaches_every_loader(tiny_model_dir):
+    from tuneforge.config import load_config
+    from tuneforge.methods.setup import load_model_for
+
+    for method in ("full", "qlora"):
+        config = load_config(None, [f"model={tiny_model_dir}", f"method.name={method}", "attn_implementation=eager"])
+        model = load_model_for(config, torch.device("cpu"))
+        assert model.config._attn_implementation == "eager"
+    config = load_config(None, [f"model={tiny_model_dir}", "attn_implementation=eager"])
+    assert load_model_for(config, torch.device("cpu"), placement="meta").config._attn_implementation == "eager"

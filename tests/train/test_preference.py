@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tuneforge.data.preference import collate_pairs, encode_pair, normalize_pair
 from tuneforge.errors import ConfigError
 from tuneforge.methods.lora import apply_lora, lora_layers
+from tuneforge.train.loss import LogitTransform
 from tuneforge.train.preference import (
     PreferenceSettings,
     batch_logps,
@@ -166,7 +167,10 @@ def test_orpo_equals_trl_odds_ratio_plus_answer_nll(models, pairs, tiny_tokenize
     _assert_close_grads(ours[2], _grads(twin))
 
 
-def test_sequence_logps_equal_full_logits_with_bias_and_chunks():
+@pytest.mark.parametrize("transform", [LogitTransform(), LogitTransform(scale=0.25),
+                                       LogitTransform(scale=1.7, softcap=2.0)], ids=["plain", "scaled", "soft-capped"])
+def test_sequence_logps_equal_full_logits_with_bias_and_chunks(transform):
+    """Also through a model's logit scale and soft-cap (Cohere, Granite, Gemma2/3), gradients included."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 7, 16, requires_grad=True)
     head = torch.nn.Linear(16, 50)
@@ -175,13 +179,16 @@ def test_sequence_logps_equal_full_logits_with_bias_and_chunks():
     labels[1, 5:] = -100
     index = torch.tensor([[0] * 4 + [1] * 3, [2] * 7])
     index[1, 5:] = -1
-    logps, counts = sequence_logps(hidden, head, labels, index, 3, chunk_tokens=3)
+    logps, counts = sequence_logps(hidden, head, labels, index, 3, chunk_tokens=3, transform=transform)
     weights = torch.tensor([0.3, -1.2, 2.0])
     (logps * weights).sum().backward()
     ours = (logps.detach(), hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
     hidden.grad = head.weight.grad = head.bias.grad = None
 
-    logp = F.log_softmax(head(hidden).float(), -1)[:, :-1]
+    logits = head(hidden).float() * transform.scale
+    if transform.softcap is not None:
+        logits = transform.softcap * torch.tanh(logits / transform.softcap)
+    logp = F.log_softmax(logits, -1)[:, :-1]
     target = labels[:, 1:]
     token = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * (target != -100)
     seq = index[:, 1:]

@@ -19,7 +19,7 @@ from tuneforge.data.replay import read_text_prefix, text_token_ids
 from tuneforge.data.template import encode
 from tuneforge.errors import DataError
 from tuneforge.models.load import pad_token_id
-from tuneforge.train.loss import chunked_lm_loss
+from tuneforge.train.loss import chunked_lm_loss, logit_transform
 from tuneforge.train.step import validation_loss
 
 
@@ -120,7 +120,8 @@ def token_perplexity(model: torch.nn.Module, ids: list[int], window: int = 256, 
                 mask[b, :len(w)] = 1
             hidden = model.base_model(input_ids=inp.to(device), attention_mask=mask.to(device),
                                       use_cache=False).last_hidden_state
-            loss, n = chunked_lm_loss(hidden, model.get_output_embeddings(), labels.to(device))
+            loss, n = chunked_lm_loss(hidden, model.get_output_embeddings(), labels.to(device),
+                                      transform=logit_transform(model))
             total, count = total + float(loss), count + n
     finally:
         model.train(was_training)

@@ -40,13 +40,15 @@ def load_model_for(config: RunConfig, device: torch.device, placement: str = "de
         q = config.method.quant
         return load_model_4bit(config.model, quant_type=q.quant_type, double_quant=q.double_quant,
                                compute_dtype=compute_dtype(device), device=device,
-                               trust_remote_code=config.trust_remote_code)
+                               trust_remote_code=config.trust_remote_code,
+                               attn_implementation=config.attn_implementation)
     bf16 = device.type == "cuda" and gpu_weight_dtype(config.method.name, config.train.dtype) == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     if placement == "meta":
-        return empty_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        return empty_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code,
+                           attn_implementation=config.attn_implementation)
     return load_model(config.model, dtype=dtype, device=str(device) if placement == "device" else "cpu",
-                      trust_remote_code=config.trust_remote_code)
+                      trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation)
 
 
 def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:

@@ -45,6 +45,7 @@ def load_model_4bit(
     skip: tuple[str, ...] = ("lm_head",),
     blocksize: int = 64,
     trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ) -> nn.Module:
     """A causal LM whose Linear and Conv1D layers (all but ``skip``) are ``Linear4bit`` and whose MoE experts
     modules are ``Experts4bit``, in eval mode.
@@ -54,7 +55,8 @@ def load_model_4bit(
     (its renames, legacy names and expert fusions), so the result equals ``quantize_model(load_model(ref))``
     for the same settings.
     """
-    model = empty_model(ref, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    model = empty_model(ref, dtype=compute_dtype, trust_remote_code=trust_remote_code,
+                        attn_implementation=attn_implementation)
     path = resolve_model(ref)
     tied = _tied_groups(model)
     targets = {f"{name}.weight" for name in quantization_targets(model, skip)}

@@ -38,7 +38,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import disable_adapters, lora_layers
 from tuneforge.train.attention import attention_mask, shared_prompt_refusal
-from tuneforge.train.loss import _compute_dtype
+from tuneforge.train.loss import IDENTITY, LogitTransform, _compute_dtype, logit_transform
 
 logger = get_logger(__name__)
 
@@ -246,7 +246,14 @@ def _dlogp_dlogits(logits: torch.Tensor, lse: torch.Tensor, t: torch.Tensor) -> 
     return d
 
 
-def _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, need_h):
+def _to_head_output(d: torch.Tensor, slope: torch.Tensor | None, transform: LogitTransform) -> torch.Tensor:
+    """Carry d/d(model logits) back through the model's logit transform to d/d(head output), in place."""
+    if slope is not None:
+        return d.mul_(slope)
+    return d.mul_(transform.scale) if transform.scale != 1.0 else d
+
+
+def _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, transform, need_h):
     """Per-sequence summed log-probs and, with ``need_h``, each trained token's d logp / d hidden."""
     h_all = hidden.reshape(-1, hidden.shape[-1])
     with torch.autocast(hidden.device.type, enabled=False):
@@ -257,10 +264,12 @@ def _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute
         for start, end, h in _chunks(h_all, rows, chunk_tokens, compute_dtype):
             t = targets[start:end]
             logits = F.linear(h, w, b).float()
+            slope = transform.apply_(logits)
             lse = torch.logsumexp(logits, dim=-1)
             sums.index_add_(0, seq[start:end], logits.gather(1, t[:, None]).squeeze(1) - lse)
             if grad_h is not None:
-                grad_h[start:end] = _dlogp_dlogits(logits, lse, t).to(compute_dtype) @ w
+                d = _to_head_output(_dlogp_dlogits(logits, lse, t), slope, transform)
+                grad_h[start:end] = d.to(compute_dtype) @ w
             del logits
     return sums, grad_h
 
@@ -269,10 +278,12 @@ class _SequenceLogps(torch.autograd.Function):
     """Per-sequence sums of log softmax(hidden[rows] @ W.T + b)[targets]; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype,
+    def forward(ctx, hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, transform,
                 need_h, need_w, need_b):
-        sums, grad_h = _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, need_h)
+        sums, grad_h = _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, transform,
+                             need_h)
         ctx.chunk_tokens, ctx.compute_dtype, ctx.need_w, ctx.need_b = chunk_tokens, compute_dtype, need_w, need_b
+        ctx.transform = transform
         ctx.hidden_shape = hidden.shape
         saved_hidden = hidden if (need_w or need_b) else None
         ctx.save_for_backward(rows, targets, seq, grad_h, saved_hidden, weight, bias)
@@ -290,7 +301,7 @@ class _SequenceLogps(torch.autograd.Function):
             d_hidden = d_hidden.view(ctx.hidden_shape)
         if ctx.need_w or ctx.need_b:
             d_weight, d_bias = _head_grads(hidden, weight, bias, rows, targets, g, ctx)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None, None, None
 
 
 def _head_grads(hidden, weight, bias, rows, targets, g, ctx):
@@ -305,7 +316,9 @@ def _head_grads(hidden, weight, bias, rows, targets, g, ctx):
         for start, end, h in _chunks(h_all, rows, ctx.chunk_tokens, cd):
             t = targets[start:end]
             logits = F.linear(h, w, b).float()
+            slope = ctx.transform.apply_(logits)
             d = _dlogp_dlogits(logits, torch.logsumexp(logits, dim=-1), t).mul_(g[start:end, None])
+            d = _to_head_output(d, slope, ctx.transform)
             if gb is not None:
                 gb += d.sum(0)
             if gw is not None:
@@ -337,12 +350,14 @@ def _scored(labels: torch.Tensor, sequence_index: torch.Tensor, branch_ids: torc
 
 def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                    sequence_index: torch.Tensor, n_sequences: int, chunk_tokens: int = 1024,
-                   branch_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   branch_ids: torch.Tensor | None = None,
+                   transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the trained tokens of each sequence [S] (fp32), and their counts [S].
 
     ``labels`` [B, L] are aligned with the inputs (-100 = not scored; position i predicts labels[i + 1], or as
     :func:`predictor_positions` says for ``branch_ids``); ``sequence_index`` [B, L] gives each token's sequence
-    in ``range(n_sequences)`` (-1 on padding). ``head`` is the output projection (``weight``, optional ``bias``).
+    in ``range(n_sequences)`` (-1 on padding). ``head`` is the output projection (``weight``, optional ``bias``),
+``transform`` what the model applies to its output (``loss.logit_transform``).
     Differentiable w.r.t. ``hidden`` and a trainable head, without full-vocabulary logits.
     """
     if chunk_tokens < 1:
@@ -362,7 +377,7 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
             if need:
                 zero = zero + p.sum() * 0.0
         return torch.zeros(n_sequences, device=device) + zero, counts
-    args = (hidden, weight, bias, rows, targets, seq, n_sequences, chunk_tokens, _compute_dtype(hidden))
+    args = (hidden, weight, bias, rows, targets, seq, n_sequences, chunk_tokens, _compute_dtype(hidden), transform)
     if not (need_h or need_w or need_b):
         with torch.no_grad():
             return _sums(*args, need_h=False)[0], counts
@@ -393,7 +408,7 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_to
                                       position_ids=batch["position_ids"].to(device),
                                       use_cache=False).last_hidden_state
         return sequence_logps(hidden, model.get_output_embeddings(), batch["labels"],
-                              batch["sequence_index"], n_seq, chunk_tokens, branch_ids)
+                              batch["sequence_index"], n_seq, chunk_tokens, branch_ids, logit_transform(model))
 
 
 def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
