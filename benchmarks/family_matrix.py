@@ -2,9 +2,9 @@
 
 Runs ``tests/models/test_families.py`` (about a minute and a half on one CPU thread) with
 ``TUNEFORGE_FAMILY_MATRIX`` set, so the test writes what each family did, and renders that as Markdown: printed,
-and written between the table markers of docs/models.md.
+and written between the table markers of docs/models.md and README.md.
 
-    python benchmarks/family_matrix.py                  # run the test, update docs/models.md
+    python benchmarks/family_matrix.py                  # run the test, update docs/models.md and README.md
     python benchmarks/family_matrix.py --results r.json # render a saved result file only
 """
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "models.md"
+DOCS = (ROOT / "docs" / "models.md", ROOT / "README.md")
 START, END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
 COLUMNS = ("full", "freeze", "lora", "qlora", "packing", "fused loss", "peft", "merge/export", "generate")
 MARKS = {"trains": "✓", "exact": "✓ exact", "= model loss": "✓", "same logits": "✓", "runs": "✓"}
@@ -49,10 +49,10 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc(table: str) -> None:
-    text = DOC.read_text()
-    head, rest = text.split(START, 1)
-    DOC.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+def write_docs(table: str) -> None:
+    for doc in DOCS:
+        head, rest = doc.read_text().split(START, 1)
+        doc.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
 def main() -> int:
@@ -66,7 +66,7 @@ def main() -> int:
         code = run_matrix(path)
     table = render(json.loads(path.read_text()))
     print(table)
-    write_doc(table)
+    write_docs(table)
     return code
 
 
