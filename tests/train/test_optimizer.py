@@ -221,6 +221,7 @@ def test_train_with_bf16_kahan_follows_the_fp32_master_run(tiny_model_dir, alpac
         return train(cfg, quiet=True)
 
     ref, ours = run("fp32_master"), run("bf16_kahan")
+    assert ours.base_weights == "bf16, no fp32 master copy (Kahan-compensated AdamW updates)"  # in the summary
     losses = [[r["loss"] for r in result.metrics] for result in (ref, ours)]
     assert losses[1][-1] < losses[1][0]
     for a, b in zip(*losses, strict=True):

@@ -566,7 +566,12 @@ def report_data(data: TrainData | PreferenceData) -> None:
 
 
 def base_weights_text(config: RunConfig) -> str:
-    """How the frozen base was held: the summary says so, since QLoRA's quality cost comes from it."""
+    """How the frozen base was held: the summary says so, since QLoRA's quality cost comes from it (and for bf16
+    weights, how their updates were kept)."""
+    weights = config.train.weights
+    if weights != "fp32_master":
+        kept = "Kahan-compensated" if weights == "bf16_kahan" else "stochastically rounded"
+        return f"bf16, no fp32 master copy ({kept} AdamW updates)"
     if config.method.name != "qlora":
         return "as loaded"
     q = config.method.quant
