@@ -186,31 +186,31 @@ class BF16AdamW(torch.optim.Optimizer):
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
         del g
-        # update = -lr · (m / bc1) / (sqrt(v / bc2) + eps) - lr · wd · w
+        # torch's AdamW: w ← w·(1 - lr·wd) - lr · (m / bc1) / (sqrt(v / bc2) + eps)
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, [math.sqrt(bc2) for _, bc2 in corrections])
         torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(m, denom)
-        del denom
-        torch._foreach_mul_(update, [-lr / bc1 for bc1, _ in corrections])
+        step_sizes = [-lr / bc1 for bc1, _ in corrections]
+        w = _as_fp32(work["w"])
+        if self.rounding == "stochastic":
+            if wd:
+                torch._foreach_mul_(w, 1 - lr * wd)
+            torch._foreach_addcdiv_(w, m, denom, step_sizes)
+            round_stochastic_(work["w"], w)
+        else:
+            y = _as_fp32(work["c"])  # what earlier roundings dropped, plus this step's change
+            if wd:
+                torch._foreach_add_(y, w, alpha=-lr * wd)
+            torch._foreach_addcdiv_(y, m, denom, step_sizes)
+            new = torch._foreach_add(w, y)
+            torch._foreach_copy_(work["w"], new)  # round to nearest bf16
+            torch._foreach_copy_(new, work["w"])
+            torch._foreach_sub_(new, w)  # what the weight actually moved
+            torch._foreach_sub_(y, new)  # ... short of what it should have: the new compensation
+            torch._foreach_copy_(work["c"], y)
         if not fp32_state:
             round_stochastic_(work["m"], m)
             round_stochastic_(work["v"], v)
-        del m, v
-        w = _as_fp32(work["w"])
-        if wd:
-            torch._foreach_add_(update, w, alpha=-lr * wd)
-        if self.rounding == "stochastic":
-            torch._foreach_add_(w, update)
-            round_stochastic_(work["w"], w)
-            return
-        torch._foreach_add_(update, _as_fp32(work["c"]))  # y = update + what earlier roundings dropped
-        new = torch._foreach_add(w, update)
-        torch._foreach_copy_(work["w"], new)  # round to nearest bf16
-        moved = _as_fp32(work["w"])
-        torch._foreach_sub_(moved, w)  # what the weight actually moved
-        torch._foreach_sub_(update, moved)  # ... and what it should have: the new compensation
-        torch._foreach_copy_(work["c"], update)
 
 
 def _batches(sizes: list[int]) -> Iterator[tuple[int, int]]:
