@@ -213,7 +213,8 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         model.to(device)
     residuals = {}
     if t.weights != "fp32_master":  # bf16 weights with no fp32 master copy (tuneforge.train.optimizer)
-        residuals = to_bf16_weights(model, keep_residuals=t.weights == "bf16_kahan")
+        # under torchrun FSDP2 replaces the parameters by their shards, which these residuals would not reach
+        residuals = to_bf16_weights(model, keep_residuals=t.weights == "bf16_kahan" and world_size() == 1)
     trainable_summary = prepare_method(model, config)
     recomputation.enable(model, recompute)
     # compiled layers fuse what Liger's kernels would (measured faster on an H200), so auto leaves Liger out then
