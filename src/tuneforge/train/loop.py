@@ -573,6 +573,8 @@ def base_weights_text(config: RunConfig) -> str:
     if weights != "fp32_master":
         kept = "Kahan-compensated" if weights == "bf16_kahan" else "stochastically rounded"
         return f"bf16, no fp32 master copy ({kept} AdamW updates)"
+    if config.method.name == "lora" and config.method.lora.base_precision == "fp8":
+        return "fp8 e4m3 with per-output-channel scales, quantized after loading"
     if config.method.name != "qlora":
         return "as loaded"
     q = config.method.quant
