@@ -39,7 +39,8 @@ def batches(seq: int, rows: int, steps: int, vocab: int) -> list[dict]:
     data = json.loads(WORKLOAD.read_text())["examples"]
     examples = [Tokenized([i % vocab for i in ids], [x if x == -100 else x % vocab for x in labels])
                 for ids, labels in data]
-    packed = pack([Tokenized(e.input_ids[:seq], e.labels[:seq]) for e in examples], seq)
+    cut = [Tokenized(e.input_ids[:seq], e.labels[:seq]) for e in examples]
+    packed = pack([t for t in cut if any(x != -100 for x in t.labels[1:])], seq)  # the cut left an answer
     out = [collate(packed[i:i + rows], 0) for i in range(0, len(packed) - rows + 1, rows)]
     return [out[i % len(out)] for i in range(steps)]
 

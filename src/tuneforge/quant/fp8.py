@@ -121,8 +121,7 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
     """``(a·a_scale) @ (b·b_scale)ᵀ`` for e4m3 ``a`` (M × K, scales M × 1) and ``b`` (N × K, scales N): FP8 tensor
     cores via ``torch._scaled_mm`` on a GPU, an fp32 emulation on the CPU (the tests' reference)."""
     if a.device.type != "cuda":
-        out = (a.float() * a_scale) @ (b.float() * b_scale.view(-1, 1)).t()
-        return out.to(out_dtype)
+        return ((a.float() * a_scale) @ (b.float() * b_scale.view(-1, 1)).t()).to(out_dtype)
     m = a.shape[0]
     pad = -m % ALIGN
     if pad:  # a few rows (generation, a short batch): zero rows make the shape legal and are dropped after
@@ -130,6 +129,20 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
         a_scale = torch.cat([a_scale, a_scale.new_ones(pad, 1)])
     out = torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1).float(), out_dtype=out_dtype)
     return out[:m] if pad else out
+
+
+_EMULATED: dict[tuple[int, bool], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _emulated(codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A frozen weight's ``codes · scale`` (or its codes alone) in fp32 for the CPU emulation, made once and kept
+    while the codes live."""
+    key = (id(codes), scale is None)
+    ref, value = _EMULATED.get(key, (None, None))
+    if ref is None or ref() is not codes:
+        value = codes.float() if scale is None else codes.float() * scale.view(-1, 1)
+        _EMULATED[key] = (weakref.ref(codes, lambda _: _EMULATED.pop(key, None)), value)
+    return value
 
 
 # --- the layer ------------------------------------------------------------------------------------------------------
@@ -141,7 +154,10 @@ class _FP8Linear(torch.autograd.Function):
     def forward(ctx, x, x_codes, x_scale, weight, weight_scale, out_dtype):
         ctx.save_for_backward(weight, weight_scale)
         ctx.in_dtype = x.dtype
-        y = scaled_matmul(x_codes, x_scale, weight, weight_scale, out_dtype)
+        if weight.is_cuda:
+            y = scaled_matmul(x_codes, x_scale, weight, weight_scale, out_dtype)
+        else:  # the emulation, with the weight dequantized once
+            y = ((x_codes.float() * x_scale) @ _emulated(weight, weight_scale).t()).to(out_dtype)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -151,8 +167,11 @@ class _FP8Linear(torch.autograd.Function):
         # dx = dy·diag(s)·W8: the weight's per-output-channel scale moves onto dy's columns, so W8ᵀ's rows need
         # none (ones) and one FP8 copy of the weight serves both GEMMs.
         g_codes, g_scale = quantize_rows(g, weight_scale)
-        ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
-        dx = scaled_matmul(g_codes, g_scale, weight.t().contiguous(), ones, grad.dtype)
+        if weight.is_cuda:
+            ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
+            dx = scaled_matmul(g_codes, g_scale, weight.t().contiguous(), ones, grad.dtype)
+        else:
+            dx = ((g_codes.float() * g_scale) @ _emulated(weight, None)).to(grad.dtype)
         return dx.view(*grad.shape[:-1], weight.shape[1]).to(ctx.in_dtype), None, None, None, None, None
 
 
