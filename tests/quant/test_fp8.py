@@ -177,3 +177,17 @@ def test_lora_model_on_an_fp8_base_follows_the_bf16_one():
         losses[precision] = (float(out.loss), torch.stack(grads).cpu())
     assert abs(losses["fp8"][0] - losses["bf16"][0]) < 0.01 * losses["bf16"][0]
     assert rel(losses["fp8"][1], losses["bf16"][1]) < 0.05
+
+
+def test_fp8_base_counts_its_weights_and_refuses_a_merge():
+    from tuneforge.errors import ModelError
+    from tuneforge.methods.lora import count_parameters
+
+    linear, _ = layer_and_input(9)
+    layer = LoRALinear(linear, r=4, alpha=8)
+    before = count_parameters(layer)
+    layer.base_layer = Linear8.from_linear(layer.base_layer, out_dtype=torch.float32)
+    assert count_parameters(layer) == before
+    torch.testing.assert_close(layer.dense_weight(), layer.base_layer.dequantized())
+    with pytest.raises(ModelError, match="FP8"):
+        layer.merge("default")

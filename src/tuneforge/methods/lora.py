@@ -20,6 +20,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods import dora
+from tuneforge.quant.fp8 import Linear8
 from tuneforge.quant.linear4bit import Linear4bit, is_conv1d, quantized_numel
 
 ALL_LINEAR = "all-linear"
@@ -345,9 +346,9 @@ def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once, 4-bit weights as their full shape."""
+    """(trainable, total) parameter counts; tied weights count once, 4-bit and FP8 weights as their full shape."""
     params = list(model.parameters())
-    quantized = quantized_numel(model)
+    quantized = quantized_numel(model) + sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear8))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
@@ -444,9 +445,12 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def dense_weight(self) -> torch.Tensor:
-        """The base weight as a dense ``[out, in]`` tensor (dequantized for a 4-bit base, transposed for Conv1D)."""
+        """The base weight as a dense ``[out, in]`` tensor (dequantized for a 4-bit or FP8 base, transposed for
+        Conv1D)."""
         if isinstance(self.base_layer, Linear4bit):
             return self.base_layer.dequantize(self.base_layer.compute_dtype)
+        if isinstance(self.base_layer, Linear8):
+            return self.base_layer.dequantized().to(self.base_layer.out_dtype)
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
@@ -479,8 +483,8 @@ class LoRALinear(nn.Module):
         self._check(name)
         if name in self.merged_adapters:
             return
-        if isinstance(self.base_layer, Linear4bit):
-            raise ModelError("cannot merge an adapter into a 4-bit base layer: load the base model in "
+        if isinstance(self.base_layer, Linear4bit | Linear8):
+            raise ModelError("cannot merge an adapter into a 4-bit base layer (or an FP8 one): load the base model in "
                              "16/32-bit and merge there (`tuneforge adapters merge` does)")
         if name in self.lora_magnitude_vector:
             self._merge_dora(name)
