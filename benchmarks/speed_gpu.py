@@ -10,7 +10,12 @@ r=16 on all 7 projections 4×2048 (peers HF+PEFT and HF+PEFT+Liger, each with ch
 setting that fits — and on, the memory-matched row); the same with QLoRA (bitsandbytes NF4 + double quant, +
 Liger); 1B full fine-tuning 8×2048 (HF, HF+Liger); and a real SFT workload: P3 examples tokenized by tuneforge's
 pipeline (their real lengths and response-only labels), the peer with per-batch dynamic padding, tuneforge with
-packing and document masks. tuneforge runs what ``train`` runs: its step (``train.step.train_step``), its
+packing and document masks. Unsloth (``unsloth-*``, its packages from ``.whl/unsloth`` in their own site folder,
+``UNSLOTH_SITE``) loads the same seeded weights from an HF folder written once. tuneforge's speed options run as
+cases of their own: the FP8 base (``precision="fp8"``), compiled decoder layers (``compile``), bf16 weights with
+compensated AdamW for full fine-tuning (``weights``). Cases in ``ROUND_TWO`` run again after all others
+(``--rounds 2``, the default); their figure is the median with the range.
+tuneforge runs what ``train`` runs: its step (``train.step.train_step``), its
 attention choice, and the recomputation mode its planner picks (``auto``) unless the case names one. Tokens/s
 count real (non-pad) tokens; MFU is model FLOPs (4·params per token for a frozen base, 6· for full, plus causal
 attention) over 989 TFLOP/s (H200 dense bf16).
