@@ -1,5 +1,6 @@
 """Optional Triton kernels for the layers around the matmuls: Liger's RMSNorm and SwiGLU; or each decoder layer
-compiled by ``torch.compile`` (``train.compile``), which fuses the same elementwise work itself.
+compiled by ``torch.compile`` (``train.compile``), which fuses the same elementwise work itself (H200, 8B LoRA:
+14.1k tokens/s with Liger, 15.6k compiled; the first steps wait 15-19 s for the compiler).
 
 ``train.kernels: liger`` swaps them into a loaded model (GPU only; ``pip install liger-kernel``); ``auto`` (the
 default) does so on a GPU when the package is installed and has kernels for the architecture. They fuse the
