@@ -33,6 +33,7 @@ from tuneforge.methods.setup import load_model_for, prepare_model
 from tuneforge.models.load import load_tokenizer, pad_token_id
 from tuneforge.models.threads import apply_threads
 from tuneforge.plotting import plot_loss
+from tuneforge.quant.fp8 import to_fp8_base
 from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import use_document_attention
 from tuneforge.train.callbacks import TrainCallback
@@ -248,6 +249,8 @@ def prepare_method(model: torch.nn.Module, config: RunConfig) -> str:
         return prepare_model(model, config.method)
     model.requires_grad_(False)
     load_adapter(model, init, "default", trainable=True)
+    if config.method.name == "lora" and config.method.lora.base_precision == "fp8":
+        to_fp8_base(model, next(model.parameters()).device)
     return f"{format_trainable(model)} (adapter from {init})"
 
 
