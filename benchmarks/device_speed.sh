@@ -1,8 +1,9 @@
 #!/bin/bash
 # The GPU speed work's device calls, one phase per call (results under $OUT; carry .whl and .bench):
-#   bash benchmarks/device_speed.sh 1   # GPU tests; 8B LoRA: the fastest HF peer, ours (Liger, FP8, compiled), Unsloth
-#   bash benchmarks/device_speed.sh 2   # round 2 of those; QLoRA and P3 peers, Unsloth's QLoRA and P3; 1B full
-#   bash benchmarks/device_speed.sh 3   # FP8 quality (random 8B, 200 steps); `tuneforge train` on a random 8B folder; P3
+#   bash benchmarks/device_speed.sh 1        # GPU tests; 8B LoRA: the fastest HF peer, ours (Liger, FP8, compiled), Unsloth
+#   bash benchmarks/device_speed.sh 2 CASES  # speed_gpu.py on a comma-separated list (2026-12-01: round 2, QLoRA, 1B)
+#   bash benchmarks/device_speed.sh 3        # FP8 quality (random 8B, 200 steps); P3 cases
+#   bash benchmarks/device_speed.sh 4        # `tuneforge train` on a random 8B folder (bf16; FP8 + compile); Unsloth P3
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -26,5 +27,9 @@ case "$1" in
       | tee -a "$OUT/session.log" | tail -3
     bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -30
     speed --budget 230 --cases peer-8b-p3,ours-8b-p3-liger,ours-8b-p3-fp8,unsloth-8b-p3
+    ;;
+  4)
+    bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -40
+    speed --budget 100 --cases unsloth-8b-p3
     ;;
 esac

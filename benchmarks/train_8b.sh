@@ -17,6 +17,7 @@ output_dir: /tmp/runs/train-8b-$precision
 data:
   train: [{path: .bench/p3_train.jsonl}]
   max_seq_len: 2048
+  skip_bad: true
 method:
   name: lora
   lora: {r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear, base_precision: $precision}
