@@ -305,7 +305,7 @@ def build(case: Case, cfg: dict, device: torch.device):
     if case.impl == "ours":
         model = build_ours(cfg, case.method, device)
         if case.precision == "fp8":
-            from tuneforge.quant.fp8 import to_fp8_base
+            from tuneforge.methods.setup import to_fp8_base
 
             model.fp8_layers = to_fp8_base(model, device)
         if case.weights != "fp32_master":

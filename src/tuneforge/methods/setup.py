@@ -8,11 +8,11 @@ from tuneforge.config import MethodConfig, RunConfig
 from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.methods.freeze import apply_freeze
-from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable
+from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable, lora_layers
 from tuneforge.methods.lora_params import apply_lora_params, describe_targets, parameter_targets
 from tuneforge.models.load import empty_model, load_model
 from tuneforge.models.quantized_load import load_model_4bit
-from tuneforge.quant.fp8 import to_fp8_base
+from tuneforge.quant.fp8 import Linear8, check_fp8_device, convertible
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
 
 logger = get_logger(__name__)
@@ -87,3 +87,18 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
             raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
                               "which training does not support; leave the head out (all-linear already does)")
     return format_trainable(model)
+
+
+def to_fp8_base(model: torch.nn.Module, device: torch.device) -> int:
+    """Replace the frozen base Linear of every LoRA layer by a :class:`Linear8`; returns how many were converted.
+
+    Raises ConfigError when ``device`` has no FP8 matrix units. Layers with a dimension that is not a multiple of 16
+    keep their 16-bit weight.
+    """
+    check_fp8_device(device)
+    n = 0
+    for layer in lora_layers(model).values():
+        if convertible(layer.base_layer):
+            layer.base_layer = Linear8.from_linear(layer.base_layer)
+            n += 1
+    return n

@@ -71,8 +71,8 @@ def quantize_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = No
 
 
 def _triton_quantizer():
-    import triton
-    import triton.language as tl
+    import triton  # optional dependency (GPU only)
+    import triton.language as tl  # optional dependency (GPU only)
 
     @triton.jit
     def quantize_kernel(x_ptr, c_ptr, q_ptr, s_ptr, n_cols, x_stride,
@@ -237,20 +237,3 @@ def convertible(linear: nn.Module) -> bool:
     """An ``nn.Linear`` whose dimensions FP8 GEMMs take (multiples of 16)."""
     return (type(linear) is nn.Linear and linear.in_features % ALIGN == 0
             and linear.out_features % ALIGN == 0)
-
-
-def to_fp8_base(model: nn.Module, device: torch.device) -> int:
-    """Replace the frozen base Linear of every LoRA layer by a :class:`Linear8`; returns how many were converted.
-
-    Raises ConfigError when ``device`` has no FP8 matrix units. Layers with a dimension that is not a multiple of 16
-    keep their 16-bit weight.
-    """
-    from tuneforge.methods.lora import lora_layers
-
-    check_fp8_device(device)
-    n = 0
-    for layer in lora_layers(model).values():
-        if convertible(layer.base_layer):
-            layer.base_layer = Linear8.from_linear(layer.base_layer)
-            n += 1
-    return n

@@ -29,11 +29,10 @@ from tuneforge.files import replaced_atomically
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import count_parameters, format_trainable
 from tuneforge.methods.peft_format import load_adapter, save_adapter
-from tuneforge.methods.setup import load_model_for, prepare_model
+from tuneforge.methods.setup import load_model_for, prepare_model, to_fp8_base
 from tuneforge.models.load import load_tokenizer, pad_token_id
 from tuneforge.models.threads import apply_threads
 from tuneforge.plotting import plot_loss
-from tuneforge.quant.fp8 import to_fp8_base
 from tuneforge.train import recompute as recomputation
 from tuneforge.train.attention import use_document_attention
 from tuneforge.train.callbacks import TrainCallback
