@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from tuneforge.quant.buffers import QuantizedBuffers
 from tuneforge.quant.nf4 import Quantized4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
 
@@ -29,7 +30,7 @@ def expert_stacks(module: nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
 
 
-class Experts4bit(nn.Module):
+class Experts4bit(QuantizedBuffers):
     """An experts module whose 3D weight stacks are stored 4-bit (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
@@ -69,16 +70,6 @@ class Experts4bit(nn.Module):
         base = self.base_layer
         stacks = {n: self.dense(n) for n in self.stacks if n not in base.__dict__}  # not supplied by LoRA
         return functional_call(base, stacks, args, kwargs, strict=False)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bf16) must move the quantized state, never round the fp32 scales (as Linear4bit).
-        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     @property
     def quantized_numel(self) -> int:

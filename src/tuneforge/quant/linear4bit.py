@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneforge.quant.buffers import QuantizedBuffers
 from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
@@ -154,7 +155,7 @@ class QuantizeResult:
     bytes_after: int
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(QuantizedBuffers):
     """A frozen Linear whose weight is stored 4-bit (NF4/FP4/int4, bitsandbytes layout).
 
     Buffers: ``weight`` (packed uint8 codes, ``[(out·in + 1) // 2, 1]`` as in bitsandbytes),
@@ -231,16 +232,6 @@ class Linear4bit(nn.Module):
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         return _Linear4bitFn.apply(x.to(dtype), self.quantized, bias).to(x.dtype)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bf16) / .half() must move the quantized state, never round the fp32 scales.
-        before = {name: buf for name, buf in self._buffers.items() if buf is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.absmax2 is not None else ""
