@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from tuneforge import cli
 from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.train.loop import train
 
 PREFERENCE_KEYS = {"loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
@@ -74,6 +75,7 @@ def test_precomputed_reference_equals_the_frozen_copy(tiny_model_dir, pair_file,
 KILLER = """
 import os, signal, sys
 from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.loop import train
 class Kill(TrainCallback):
@@ -138,3 +140,20 @@ def test_inspect_and_eval_read_pair_files(tiny_model_dir, pair_file, tmp_path, c
     base, tuned = (v["overall"] for v in results["variants"])
     assert {"preference_acc", "preference_acc_avg"} <= set(base)
     assert tuned["preference_acc"] >= base["preference_acc"] and tuned["preference_acc"] > 0.5
+
+
+def test_packed_pairs_on_a_model_that_cannot_keep_them_apart_are_refused_before_training(tiny_tokenizer, pair_file,
+                                                                                         tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, n_layer=2, n_head=4)).save_pretrained(
+        model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    run = tmp_path / "run"
+    config = load_config(None, [f"model={model_dir}", f"data.train=[{pair_file}]", f"output_dir={run}",
+                                "train.objective=dpo", "train.max_steps=2", "train.threads=1", "data.max_seq_len=64"])
+    with pytest.raises(ConfigError, match="data.packing: bloom cannot keep packed pairs apart.*data.packing: false"):
+        train(config, quiet=True)
+    assert not (run / "metrics.jsonl").exists()

@@ -164,6 +164,18 @@ class MethodConfig(Strict):
     freeze: FreezeSettings = Field(default_factory=lambda: FreezeSettings(top_k_layers=2),
                                    description="what trains with freeze")
 
+    @model_validator(mode="after")
+    def _fp8_base(self) -> MethodConfig:
+        if self.lora.base_precision != "fp8":
+            return self
+        if self.name != "lora":
+            raise ValueError(f"method.lora.base_precision=fp8 is for method.name=lora (the base of {self.name} is "
+                             f"{'4-bit' if self.name == 'qlora' else 'trained'}); set method.lora.base_precision=bf16")
+        if self.lora.use_dora:
+            raise ValueError("method.lora.use_dora=true with method.lora.base_precision=fp8 is not supported (DoRA "
+                             "reads the dense base weight at every step); set method.lora.base_precision=bf16")
+        return self
+
 
 class ForgettingSettings(Strict):
     """Track forgetting during training (every ``train.eval_every`` steps and at the end)."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import build_tiny_model
-from tuneforge.config import MethodConfig
+from tuneforge.config import MethodConfig, load_config
 from tuneforge.errors import ConfigError
 from tuneforge.methods.lora import LoRALinear, lora_layers
 from tuneforge.methods.setup import prepare_model
@@ -126,8 +126,10 @@ def test_fp8_base_is_refused_on_the_cpu_and_for_qlora():
         check_fp8_device(torch.device("cpu"))
     with pytest.raises(ConfigError, match="method.lora.base_precision=fp8"):
         prepare_model(build_tiny_model(64), MethodConfig(name="lora", lora={"base_precision": "fp8"}))
-    with pytest.raises(ConfigError, match="method.name=lora"):
-        prepare_model(build_tiny_model(64), MethodConfig(name="qlora", lora={"base_precision": "fp8"}))
+    with pytest.raises(ConfigError, match="method.name=lora"):  # refused with the config, before any load
+        load_config(None, ["method.name=qlora", "method.lora.base_precision=fp8"])
+    with pytest.raises(ConfigError, match="use_dora=true with method.lora.base_precision=fp8"):
+        load_config(None, ["method.lora.use_dora=true", "method.lora.base_precision=fp8"])
 
 
 # --- on a GPU with FP8 ------------------------------------------------------------------------------------------------

@@ -51,8 +51,11 @@ def load_model_for(config: RunConfig, device: torch.device, placement: str = "de
                       trust_remote_code=config.trust_remote_code, attn_implementation=config.attn_implementation)
 
 
-def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
-    """Set ``requires_grad`` (and inject LoRA layers) per the method; return a one-line summary."""
+def prepare_model(model: torch.nn.Module, method: MethodConfig, device: torch.device | None = None) -> str:
+    """Set ``requires_grad`` (and inject LoRA layers) per the method; return a one-line summary.
+
+    ``device`` is where training runs (default: where the weights are); an FP8 base is checked against it.
+    """
     if method.name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -60,12 +63,6 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         f = method.freeze
         apply_freeze(model, top_k_layers=f.top_k_layers, layers=f.layers, patterns=f.patterns)
     else:
-        if method.lora.base_precision == "fp8" and method.lora.use_dora:
-            raise ConfigError("method.lora.use_dora=true with method.lora.base_precision=fp8 is not supported (DoRA "
-                              "reads the dense base weight at every step); set method.lora.base_precision=bf16")
-        if method.lora.base_precision == "fp8" and method.name != "lora":
-            raise ConfigError(f"method.lora.base_precision=fp8 is for method.name=lora (the base of {method.name} "
-                              "is 4-bit); set method.lora.base_precision=bf16")
         if method.name == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
             device = next(model.parameters()).device
             quantize_model(model, quant_type=method.quant.quant_type, double_quant=method.quant.double_quant,
@@ -82,7 +79,7 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig) -> str:
         if (targets := describe_targets(model)) is not None:
             logger.info(targets)
         if lo.base_precision == "fp8":
-            to_fp8_base(model, next(model.parameters()).device)
+            to_fp8_base(model, device or next(model.parameters()).device)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
             raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
                               "which training does not support; leave the head out (all-linear already does)")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tuneforge.config import RunConfig, save_config
 from tuneforge.data.dataset import AUTO_VAL_MIN_EXAMPLES, TrainData, build_preference_data, build_training_data
 from tuneforge.data.preference import PreferenceData, collate_pairs
-from tuneforge.errors import StopTraining, TuneforgeError
+from tuneforge.errors import ConfigError, StopTraining, TuneforgeError
 from tuneforge.files import replaced_atomically
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import count_parameters, format_trainable
@@ -34,7 +34,7 @@ from tuneforge.models.load import load_tokenizer, pad_token_id
 from tuneforge.models.threads import apply_threads
 from tuneforge.plotting import plot_loss
 from tuneforge.train import recompute as recomputation
-from tuneforge.train.attention import use_document_attention
+from tuneforge.train.attention import packing_refusal, use_document_attention
 from tuneforge.train.callbacks import TrainCallback
 from tuneforge.train.distributed import world_size
 from tuneforge.train.kernels import apply_kernels, compile_layers
@@ -215,7 +215,10 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
     if t.weights != "fp32_master":  # bf16 weights with no fp32 master copy (tuneforge.train.optimizer)
         # under torchrun FSDP2 replaces the parameters by their shards, which these residuals would not reach
         residuals = to_bf16_weights(model, keep_residuals=t.weights == "bf16_kahan" and world_size() == 1)
-    trainable_summary = prepare_method(model, config)
+    if config.method.lora.base_precision == "fp8" and world_size() > 1:
+        raise ConfigError("method.lora.base_precision=fp8 runs on one GPU (FSDP2 does not shard its FP8 weights); "
+                          "set method.lora.base_precision=bf16 under torchrun, or run one process")
+    trainable_summary = prepare_method(model, config, device)
     recomputation.enable(model, recompute)
     # compiled layers fuse what Liger's kernels would (measured faster on an H200), so auto leaves Liger out then
     kernels = apply_kernels(model, "torch" if t.compile and t.kernels == "auto" else t.kernels, device)
@@ -224,6 +227,9 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
     attention_before = model.config._attn_implementation  # transformers has no public getter
     packed = (config.data.packing if isinstance(data, PreferenceData)  # packed pairs: 2+ documents per row
               else any(max(row.seq_ids) > 0 for row in data.train_rows))
+    if packed and isinstance(data, PreferenceData) and (reason := packing_refusal(model)) is not None:
+        raise ConfigError(f"data.packing: {model.config.model_type} cannot keep packed pairs apart exactly "
+                          f"({reason}); set data.packing: false")
     if packed:  # attention stays inside examples
         use_document_attention(model, device)
     if not quiet:
@@ -241,15 +247,15 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
     return model, runtime.setup(loss_model, placement), attention_before, residuals
 
 
-def prepare_method(model: torch.nn.Module, config: RunConfig) -> str:
+def prepare_method(model: torch.nn.Module, config: RunConfig, device: torch.device) -> str:
     """What trains, per the method; ``method.lora.init_adapter`` continues a saved adapter instead of a fresh one."""
     init = config.method.lora.init_adapter
     if init is None or config.method.name not in ("lora", "qlora"):
-        return prepare_model(model, config.method)
+        return prepare_model(model, config.method, device)
     model.requires_grad_(False)
     load_adapter(model, init, "default", trainable=True)
-    if config.method.name == "lora" and config.method.lora.base_precision == "fp8":
-        to_fp8_base(model, next(model.parameters()).device)
+    if config.method.lora.base_precision == "fp8":
+        to_fp8_base(model, device)
     return f"{format_trainable(model)} (adapter from {init})"
 
 
@@ -477,21 +483,22 @@ AUTO_STEPS = 100
 AUTO_MAX_EPOCHS = 10
 
 
+def steps_per_epoch(config: RunConfig, n_rows: int) -> int:
+    """Optimizer steps in one pass over ``n_rows`` rows (or pairs)."""
+    return max(1, math.ceil(n_rows / config.train.batch_size / config.train.grad_accum))
+
+
 def epochs_for(config: RunConfig, n_rows: int) -> float:
     """``train.epochs``, or when it is unset the passes the data's size calls for."""
-    t = config.train
-    if t.epochs is not None:
-        return t.epochs
-    per_epoch = math.ceil(n_rows / t.batch_size / t.grad_accum)
-    return float(min(AUTO_MAX_EPOCHS, max(1, math.ceil(AUTO_STEPS / per_epoch))))
+    if config.train.epochs is not None:
+        return config.train.epochs
+    return float(min(AUTO_MAX_EPOCHS, max(1, math.ceil(AUTO_STEPS / steps_per_epoch(config, n_rows)))))
 
 
 def total_steps(config: RunConfig, n_rows: int) -> int:
-    t = config.train
-    if t.max_steps is not None:
-        return t.max_steps
-    per_epoch = math.ceil(n_rows / t.batch_size / t.grad_accum)
-    return max(1, math.ceil(per_epoch * epochs_for(config, n_rows)))
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    return max(1, math.ceil(steps_per_epoch(config, n_rows) * epochs_for(config, n_rows)))
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -535,7 +542,7 @@ FEW_VALIDATION = 10
 def small_data_warnings(config: RunConfig, data: TrainData | PreferenceData, steps: int) -> list[str]:
     """What a user should know before a run on little data: few optimizer steps, a tiny validation set."""
     t, out = config.train, []
-    per_epoch = max(1, math.ceil(len(train_units(data)) / t.batch_size / t.grad_accum))
+    per_epoch = steps_per_epoch(config, len(train_units(data)))
     if steps < FEW_STEPS:
         epochs = math.ceil(FEW_STEPS / per_epoch)
         out.append(f"this run takes only {steps} optimizer step(s) ({per_epoch} per epoch at train.batch_size "

@@ -64,6 +64,12 @@ class LogitTransform:
         logits.mul_(self.softcap)
         return slope
 
+    def backward_(self, grad: torch.Tensor, slope: torch.Tensor | None) -> torch.Tensor:
+        """Carry ``grad`` w.r.t. the model's logits back to the head's output, in place (``slope`` from ``apply_``)."""
+        if slope is not None:
+            return grad.mul_(slope)
+        return grad.mul_(self.scale) if self.scale != 1.0 else grad
+
 
 IDENTITY = LogitTransform()
 # the statements that may follow the head in a transformers forward, with what each does to the logits
@@ -169,10 +175,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = softmax - onehot, built in place in the fp32 logits
                 dlogits = logits.sub_(lse[:, None]).exp_()
                 dlogits[torch.arange(end - start, device=t.device), t] -= 1.0
-                if slope is not None:  # back through the soft-cap (and scale) to the head's output
-                    dlogits.mul_(slope)
-                elif transform.scale != 1.0:
-                    dlogits.mul_(transform.scale)
+                dlogits = transform.backward_(dlogits, slope)  # back through the soft-cap and scale
                 if grad_b is not None:
                     grad_b += dlogits.sum(0)
                 dlogits = dlogits.to(compute_dtype)

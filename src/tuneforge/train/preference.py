@@ -246,13 +246,6 @@ def _dlogp_dlogits(logits: torch.Tensor, lse: torch.Tensor, t: torch.Tensor) -> 
     return d
 
 
-def _to_head_output(d: torch.Tensor, slope: torch.Tensor | None, transform: LogitTransform) -> torch.Tensor:
-    """Carry d/d(model logits) back through the model's logit transform to d/d(head output), in place."""
-    if slope is not None:
-        return d.mul_(slope)
-    return d.mul_(transform.scale) if transform.scale != 1.0 else d
-
-
 def _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute_dtype, transform, need_h):
     """Per-sequence summed log-probs and, with ``need_h``, each trained token's d logp / d hidden."""
     h_all = hidden.reshape(-1, hidden.shape[-1])
@@ -268,7 +261,7 @@ def _sums(hidden, weight, bias, rows, targets, seq, n_seq, chunk_tokens, compute
             lse = torch.logsumexp(logits, dim=-1)
             sums.index_add_(0, seq[start:end], logits.gather(1, t[:, None]).squeeze(1) - lse)
             if grad_h is not None:
-                d = _to_head_output(_dlogp_dlogits(logits, lse, t), slope, transform)
+                d = transform.backward_(_dlogp_dlogits(logits, lse, t), slope)
                 grad_h[start:end] = d.to(compute_dtype) @ w
             del logits
     return sums, grad_h
@@ -318,7 +311,7 @@ def _head_grads(hidden, weight, bias, rows, targets, g, ctx):
             logits = F.linear(h, w, b).float()
             slope = ctx.transform.apply_(logits)
             d = _dlogp_dlogits(logits, torch.logsumexp(logits, dim=-1), t).mul_(g[start:end, None])
-            d = _to_head_output(d, slope, ctx.transform)
+            d = ctx.transform.backward_(d, slope)
             if gb is not None:
                 gb += d.sum(0)
             if gw is not None:
