@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tuneforge.data.conversation import Message
@@ -6,6 +7,7 @@ from tuneforge.models.generate import (
     RowSampler,
     encode_prompts,
     generate,
+    generate_rows,
     left_pad,
     render_chat,
     stop_token_ids,
@@ -171,3 +173,46 @@ def test_plain_greedy_rows_pass_the_scores_through():
     sampler = RowSampler([Decoding(seed=3), Decoding(top_p=0.5)], prompt_width=1)
     assert sampler(torch.tensor([[0], [0]]), scores) is scores  # top_p does nothing at temperature 0
     assert not RowSampler([Decoding(), Decoding(presence_penalty=0.5)], prompt_width=1).plain
+
+
+class Recorder(RowSampler):
+    """A RowSampler that keeps the scores Hugging Face hands it."""
+
+    seen: list[torch.Tensor]
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(scores.clone())
+        return super().__call__(input_ids, scores)
+
+
+def test_the_models_generation_config_leaves_the_scores_alone(tiny_model, tiny_tokenizer):
+    ids, mask = left_pad(encode_prompts(tiny_tokenizer, [CHATS[0]]), pad_id=0)
+    with torch.no_grad():
+        raw = tiny_model(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+    # a checkpoint's defaults that would rewrite the scores before the sampler sees them
+    tiny_model.generation_config.repetition_penalty = 2.0
+    tiny_model.generation_config.suppress_tokens = [int(raw.argmax())]
+    tiny_model.generation_config.min_new_tokens = 3
+    sampler = Recorder([Decoding(top_logprobs=2)], ids.shape[1])
+    sampler.seen = []
+    with torch.no_grad():
+        generate_rows(tiny_model, ids, mask, sampler, 1, stop_token_ids(tiny_tokenizer), 0)
+    assert torch.allclose(sampler.seen[0], raw, atol=1e-4)
+    assert sampler.last[0].logprob == pytest.approx(torch.log_softmax(raw[0], -1).max().item(), abs=1e-4)
+    assert tiny_model.generation_config.repetition_penalty == 2.0  # the model's own config is back
+
+
+def test_a_failing_grammar_ends_only_its_row():
+    class Refuses:
+        def allowed(self, vocab_size):
+            return torch.ones(vocab_size, dtype=torch.bool)
+
+        def advance(self, token):
+            raise RuntimeError(f"the grammar refused token {token}")
+
+    scores = torch.tensor([[0.0, 9.0, 1.0]] * 3)
+    sampler = RowSampler([Decoding(), Decoding(), Decoding(logit_bias={1: -100.0})], prompt_width=1,
+                         constraints=[None, Refuses(), None])
+    out = sampler(torch.tensor([[0], [0], [0]]), scores.clone())
+    assert [int(r.argmax()) for r in out] == [1, 1, 2]
+    assert sampler.failed == {1: "the grammar refused token 1"} and sampler.finished == {1}

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from tuneforge.data.conversation import Message
 from tuneforge.data.template import CHATML_TEMPLATE, EOT_MARKERS
@@ -64,7 +64,9 @@ class RowSampler(LogitsProcessor):
 
     Log-probabilities are those of the distribution the token is drawn from at temperature 1: after
     logit bias, penalties and the grammar mask, before temperature and top-p. Rows listed in
-    ``finished`` are left alone (their constraint has ended).
+    ``finished`` are left alone (their constraint has ended). A row whose grammar fails (no token allowed, or
+    its token refused) is added to ``finished`` with the reason in ``failed[i]``; the other rows go on, and the
+    caller's stopping criterion ends the failed row.
     """
 
     def __init__(self, rows: list[Decoding], prompt_width: int,
@@ -74,6 +76,7 @@ class RowSampler(LogitsProcessor):
         self.seeds = [d.seed if d.seed is not None else int.from_bytes(os.urandom(7), "little") for d in rows]
         self.generators: list[torch.Generator] = []
         self.finished: set[int] = set()
+        self.failed: dict[int, str] = {}
         self.last: list[Choice | None] = [None] * len(rows)
         # Plain greedy rows need nothing from us: Hugging Face's argmax over the raw scores is the answer.
         self.plain = all(d.plain_greedy() for d in rows) and not any(self.constraints)
@@ -88,17 +91,25 @@ class RowSampler(LogitsProcessor):
             if i in self.finished:
                 out[i] = scores[i]
                 continue
-            logits = self._adjust(i, d, scores[i].float(), input_ids[i, self.prompt_width:])
-            token = self._pick(i, d, logits)
-            if d.top_logprobs is not None:
-                logprobs = torch.log_softmax(logits, -1)
-                top = torch.topk(logprobs, d.top_logprobs)
-                self.last[i] = Choice(token, logprobs[token].item(),
-                                      list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
-            if self.constraints[i] is not None:
-                self.constraints[i].advance(token)
-            out[i, token] = 0.0
+            try:
+                out[i, self._step(i, d, scores[i].float(), input_ids[i, self.prompt_width:])] = 0.0
+            except RuntimeError as e:  # this row's grammar failed: only this row ends
+                self.failed[i] = str(e)
+                self.finished.add(i)
+                out[i] = scores[i]
         return out
+
+    def _step(self, i: int, d: Decoding, logits: torch.Tensor, generated: torch.Tensor) -> int:
+        logits = self._adjust(i, d, logits, generated)
+        token = self._pick(i, d, logits)
+        if d.top_logprobs is not None:
+            logprobs = torch.log_softmax(logits, -1)
+            top = torch.topk(logprobs, d.top_logprobs)
+            self.last[i] = Choice(token, logprobs[token].item(),
+                                  list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+        if self.constraints[i] is not None:
+            self.constraints[i].advance(token)
+        return token
 
     def _adjust(self, i: int, d: Decoding, logits: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         if d.logit_bias:
@@ -200,10 +211,26 @@ def progress_bar(total: int, desc: str, unit: str, single_step: bool) -> tqdm:
                 disable=quiet or single_step or os.environ.get("RANK", "0") != "0")
 
 
-def greedy_config(max_new_tokens: int, stops: list[int], pad_id: int) -> GenerationConfig:
-    """Hugging Face's side of a RowSampler run: take the one token the sampler left, stop at ``stops``."""
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                            top_k=None, eos_token_id=stops, pad_token_id=pad_id)
+def generate_rows(model, input_ids: torch.Tensor, mask: torch.Tensor, sampler: RowSampler, max_new_tokens: int,
+                  stops: list[int], pad_id: int, stopping: StoppingCriteriaList | None = None) -> torch.Tensor:
+    """Hugging Face ``generate`` in which only ``sampler`` shapes the scores: it takes the one token the sampler
+    left and stops at ``stops``. Returns the prompt and generated ids.
+
+    transformers fills every field a GenerationConfig leaves unset from ``model.generation_config``, so a checkpoint's
+    repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids, suppress_tokens, forced_bos_token_id...
+    would change the scores before the sampler sees them (and most of these have no neutral value but None). For the
+    call the model's own config is therefore this neutral one.
+    """
+    device = next(model.parameters()).device
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                              top_k=None, eos_token_id=stops, pad_token_id=pad_id)
+    own, model.generation_config = model.generation_config, config
+    try:
+        return model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                              generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+                              stopping_criteria=stopping)
+    finally:
+        model.generation_config = own
 
 
 def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new_tokens: int = 64,
@@ -219,8 +246,6 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
     encoded = encode_prompts(tokenizer, prompts, system_prompt)
     stops = stop_token_ids(tokenizer, model)
     pad_id = pad_token_id(tokenizer)
-    config = greedy_config(max_new_tokens, stops, pad_id)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs: list[str] = []
@@ -231,8 +256,7 @@ def generate(model, tokenizer, prompts: list[list[Message]] | list[str], max_new
                 input_ids, mask = left_pad(encoded[start:start + batch_size], pad_id)
                 rows = [Decoding(temperature, top_p, seed + start + i) for i in range(len(input_ids))]
                 sampler = RowSampler(rows, input_ids.shape[1])
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                out = generate_rows(model, input_ids, mask, sampler, max_new_tokens, stops, pad_id)
                 for row in out[:, input_ids.shape[1]:].tolist():
                     text = tokenizer.decode(cut_at_stop(row, set(stops)), skip_special_tokens=True)
                     outputs.append(text.strip())

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tuneforge.adapters.manager import AdapterSet
 from tuneforge.errors import ModelError
@@ -29,7 +29,7 @@ from tuneforge.models.generate import (
     Constraint,
     RowSampler,
     encode_prompts,
-    greedy_config,
+    generate_rows,
     left_pad,
     stop_token_ids,
 )
@@ -104,6 +104,12 @@ class RowDecoder:
             safe = min(len(self.text) - self._hold, len(self.text.rstrip("\ufffd")))
             self._send(safe)
 
+    def fail(self, error: APIError) -> None:
+        """End this row with ``error`` instead of an answer (the other rows of the batch go on)."""
+        if not self.done:
+            self.done = True
+            self.job.emit(ERROR, error)
+
     def finish(self, reason: str) -> None:
         if self.done:
             return
@@ -125,6 +131,8 @@ class RowStopper(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         for i, (row, token) in enumerate(zip(self.rows, input_ids[:, -1].tolist(), strict=True)):
+            if i in self.sampler.failed:
+                row.fail(APIError(500, f"generation failed: {self.sampler.failed[i]}", "server_error"))
             row.push(token, self.sampler.last[i])
             if row.done:
                 self.sampler.finished.add(i)
@@ -234,9 +242,7 @@ class Batcher:
         except Exception as e:  # one failed batch must not kill the thread that serves everyone
             log.exception("generation failed")
             for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.job.emit(ERROR, APIError(500, f"generation failed: {e}", "server_error"))
+                row.fail(APIError(500, f"generation failed: {e}", "server_error"))
 
     def _count(self, rows: list[RowDecoder]) -> None:
         self.stats.batches += 1
@@ -247,12 +253,9 @@ class Batcher:
     def _generate(self, rows: list[RowDecoder]) -> None:
         aset, jobs = self.adapter_set, [r.job for r in rows]
         keys = [None if j.adapter is None else aset.key(j.adapter) for j in jobs]
-        config = greedy_config(max(j.sampling.max_tokens for j in jobs), self.stop_ids, self.pad_id)
         input_ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id)
         sampler = RowSampler([j.sampling for j in jobs], input_ids.shape[1], [j.constraint for j in jobs])
-        device = next(aset.model.parameters()).device
         aset.unmerge()  # a merged adapter would leak into every row
         with row_adapters(aset.model, keys), torch.no_grad():
-            aset.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                generation_config=config, logits_processor=LogitsProcessorList([sampler]),
-                                stopping_criteria=StoppingCriteriaList([RowStopper(rows, sampler)]))
+            generate_rows(aset.model, input_ids, mask, sampler, max(j.sampling.max_tokens for j in jobs),
+                          self.stop_ids, self.pad_id, StoppingCriteriaList([RowStopper(rows, sampler)]))
