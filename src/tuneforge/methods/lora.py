@@ -21,7 +21,7 @@ from torch import nn
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.methods import dora
 from tuneforge.quant.fp8 import Linear8
-from tuneforge.quant.linear4bit import Linear4bit, is_conv1d, quantized_numel
+from tuneforge.quant.linear4bit import Linear4bit, is_conv1d, quantized_numel, set_submodule
 
 ALL_LINEAR = "all-linear"
 
@@ -114,11 +114,6 @@ def _regex_match(name: str, targets: list[str]) -> bool:
         return False
 
 
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def lora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, LoRALinear]:
     """The LoRALinear layers by path; with ``adapter_name``, only those holding that adapter."""
     return {
@@ -163,7 +158,7 @@ def add_lora(
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, adapter_name=None)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         r_m = r[name] if isinstance(r, dict) else r
         alpha_m = alpha[name] if isinstance(alpha, dict) else alpha
         module.add_adapter(adapter_name, r_m, alpha_m, dropout, use_rslora, use_dora, lora_bias)
@@ -331,7 +326,7 @@ def unwrap_lora(model: nn.Module) -> list[str]:
     """Replace every LoRALinear by its base Linear (merge first to keep an adapter's effect)."""
     layers = lora_layers(model)
     for path, layer in reversed(layers.items()):  # nested wrappers (LoRAParam): the inner one first
-        _set_submodule(model, path, layer.base_layer)
+        set_submodule(model, path, layer.base_layer)
     return list(layers)
 
 
@@ -341,7 +336,7 @@ def remove_lora(model: nn.Module, adapter_name: str) -> list[str]:
     for path, layer in reversed(layers.items()):  # nested wrappers (LoRAParam): the inner one first
         layer.remove_adapter(adapter_name)
         if not layer.lora_A:
-            _set_submodule(model, path, layer.base_layer)
+            set_submodule(model, path, layer.base_layer)
     return list(layers)
 
 

@@ -32,6 +32,7 @@ from tuneforge.methods.lora import (
     set_active_adapters,
 )
 from tuneforge.quant.experts4bit import Experts4bit
+from tuneforge.quant.linear4bit import set_submodule
 
 
 def unwrap_params(module: nn.Module) -> nn.Module:
@@ -162,7 +163,7 @@ def add_lora_params(model: nn.Module, targets: Iterable[tuple[str, str]], adapte
         wrapper = _wrapper_of(model.get_submodule(path), name)
         if wrapper is None:
             wrapper = LoRAParam(model.get_submodule(path), name)
-            _set_submodule(model, path, wrapper)
+            set_submodule(model, path, wrapper)
         wrapper.add_adapter(adapter_name, r[target] if isinstance(r, dict) else r,
                             alpha[target] if isinstance(alpha, dict) else alpha, 0.0, use_rslora)
     return param_layer_paths(model, adapter_name)
@@ -180,11 +181,6 @@ def _wrapper_of(module: nn.Module, name: str) -> LoRAParam | None:
             return module
         module = module.base_layer
     return None
-
-
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def describe_parameters(targets: list[tuple[str, str]]) -> str:
