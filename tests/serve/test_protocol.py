@@ -109,6 +109,13 @@ def test_partial_characters_wait_and_limits_finish():
     ({"stop": "}", "response_format": {"type": "json_object"}}, "stop"),
     ({"stop": "x", "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "stop"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": "f"}},
+     "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function":
+                                                                                    {"name": ["f"]}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": ["auto"]}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": "f"}]}, "tools"), ({"tools": ["f"]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": 3}}]}, "tools"),
     ({"user": "u1"}, "user"), ({"functions": [{"name": "f"}]}, "functions"), ({"store": True}, "store"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x", "name": "ann"}]}, "messages"),

@@ -154,6 +154,9 @@ def test_parse_calls_of_auto_answers():
                                  '</tool_call>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}',
                                  tools)
     assert content == "Let me check."
+    around, two = parse_calls('A.\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>\nB.\n'
+                              '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> C.', tools)
+    assert around == "A.\nB.\nC." and len(two) == 2  # text around and between the calls stays content
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_time", {"zone": "UTC"}), ("get_weather", {"city": "Oslo"})]
     for text in ("no call here", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
@@ -201,3 +204,12 @@ def test_auto_parses_the_calls_the_model_writes(server, client):
     finally:
         hook.remove()
     assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("No call.", None, "stop")
+
+
+def test_a_tool_schema_llguidance_cannot_compile_is_400_naming_tools(client):
+    pytest.importorskip("llguidance")
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
+    with pytest.raises(openai.BadRequestError, match="cannot constrain decoding") as e:
+        client.chat.completions.create(model="alpha", messages=CHAT, tools=[bad], tool_choice="required",
+                                       max_tokens=8)
+    assert e.value.body["param"] == "tools"

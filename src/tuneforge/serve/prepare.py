@@ -26,13 +26,14 @@ def check_tools(req: ParsedRequest, batcher: Batcher) -> None:
         check_template(chat_template(tokenizer), batcher.tools_supported, why)
 
 
-def grammar(req: ParsedRequest, batcher: Batcher) -> str | None:
-    """The compiled grammar every choice follows (response_format, or tool_choice required/named)."""
+def grammar(req: ParsedRequest, batcher: Batcher) -> tuple[str, str] | None:
+    """(grammar, the request field it came from) that every choice follows: response_format, or the tools
+    under tool_choice required/named."""
     if req.json_schema is not None:
-        return batcher.grammars.check(json_grammar(req.json_schema))
+        return batcher.grammars.check(json_grammar(req.json_schema), "response_format"), "response_format"
     if req.tools is not None:
         found = call_grammar(req.tools)
-        return None if found is None else batcher.grammars.check(found)
+        return None if found is None else (batcher.grammars.check(found, "tools"), "tools")
     return None
 
 
@@ -45,7 +46,7 @@ def make_jobs(req: ParsedRequest, ids: list[list[int]], adapter: str | None, sin
     for p, prompt_ids in enumerate(ids):
         for j in range(req.n):
             seed = None if req.sampling.seed is None else req.sampling.seed + j
-            constraint = None if rules is None else batcher.grammars.constraint(rules)
+            constraint = None if rules is None else batcher.grammars.constraint(*rules)
             jobs.append(Job(prompt_ids, adapter, dataclasses.replace(req.sampling, seed=seed), p * req.n + j, sink,
                             constraint=constraint))
     return jobs

@@ -325,13 +325,14 @@ def _tools(body: dict) -> Tools | None:
     if len(set(names)) < len(names):
         raise bad_request("'tools' names a function twice", "tools")
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-        if name not in names:
+        fn = choice.get("function") if choice.get("type") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
             raise bad_request(f"'tool_choice' must name one of the tools ({', '.join(names)})", "tool_choice")
         choice = name
     elif choice is None:
         choice = "auto"
-    elif choice not in ("none", "auto", "required"):
+    elif not isinstance(choice, str) or choice not in ("none", "auto", "required"):
         raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or {type: 'function', function: "
                           "{name}}", "tool_choice")
     if parallel is not None and not isinstance(parallel, bool):
@@ -345,8 +346,10 @@ def _function(tool: object, i: int) -> dict:
         raise bad_request(f"tools[{i}] must be {{type: 'function', function: {{name, description, parameters}}}} "
                           "with a name of a-z, A-Z, 0-9, _ and - (at most 64)", "tools")
     params = fn.get("parameters", {"type": "object", "properties": {}})
-    if not isinstance(params, dict) or not isinstance(fn.get("description", ""), str):
+    if not isinstance(params, dict):
         raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object", "tools")
+    if not isinstance(fn.get("description", ""), str):
+        raise bad_request(f"tools[{i}].function.description must be a string", "tools")
     return {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
 
 

@@ -21,24 +21,24 @@ from tuneforge.serve.protocol import INSTALL_HINT, APIError, bad_request
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
-def _llguidance():
+def _llguidance(param: str):
     try:  # optional dependency
         import llguidance  # optional dependency
         import llguidance.hf  # optional dependency
     except ImportError:
         raise bad_request(f"structured output (response_format, tool_choice 'required' or a named function) needs "
-                          f"the 'llguidance' package on the server: {INSTALL_HINT}", "response_format") from None
+                          f"the 'llguidance' package on the server: {INSTALL_HINT}", param) from None
     return llguidance
 
 
 def json_grammar(schema: dict) -> str:
-    """The llguidance grammar of JSON values that follow ``schema``."""
-    return _llguidance().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+    """The llguidance grammar of JSON values that follow ``schema`` (a ``response_format``)."""
+    return _llguidance("response_format").LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
 
 
 def lark_grammar(lark: str) -> str:
-    """An llguidance grammar from Lark text (which may embed ``%json {schema}``)."""
-    return _llguidance().LLMatcher.grammar_from_lark(lark)
+    """An llguidance grammar from Lark text (which may embed ``%json {schema}``): the tool-call format."""
+    return _llguidance("tools").LLMatcher.grammar_from_lark(lark)
 
 
 def json_rule(schema: dict) -> str:
@@ -65,35 +65,39 @@ class GrammarConstraint:
 
 
 class Grammars:
-    """Grammars for one tokenizer; llguidance's view of the vocabulary is built on first use (~0.5 s)."""
+    """Grammars for one tokenizer, checked and matched against llguidance's view of its vocabulary.
+
+    That view is built on first use: ~0.5 s to read the vocabulary, then ~1.4 s for the token tables of the
+    first mask (SmolLM2's 49k tokens), both paid in the first structured request's thread.
+    """
 
     def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], lock: threading.Lock | None = None) -> None:
         self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
         self._lltok = None
         self._lock = lock or threading.Lock()  # the tokenizer's own lock: fast tokenizers are not thread-safe
 
-    def check(self, grammar: str) -> str:
-        """``grammar`` when llguidance can compile it for this tokenizer; else a 400 with its reason."""
-        error = _llguidance().LLMatcher.validate_grammar(grammar, self._tokenizer())
+    def check(self, grammar: str, param: str) -> str:
+        """``grammar`` when llguidance can compile it for this tokenizer; else a 400 naming ``param``, the request
+        field the grammar came from ("response_format" or "tools")."""
+        error = _llguidance(param).LLMatcher.validate_grammar(grammar, self._tokenizer(param))
         if error:
-            raise bad_request(f"cannot constrain decoding to this format: {error}", "response_format")
+            raise bad_request(f"cannot constrain decoding to this format: {error}", param)
         return grammar
 
-    def constraint(self, grammar: str) -> GrammarConstraint:
-        """A fresh matcher for one row."""
-        matcher = _llguidance().LLMatcher(self._tokenizer(), grammar)
+    def constraint(self, grammar: str, param: str) -> GrammarConstraint:
+        """A fresh matcher for one row (a 400 naming ``param`` when it cannot be built)."""
+        matcher = _llguidance(param).LLMatcher(self._tokenizer(param), grammar)
         if matcher.is_error():
-            raise APIError(400, f"cannot constrain decoding to this format: {matcher.get_error()}",
-                           param="response_format")
+            raise APIError(400, f"cannot constrain decoding to this format: {matcher.get_error()}", param=param)
         return GrammarConstraint(matcher)
 
-    def _tokenizer(self):
+    def _tokenizer(self, param: str):
         with self._lock:
             if self._lltok is None:
-                llg = _llguidance()
+                llg = _llguidance(param)
                 lltok = llg.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.stop_ids)
-                # The first mask ever builds llguidance's token tables (~1.4 s for 49k tokens): pay it here, in
-                # the first structured request's thread, not in the batcher's, where it would stall every row.
+                # The first mask builds the token tables (see the class docstring): pay it here, in the
+                # request's thread, not in the batcher's, where it would stall every row.
                 llg.LLMatcher(lltok, json_grammar({"type": "object"})).compute_bitmask()
                 self._lltok = lltok
             return self._lltok

@@ -43,22 +43,27 @@ def call_grammar(tools: Tools) -> str | None:
 
 
 def parse_calls(text: str, tools: Tools) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of an answer; text that is not a well-formed call of a known tool stays content."""
-    start = text.find(OPEN)
-    if start < 0:
+    """(content, tool_calls) of an answer. Content is the text outside the <tool_call> tags, each piece stripped,
+    joined by newlines (None when empty); an answer with a tag that is not a well-formed call of a known tool is
+    all content, without calls. OpenAI's message may carry both content and tool_calls."""
+    matches = list(CALL.finditer(text))
+    if not matches:
         return text, []
     names = {f["name"] for f in tools.functions}
-    calls = []
-    for body in CALL.findall(text[start:]):
+    calls, outside, end = [], [], 0
+    for match in matches:
+        outside.append(text[end:match.start()])
+        end = match.end()
         try:
-            call = json.loads(body)
+            call = json.loads(match.group(1))
         except ValueError:
             return text, []
         if not isinstance(call, dict) or call.get("name") not in names or not isinstance(call.get("arguments"), dict):
             return text, []
         calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
                       "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}})
+    outside.append(text[end:])
     if not tools.parallel:
         calls = calls[:1]
-    content = text[:start].strip()
+    content = "\n".join(piece.strip() for piece in outside if piece.strip())
     return content or None, calls
