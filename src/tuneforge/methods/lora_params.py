@@ -193,9 +193,6 @@ def describe_parameters(targets: list[tuple[str, str]]) -> str:
 def apply_lora_params(model: nn.Module, targets: list[tuple[str, str]], r: int, alpha: float,
                       use_rslora: bool = False, adapter_name: str = "default") -> list[str]:
     """``add_lora_params`` then make adapter ``adapter_name`` (Linear layers included) the one that trains."""
-    if not targets:
-        raise ConfigError("method.lora.target_parameters matches no parameter of the model; name them as "
-                          "<module>.<parameter>, e.g. experts.gate_up_proj, experts.down_proj, mlp.gate.weight")
     paths = add_lora_params(model, targets, adapter_name, r, alpha, use_rslora)
     set_active_adapters(model, [adapter_name])
     mark_only_lora_trainable(model, adapter_name)
