@@ -434,7 +434,10 @@ def check_weights(shapes: Mapping[str, Sequence[int]], config: dict, weights_pat
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         a_rank, b_rank = pair["lora_A"][0], pair["lora_B"][1]
         param = is_param_key(module, config.get("target_parameters"))  # experts: r·E; checked with the model
-        if b_rank != a_rank if param else (a_rank != r or b_rank != r):
+        if param and b_rank != a_rank:
+            raise ModelError(f"{weights_path}: {key}: lora_A has rank {a_rank} but lora_B has rank {b_rank}; the "
+                             "file is damaged: re-save or re-download the adapter")
+        if not param and (a_rank != r or b_rank != r):
             raise ModelError(
                 f"{weights_path}: {key}: {CONFIG_NAME} gives rank {r} but the weights have rank "
                 f"{a_rank if a_rank != r else b_rank}; the config and the weights do not belong together"

@@ -7,8 +7,8 @@ any pickled object that is not a tensor, so no code from the file runs. A model 
 repository loads only with ``trust_remote_code``.
 
 Attention is SDPA where transformers has it for the architecture, else eager (``auto``); ``sdpa``, ``eager`` and
-``flex_attention`` ask for one, and a choice transformers refuses for the architecture is a ModelError naming the
-ones it has.
+``flex_attention`` ask for one, and a choice transformers refuses for the architecture is a ModelError saying
+what to set instead.
 """
 
 from __future__ import annotations

@@ -229,6 +229,4 @@ def shared_prompt_refusal(model: torch.nn.Module) -> str | None:
         return f"its layers are {', '.join(sorted(kinds))}, not all full attention"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return f"it uses sliding-window attention (window {config.sliding_window})"
-    if getattr(config, "attention_chunk_size", None):
-        return f"it uses chunked attention (chunks of {config.attention_chunk_size})"
-    return packing_refusal(model)
+    return packing_refusal(model)  # chunked attention among others
