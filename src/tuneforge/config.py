@@ -126,8 +126,9 @@ class LoraSettings(Strict):
         "bf16", description="the frozen base's weights (lora): fp8 stores them as e4m3 with per-channel scales and "
                             "runs its GEMMs in FP8 (CUDA compute capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
     init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
-                                                       "adapter/) and train it further; its r, alpha and targets "
-                                                       "replace the ones above (docs/preference.md)")
+                                                       "adapter/) and train it further; its own r, alpha, targets, "
+                                                       "target_parameters, dropout, use_rslora and use_dora replace "
+                                                       "the ones above, which the log lists (docs/preference.md)")
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -254,6 +254,8 @@ def prepare_method(model: torch.nn.Module, config: RunConfig, device: torch.devi
         return prepare_model(model, config.method, device)
     model.requires_grad_(False)
     load_adapter(model, init, "default", trainable=True)
+    logger.info(f"method.lora.init_adapter: the adapter's own settings replace method.lora's r, alpha, targets, "
+                f"target_parameters, dropout, use_rslora and use_dora ({Path(init) / 'adapter_config.json'})")
     if config.method.lora.base_precision == "fp8":
         to_fp8_base(model, device)
     return f"{format_trainable(model)} (adapter from {init})"
