@@ -18,7 +18,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from processes import free_port
 from tuneforge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,12 +160,6 @@ def shell_words(cmd: str, tmp: Path) -> list[str]:
         matches = sorted(str(p.relative_to(tmp)) for p in tmp.glob(w)) if "*" in w else []
         out += matches or [w]
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(words: list[str], tmp: Path) -> tuple[subprocess.Popen, int]:

@@ -5,11 +5,6 @@ process. Tolerances are for fp32 on the CPU: the two runs add the same numbers i
 """
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_model, build_tiny_tokenizer
+from processes import copy_checkpoint, torchrun
 from tuneforge.config import load_config
 from tuneforge.data.packing import IGNORE, PackedRow
 from tuneforge.train import distributed, sharding
@@ -64,20 +60,6 @@ def overrides(root: Path, name: str, *extra: str) -> list[str]:
             "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=4", "train.threads=1", *extra]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    """A run directory as a kill after the step-2 checkpoint would leave it."""
-    dst.mkdir()
-    shutil.copytree(src / "checkpoints" / "step-2", dst / "checkpoints" / "step-2")
-    for name in ("config.yaml", "metrics.jsonl", "tuneforge-run.json"):
-        shutil.copy(src / name, dst / name)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One-process runs here, then every two-process case in one torchrun launch; returns (root, results)."""
@@ -100,13 +82,7 @@ def runs(tmp_path_factory):
     specs["odd-batch"] = {"overrides": overrides(root, "two-odd", "train.batch_size=3")}
     specs["cli"] = {"overrides": overrides(root, "two-cli", "train.max_steps=1"), "cli": True}
     (root / "specs.json").write_text(json.dumps(specs))
-    (root / "worker.py").write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(root / "worker.py"), str(root / "specs.json"),
-           str(root / "results.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun(WORKER, root, str(root / "specs.json"), str(root / "results.json"))
     return root, one, json.loads((root / "results.json").read_text())
 
 

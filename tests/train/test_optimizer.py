@@ -2,16 +2,12 @@
 parameter, the config's refusals, and a full fine-tune through ``train``."""
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from processes import copy_checkpoint, torchrun
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
 from tuneforge.train import optimizer as opt_module
@@ -230,12 +226,6 @@ def test_train_with_bf16_kahan_follows_the_fp32_master_run(tiny_model_dir, alpac
     assert saved.get("torch_dtype", saved.get("dtype")) == "bfloat16"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WORKER = """
 import json, sys
 from tuneforge.config import load_config
@@ -262,21 +252,11 @@ def test_fsdp2_two_processes_train_checkpoint_and_resume(tiny_model_dir, alpaca_
                 "train.weights=bf16_kahan"]
 
     one = [m["loss"] for m in train(load_config(overrides=overrides("one")), quiet=True).metrics]
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "one" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
-    for name in ("config.yaml", "metrics.jsonl", "tuneforge-run.json"):
-        shutil.copy(tmp_path / "one" / name, resumed / name)
+    copy_checkpoint(tmp_path / "one", tmp_path / "resumed")
     specs = {"two": {"overrides": overrides("two"), "resume": False},
              "resumed": {"overrides": overrides("resumed"), "resume": True}}
     (tmp_path / "spec.json").write_text(json.dumps(specs))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(tmp_path / "spec.json"),
-           str(tmp_path / "losses.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    torchrun(WORKER, tmp_path, str(tmp_path / "spec.json"), str(tmp_path / "losses.json"))
     two = json.loads((tmp_path / "losses.json").read_text())["two"]
     for a, b in zip(one, two, strict=True):
         assert abs(a - b) < 0.01 * a

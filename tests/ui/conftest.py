@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, build_tiny_tokenizer
+from processes import free_port
 
 WORDS = ["apple", "pear", "dog", "cat", "sun", "moon", "tree", "car", "book", "lamp"]
 EVAL = {"data": "test.jsonl", "n": 10, "metrics": ["exact", "normalized"],
@@ -59,12 +59,6 @@ def runs_root(tmp_path_factory) -> Path:
 def model_dir(runs_root) -> Path:
     """The tiny model the runs trained (a Hugging Face directory)."""
     return runs_root.parent / "tiny-model"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
