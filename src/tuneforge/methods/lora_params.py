@@ -17,7 +17,7 @@ PEFT's ``ParamWrapper``:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,10 +35,17 @@ from tuneforge.quant.experts4bit import Experts4bit
 from tuneforge.quant.linear4bit import set_submodule
 
 
+def _wrappers(module: nn.Module) -> Iterator[LoRAParam]:
+    """The LoRAParam wrappers around a module, outermost first."""
+    while isinstance(module, LoRAParam):
+        yield module
+        module = module.base_layer
+
+
 def unwrap_params(module: nn.Module) -> nn.Module:
     """The module a chain of LoRAParam wrappers adapts (an ``Experts4bit`` stands for its experts module)."""
-    while isinstance(module, LoRAParam):
-        module = module.base_layer
+    for wrapper in _wrappers(module):
+        module = wrapper.base_layer
     return module
 
 
@@ -176,11 +183,7 @@ def param_layer_paths(model: nn.Module, adapter_name: str | None = None) -> list
 
 
 def _wrapper_of(module: nn.Module, name: str) -> LoRAParam | None:
-    while isinstance(module, LoRAParam):
-        if module.parameter_name == name:
-            return module
-        module = module.base_layer
-    return None
+    return next((w for w in _wrappers(module) if w.parameter_name == name), None)
 
 
 def describe_parameters(targets: list[tuple[str, str]]) -> str:
@@ -279,7 +282,7 @@ class LoRAParam(LoRALinear):
         # parametrization does; a nested wrapper adds its own parameter's delta inside, and an Experts4bit
         # dequantizes only the stacks not given here.
         stored = isinstance(unwrap_params(self.base_layer), Experts4bit)
-        path = ".".join(["base_layer"] * (_depth(self.base_layer) + stored) + [self.parameter_name])
+        path = ".".join(["base_layer"] * (len(_chain(self.base_layer)) + stored) + [self.parameter_name])
         return functional_call(self.base_layer, {path: weight + delta.to(weight.dtype)}, args, kwargs,
                                strict=False)
 
@@ -287,19 +290,9 @@ class LoRAParam(LoRALinear):
         return f"parameter={self.parameter_name}, experts={self.num_experts}, {super().extra_repr()}"
 
 
-def _depth(module: nn.Module) -> int:
-    """How many LoRAParam wrappers sit around the adapted module."""
-    depth = 0
-    while isinstance(module, LoRAParam):
-        module, depth = module.base_layer, depth + 1
-    return depth
-
-
 def is_param_key(path: str, target_parameters: list[str] | None) -> bool:
     """Whether adapter key prefix ``path`` (``…experts.base_layer``) is a LoRAParam's, by ``target_parameters``."""
-    module = path
-    while module.endswith(".base_layer"):
-        module = module.removesuffix(".base_layer")
+    module = _owner_path(path)
     owners = [t.rpartition(".")[0] for t in target_parameters or []]
     return any(module == o or module.endswith(f".{o}") for o in owners if o)
 
@@ -377,9 +370,5 @@ def plan_param_adapter(model: nn.Module, keys: dict[str, dict], config: dict, ad
 
 def _chain(module: nn.Module) -> list[str]:
     """Parameter names of the LoRAParam wrappers around ``module``, outermost first."""
-    names = []
-    while isinstance(module, LoRAParam):
-        names.append(module.parameter_name)
-        module = module.base_layer
-    return names
+    return [w.parameter_name for w in _wrappers(module)]
 
