@@ -87,6 +87,7 @@ class Case:
     precision: str = "bf16"  # ours, lora: the frozen base in bf16 or fp8 (method.lora.base_precision)
     compile: bool = False  # ours: train.compile (each decoder layer torch.compiled)
     weights: str = "fp32_master"  # ours, full: train.weights (bf16_kahan: bf16 weights, compensated AdamW)
+    profile: bool = False  # CUDA time by kernel family over two steps (after the warm-up, before timing)
 
 
 CASES = [
@@ -112,7 +113,7 @@ CASES = [
     Case("peer-8b-p3", "peer", "llama-3-8b", recompute="off", workload="p3", batch=16, seconds=60),
     Case("ours-8b-p3", "ours", "llama-3-8b", workload="p3", seconds=60),
     Case("ours-8b-p3-dense", "ours", "llama-3-8b", workload="p3", optional=True, seconds=60),
-    Case("profile-ours-8b-lora", "ours", "llama-3-8b", warmup=2, steps=2, optional=True),
+    Case("profile-ours-8b-lora", "ours", "llama-3-8b", warmup=2, steps=2, optional=True, profile=True),
     # speed work, each change on its own: an FP8 base, compiled decoder layers, both
     Case("ours-8b-lora-fp8", "ours", "llama-3-8b", liger=True, precision="fp8"),
     Case("ours-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90),
@@ -123,6 +124,15 @@ CASES = [
     Case("ours-1b-full-kahan-compile", "ours", "llama-3.2-1b", method="full", batch=8, weights="bf16_kahan",
          compile=True, seconds=90),
     Case("ours-8b-qlora-fast", "ours", "llama-3-8b", method="qlora", liger=True),  # the planner's choice (off)
+    Case("ours-8b-qlora-compile", "ours", "llama-3-8b", method="qlora", compile=True, warmup=3, seconds=90),
+    # where the time goes in the fastest configurations (profiled after the warm-up, then timed as usual)
+    Case("profile-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, profile=True),
+    Case("profile-8b-lora-fp8-compile", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3, seconds=90,
+         profile=True),
+    Case("profile-8b-qlora-compile", "ours", "llama-3-8b", method="qlora", compile=True, warmup=3, seconds=90,
+         profile=True),
+    Case("profile-1b-full-kahan-compile", "ours", "llama-3.2-1b", method="full", batch=8, weights="bf16_kahan",
+         compile=True, seconds=90, profile=True),
     Case("peer-8b-qlora-liger-off", "peer", "llama-3-8b", method="qlora", recompute="off", liger=True),
     # Unsloth (unsloth + unsloth_zoo from .whl/unsloth, loaded from a random HF directory of the same weights)
     Case("unsloth-8b-lora", "unsloth", "llama-3-8b", recompute="off", seconds=120),
@@ -408,7 +418,7 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
     out["warmup_s"] = warm_s
     if case.workload == "p3":
         out["first_call_tokens_per_s"] = sum(b["real"] for b in warm) / sum(warm_s)
-    if case.name.startswith("profile"):
+    if case.profile:
         out.update(profile(step, timed, device))
     sync(device)
     t1 = time.perf_counter()
@@ -458,42 +468,54 @@ def mean_context(batches: list[dict]) -> float:
 
 
 def profile(step, batches: list[dict], device: torch.device) -> dict:
-    """CUDA time by kernel family over two steps (torch.profiler)."""
+    """CUDA time by kernel family over two steps (torch.profiler), the top kernels, and the matmul ops by shape."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     if device.type != "cuda":
         return {}
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for b in batches[:2]:
             step(b)
         sync(device)
     families: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t <= 0 or e.key.startswith("ProfilerStep"):
+        if e.device_type != DeviceType.CUDA:  # kernels only: the ops that launched them would count twice
             continue
+        t = e.self_device_time_total
         kernels.append((e.key, t / 1e3 / 2))
         families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0.0) + t / 1e3 / 2
     kernels.sort(key=lambda x: -x[1])
+    gemms = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::mm", "aten::addmm", "aten::_scaled_mm", "aten::bmm"):
+            t = e.device_time_total
+            gemms.append((f"{e.key} {e.input_shapes}"[:120], round(t / 1e3 / 2, 2), e.count // 2))
+    gemms.sort(key=lambda x: -x[1])
     total = sum(families.values())
     return {"profile_ms_per_step": total,
             "profile_families": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda x: -x[1])},
-            "profile_top": [(k[:90], round(v, 2)) for k, v in kernels[:25]]}
+            "profile_top": [(k[:90], round(v, 2)) for k, v in kernels[:30]],
+            "profile_gemm_shapes": gemms[:30]}
 
 
 def kernel_family(name: str) -> str:
     n = name.lower()
     if "memcpy" in n or "memset" in n:
         return "memcpy/memset"
+    if "quantize_kernel" in n or "dequant" in n:
+        return "quantization (fp8 rows, nf4 dequant)"
     if "flash" in n or "fmha" in n or "attention" in n or "flex" in n or "cudnn" in n and "sdpa" in n:
         return "attention"
     if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "matmul" in n:
         return "matmul (GEMM)"
     if "adam" in n or "multi_tensor" in n or "foreach" in n:
         return "optimizer"
-    if "triton" in n or "liger" in n:
+    if n.startswith("triton_"):
+        return "compiled layer (Inductor's fused kernels)"
+    if "triton" in n or "liger" in n or n.startswith("_") and n.endswith("_kernel"):  # Liger's, ours
         return "triton (fused elementwise/norm)"
     if "reduce" in n or "softmax" in n or "logsumexp" in n or "nll" in n:
         return "reductions (norm, loss)"
