@@ -195,6 +195,13 @@ class _LastInput:
         return cls.value
 
 
+def quantize_input(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer input's rows as e4m3 codes and scales, quantized once for the layers that share it (q/k/v, gate/up;
+    under ``torch.compile`` the traced ops are shared by the compiler instead)."""
+    x2d = x.reshape(-1, in_features)
+    return quantize_rows(x2d) if torch.compiler.is_compiling() else _LastInput.codes(x2d, x)
+
+
 class Linear8(nn.Module):
     """A frozen Linear whose weight is stored as e4m3 codes with one fp32 scale per output channel.
 
@@ -224,8 +231,7 @@ class Linear8(nn.Module):
         return self.weight.float() * self.weight_scale.view(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
-        codes, scale = quantize_rows(x2d) if torch.compiler.is_compiling() else _LastInput.codes(x2d, x)
+        codes, scale = quantize_input(x, self.in_features)
         y = _FP8Linear.apply(x, codes, scale, self.weight, self.weight_scale, self.out_dtype)
         return y if self.bias is None else y + self.bias
 

@@ -3,7 +3,14 @@
 ``Linear4bit`` keeps its weight as 4-bit codes plus block scales in *buffers*: optimizers never see
 them, ``state_dict`` saves them, and ``model.to(dtype)`` cannot round the fp32 scales. The forward
 dequantizes the weight, multiplies, and lets the dense copy go; the backward dequantizes again
-rather than keeping one per layer alive, so activations are all that training adds.
+rather than keeping one per layer alive, so activations are all that training adds. Both run as custom ops
+(``tuneforge::linear_4bit``, with its backward registered), so ``torch.compile`` traces a decoder layer of
+4-bit linears as one graph.
+
+FP8 compute (``method.lora.base_precision: fp8`` with ``qlora``; ``Linear4bit.fp8``): the weight stays 4-bit in
+memory, and each forward and backward turns it straight into e4m3 codes with a scale per output channel (one
+kernel, ``nf4_gpu.fp8_from_4bit``) for ``torch._scaled_mm``, with the input's rows quantized as ``fp8.Linear8``
+does; the CPU runs the same arithmetic in fp32 (the tests' reference).
 
 What ``quantize_model`` leaves alone, and why:
 
@@ -31,8 +38,10 @@ from torch import nn
 
 from tuneforge.quant.buffers import QuantizedBuffers
 from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
+from tuneforge.quant.fp8 import quantize_input, quantize_rows, scaled_matmul
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
+from tuneforge.quant.nf4_gpu import fp8_from_4bit
 
 # nn.Linear subclasses of transformers whose forward is exactly ``x @ W.T + b`` (so a Linear4bit computes it).
 # Other subclasses may read their weight elsewhere (nn.MultiheadAttention's out_proj): they are left alone.
@@ -127,23 +136,81 @@ def model_nbytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class _Linear4bitFn(torch.autograd.Function):
-    """``F.linear(x, W, bias)`` with W dequantized in forward and again in backward, never saved."""
+# --- the forward and backward as custom ops: torch.compile keeps a decoder layer in one graph around them -------------
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: Quantized4bit, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.q = q
-        # On CUDA a single Triton kernel (same values as dequantize_4bit), else the reference.
-        return F.linear(x, dequantize_fast(q, x.dtype), bias)
+def _weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type) -> Quantized4bit:
+    return Quantized4bit(packed, absmax, torch.Size(shape), torch.float32, blocksize, quant_type, absmax2, offset)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize_fast(ctx.q, grad_out.dtype)
-        if ctx.needs_input_grad[2]:  # only if the user unfroze the bias
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_bias
+
+@torch.library.custom_op("tuneforge::linear_4bit", mutates_args=())
+def _linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                 offset: torch.Tensor | None, bias: torch.Tensor | None, shape: list[int], blocksize: int,
+                 quant_type: str) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with W dequantized in x's dtype (one Triton kernel on a GPU) and let go."""
+    return F.linear(x, dequantize_fast(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type),
+                                       x.dtype), bias)
+
+
+@_linear_4bit.register_fake
+def _(x, packed, absmax, absmax2, offset, bias, shape, blocksize, quant_type):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _save_weight(ctx, x: torch.Tensor, packed, absmax, absmax2, offset, layout) -> None:
+    # the 4-bit buffers only (references, no copies): the backward dequantizes again rather than keep W per layer
+    ctx.save_for_backward(packed, absmax, absmax2, offset)
+    ctx.layout, ctx.in_dtype = layout, x.dtype
+
+
+def _setup_linear_4bit(ctx, inputs, output) -> None:
+    x, packed, absmax, absmax2, offset, _bias, *layout = inputs
+    _save_weight(ctx, x, packed, absmax, absmax2, offset, layout)
+
+
+def _linear_4bit_backward(ctx, grad: torch.Tensor):
+    q = _weight(*ctx.saved_tensors, *ctx.layout)
+    grad_x = grad @ dequantize_fast(q, grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None  # an unfrozen bias
+    return grad_x, None, None, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("tuneforge::linear_4bit", _linear_4bit_backward, setup_context=_setup_linear_4bit)
+
+
+@torch.library.custom_op("tuneforge::linear_4bit_fp8", mutates_args=())
+def _linear_4bit_fp8(x: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor,
+                     absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+                     shape: list[int], blocksize: int, quant_type: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """``y = x Wᵀ`` in FP8: ``x`` given as its row-quantized codes (``x`` itself only carries the gradient), W's
+    e4m3 codes and per-output-channel scales made from the 4-bit weight by one kernel, then ``_scaled_mm``."""
+    codes, scale = fp8_from_4bit(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
+    y = scaled_matmul(x_codes, x_scale, codes, scale, out_dtype)
+    return y.view(*x.shape[:-1], shape[0])
+
+
+@_linear_4bit_fp8.register_fake
+def _(x, x_codes, x_scale, packed, absmax, absmax2, offset, shape, blocksize, quant_type, out_dtype):
+    return x.new_empty((*x.shape[:-1], shape[0]), dtype=out_dtype)
+
+
+def _setup_linear_4bit_fp8(ctx, inputs, output) -> None:
+    x, _codes, _scale, packed, absmax, absmax2, offset, *layout, _out_dtype = inputs
+    _save_weight(ctx, x, packed, absmax, absmax2, offset, layout)
+
+
+def _linear_4bit_fp8_backward(ctx, grad: torch.Tensor):
+    q = _weight(*ctx.saved_tensors, *ctx.layout)
+    codes, scale = fp8_from_4bit(q)  # again: nothing of the weight is kept between forward and backward
+    g = grad.reshape(-1, grad.shape[-1])
+    # dx = dy·diag(s)·W8 (as fp8.py): W's per-output-channel scale rides on dy's columns; W8ᵀ's rows need none
+    g_codes, g_scale = quantize_rows(g, scale)
+    ones = torch.ones(q.shape[1], dtype=torch.float32, device=g.device)
+    dx = scaled_matmul(g_codes, g_scale, codes.t().contiguous(), ones, grad.dtype)
+    return (dx.view(*grad.shape[:-1], q.shape[1]).to(ctx.in_dtype),) + (None,) * 10
+
+
+torch.library.register_autograd("tuneforge::linear_4bit_fp8", _linear_4bit_fp8_backward,
+                                setup_context=_setup_linear_4bit_fp8)
 
 
 @dataclass
@@ -165,6 +232,9 @@ class Linear4bit(QuantizedBuffers):
 
     ``compute_dtype``: the dtype the matmul runs in (inputs are cast to it and the output cast
     back); None means the input's dtype. bf16 on GPUs, fp32 is fine on the CPU.
+
+    ``fp8``: run the matmuls in FP8 from e4m3 codes made on the fly (see the module docstring); set it only when
+    ``nf4_gpu.fp8_convertible(self.quantized)`` (``methods.setup.to_fp8_base`` checks the device too).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
@@ -178,6 +248,7 @@ class Linear4bit(QuantizedBuffers):
         self.compute_dtype = compute_dtype
         self.weight_dtype = weight_dtype  # the dtype the weight had before quantization
         self.fan_in_fan_out = False  # quantized from a Conv1D, whose checkpoint weight is [in, out]
+        self.fp8 = False
         n = in_features * out_features
         n_blocks = -(-n // blocksize)
         self.register_buffer("weight", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device))
@@ -231,9 +302,16 @@ class Linear4bit(QuantizedBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return _Linear4bitFn.apply(x.to(dtype), self.quantized, bias).to(x.dtype)
+        weight = (self.weight, self.absmax, self.absmax2, self.absmax_offset)
+        layout = ([self.out_features, self.in_features], self.blocksize, self.quant_type)
+        if not self.fp8:
+            return _linear_4bit(x.to(dtype), *weight, bias, *layout).to(x.dtype)
+        codes, scale = quantize_input(x, self.in_features)  # shared by the layers reading the same x
+        y = _linear_4bit_fp8(x, codes, scale, *weight, *layout, dtype)
+        return (y if bias is None else y + bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.absmax2 is not None else ""
+        fp8 = ", fp8 compute" if self.fp8 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}")
+                f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}{fp8}")

@@ -11,7 +11,17 @@ once to the output dtype. The kernel is launched with ``enable_fp_fusion=False``
 cannot contract the scale into a fused multiply-add, which would round differently.
 
 ``dequantize`` picks this kernel for CUDA tensors when Triton is importable and falls back to the
-reference otherwise (CPU, no Triton), so callers need no device checks.
+reference otherwise (CPU, no Triton), so callers need no device checks. It runs as the custom op
+``tuneforge::dequantize_4bit`` (tensors, ints and strings in; a fake implementation gives the output's shape), so
+``torch.compile`` keeps a compiled decoder layer in one graph around it.
+
+``fp8_from_4bit`` (op ``tuneforge::fp8_from_4bit``) turns a 4-bit weight straight into e4m3 codes with one scale per
+output channel, for QLoRA's FP8 compute (``method.lora.base_precision: fp8``): no bf16 copy in between. Every
+block's largest value decodes to exactly ±(its block scale) (the quantizer maps each block's absmax to the code of
+±1), so a row's largest magnitude is the largest of its blocks' scales: a small torch reduction over
+``rows × blocks``, then one kernel writes ``value · (448 / rowmax)`` as e4m3, the same codes as quantizing the
+dequantized fp32 weight per row (``fp8.quantize_rows_reference``). (A block of zeros in a double-quantized weight
+decodes to a small nonzero scale; it could only raise its row's max if the whole row were near zero.)
 """
 
 from __future__ import annotations
@@ -20,7 +30,15 @@ import functools
 
 import torch
 
-from tuneforge.quant.nf4 import NESTED_BLOCKSIZE, Quantized4bit, code_values, dequantize_4bit, dynamic_map
+from tuneforge.quant.fp8 import ALIGN, E4M3_MAX, FP8, quantize_rows_reference
+from tuneforge.quant.nf4 import (
+    NESTED_BLOCKSIZE,
+    Quantized4bit,
+    code_values,
+    dequantize_4bit,
+    dequantize_blockwise_8bit,
+    dynamic_map,
+)
 
 try:  # Triton is absent on CPU-only installs: the reference path is used there.
     import triton
@@ -59,6 +77,23 @@ if triton is not None:
         index = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
         tl.store(out_ptr + index, out, mask=index < n_out)
 
+    @triton.jit
+    def _fp8_kernel(packed_ptr, scale_ptr, mult_ptr, values_ptr, out_ptr, n_out, cols,
+                    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
+        # scale_ptr: the decoded fp32 block scales; mult_ptr: 448 / rowmax per row (a byte never straddles rows)
+        pid = tl.program_id(0).to(tl.int64)
+        byte = pid * BYTES + tl.arange(0, BYTES)
+        valid = byte * 2 < n_out
+        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)
+        scale = tl.load(scale_ptr + byte // (BLOCKSIZE // 2), mask=valid, other=0.0)
+        mult = tl.load(mult_ptr + (byte * 2) // cols, mask=valid, other=0.0)
+        # (value · scale) · mult: the reference's two roundings, in its order
+        high = tl.load(values_ptr + (packed >> 4)) * scale * mult
+        low = tl.load(values_ptr + (packed & 15)) * scale * mult
+        out = tl.minimum(tl.maximum(tl.interleave(high, low), -448.0), 448.0)
+        index = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + index, out.to(tl.float8e4nv), mask=index < n_out)
+
 
 @functools.cache
 def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +126,83 @@ def use_fast_path(q: Quantized4bit) -> bool:
     return triton is not None and q.packed.is_cuda and q.blocksize % 2 == 0
 
 
+# --- the custom ops: what torch.compile sees (tensors, ints and strings; no dataclass) ----------------------------
+
+def _unpack(q: Quantized4bit) -> tuple:
+    return q.packed, q.absmax, q.absmax2, q.offset, list(q.shape), q.blocksize, q.quant_type
+
+
+def _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype=torch.float32) -> Quantized4bit:
+    return Quantized4bit(packed, absmax, torch.Size(shape), dtype, blocksize, quant_type, absmax2, offset)
+
+
+@torch.library.custom_op("tuneforge::dequantize_4bit", mutates_args=())
+def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                   offset: torch.Tensor | None, shape: list[int], blocksize: int, quant_type: str,
+                   dtype: torch.dtype) -> torch.Tensor:
+    q = _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype)
+    return dequantize_4bit_triton(q, dtype) if use_fast_path(q) else dequantize_4bit(q, dtype)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
 def dequantize(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``dequantize_4bit`` through the fastest path that gives the same values on ``q``'s device."""
-    if use_fast_path(q):
-        return dequantize_4bit_triton(q, dtype)
-    return dequantize_4bit(q, dtype)
+    return _dequantize_op(*_unpack(q), dtype or q.dtype)
+
+
+def fp8_from_4bit_reference(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D 4-bit weight as ``(e4m3 codes (out × in), fp32 scale per output channel (out,))``, through fp32."""
+    codes, scale = quantize_rows_reference(dequantize_4bit(q, torch.float32))
+    return codes, scale.view(-1)
+
+
+def block_scales(q: Quantized4bit) -> torch.Tensor:
+    """The fp32 scale of every block (decoded from its 8-bit code when double-quantized), as ``dequantize_4bit``
+    computes them; bitsandbytes' map comes from a per-device cache, so no host copy per call."""
+    if not q.double_quant:
+        return q.absmax
+    return dequantize_blockwise_8bit(q.absmax, q.absmax2, _tables(q.quant_type, q.absmax.device)[1]) + q.offset
+
+
+def fp8_from_4bit_triton(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_from_4bit_reference`'s codes and scales, bit for bit, in one Triton kernel (rows of whole blocks)."""
+    rows, cols = q.shape
+    scales = block_scales(q)
+    # a row's largest magnitude is its largest block scale (clamped as quantize_rows_reference clamps)
+    rowmax = scales.view(rows, cols // q.blocksize).abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
+    mult = E4M3_MAX / rowmax  # the reference's expression, so the same rounding
+    codes = torch.empty((rows, cols), dtype=FP8, device=q.packed.device)
+    n = rows * cols
+    if n:
+        grid = (triton.cdiv(n // 2, BYTES_PER_PROGRAM),)
+        _fp8_kernel[grid](q.packed, scales.contiguous(), mult.contiguous(), _tables(q.quant_type, q.packed.device)[0],
+                          codes, n, cols, BLOCKSIZE=q.blocksize, BYTES=BYTES_PER_PROGRAM, enable_fp_fusion=False)
+    return codes, (rowmax / E4M3_MAX).view(-1)
+
+
+@torch.library.custom_op("tuneforge::fp8_from_4bit", mutates_args=())
+def _fp8_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+            shape: list[int], blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type)
+    return fp8_from_4bit_triton(q) if use_fast_path(q) else fp8_from_4bit_reference(q)
+
+
+@_fp8_op.register_fake
+def _(packed, absmax, absmax2, offset, shape, blocksize, quant_type):
+    return packed.new_empty(shape, dtype=FP8), packed.new_empty(shape[0], dtype=torch.float32)
+
+
+def fp8_convertible(q: Quantized4bit) -> bool:
+    """A 2-D weight whose rows are whole blocks (so row maxima come from block scales) and whose dimensions FP8
+    GEMMs take (multiples of 16): what the FP8 compute of QLoRA needs."""
+    return len(q.shape) == 2 and q.shape[1] % q.blocksize == 0 and q.shape[0] % ALIGN == 0 and q.shape[1] % ALIGN == 0
+
+
+def fp8_from_4bit(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4-bit ``[out, in]`` weight (``fp8_convertible``) as e4m3 codes and one fp32 scale per output channel
+    (the Triton kernel on a GPU, the fp32 reference elsewhere: the same values)."""
+    return _fp8_op(*_unpack(q))
