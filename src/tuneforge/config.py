@@ -123,8 +123,9 @@ class LoraSettings(Strict):
     use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row on top of LoRA's direction "
                                               "(saved in peft's layout; docs/adapters-and-serving.md)")
     base_precision: Literal["bf16", "fp8"] = Field(
-        "bf16", description="the frozen base's weights (lora): fp8 stores them as e4m3 with per-channel scales and "
-                            "runs its GEMMs in FP8 (CUDA compute capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
+        "bf16", description="the frozen base's GEMMs: fp8 runs them in FP8 with per-channel scales; lora stores the "
+                            "weights as e4m3, qlora keeps them 4-bit and makes e4m3 codes on the fly (CUDA compute "
+                            "capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
     init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
                                                        "adapter/) and train it further; its own r, alpha, targets, "
                                                        "target_parameters, dropout, use_rslora and use_dora replace "
@@ -169,9 +170,9 @@ class MethodConfig(Strict):
     def _fp8_base(self) -> MethodConfig:
         if self.lora.base_precision != "fp8":
             return self
-        if self.name != "lora":
-            raise ValueError(f"method.lora.base_precision=fp8 is for method.name=lora (the base of {self.name} is "
-                             f"{'4-bit' if self.name == 'qlora' else 'trained'}); set method.lora.base_precision=bf16")
+        if self.name not in ("lora", "qlora"):
+            raise ValueError(f"method.lora.base_precision=fp8 is for method.name=lora or qlora (the base of "
+                             f"{self.name} is trained); set method.lora.base_precision=bf16")
         if self.lora.use_dora:
             raise ValueError("method.lora.use_dora=true with method.lora.base_precision=fp8 is not supported (DoRA "
                              "reads the dense base weight at every step); set method.lora.base_precision=bf16")

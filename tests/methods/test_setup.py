@@ -51,3 +51,21 @@ def test_the_configured_attention_reaches_every_loader(tiny_model_dir):
         assert model.config._attn_implementation == "eager"
     config = load_config(None, [f"model={tiny_model_dir}", "attn_implementation=eager"])
     assert load_model_for(config, torch.device("cpu"), placement="meta").config._attn_implementation == "eager"
+
+
+def test_qlora_with_an_fp8_base_keeps_4bit_weights_and_computes_in_fp8(tiny_model, monkeypatch):
+    import pytest
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.methods import setup
+
+    method = MethodConfig(name="qlora", lora={"base_precision": "fp8"})
+    with pytest.raises(ConfigError, match="method.lora.base_precision=fp8 needs a CUDA GPU"):  # no FP8 on a CPU
+        prepare_model(tiny_model, method)
+    # past the device check (as on an H200), the 4-bit layers switch to FP8 compute and keep their buffers
+    monkeypatch.setattr(setup, "check_fp8_device", lambda device: None)
+    before = {n: b.data_ptr() for n, b in tiny_model.named_buffers()}
+    n = setup.to_fp8_base(tiny_model, torch.device("cpu"))
+    bases = [m.base_layer for m in tiny_model.modules() if isinstance(m, LoRALinear)]
+    assert n == len(bases) > 0 and all(isinstance(b, Linear4bit) and b.fp8 for b in bases)
+    assert {n: b.data_ptr() for n, b in tiny_model.named_buffers()} == before

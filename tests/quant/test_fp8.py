@@ -121,15 +121,17 @@ def test_shared_input_is_quantized_once_and_requantized_after_an_inplace_change(
     torch.testing.assert_close(again[0], 2 * first[0], rtol=1e-5, atol=1e-6)
 
 
-def test_fp8_base_is_refused_on_the_cpu_and_for_qlora():
+def test_fp8_base_is_refused_on_the_cpu_for_full_training_and_with_dora():
     with pytest.raises(ConfigError, match="base_precision"):
         check_fp8_device(torch.device("cpu"))
     with pytest.raises(ConfigError, match="method.lora.base_precision=fp8"):
         prepare_model(build_tiny_model(64), MethodConfig(name="lora", lora={"base_precision": "fp8"}))
-    with pytest.raises(ConfigError, match="method.name=lora"):  # refused with the config, before any load
-        load_config(None, ["method.name=qlora", "method.lora.base_precision=fp8"])
-    with pytest.raises(ConfigError, match="use_dora=true with method.lora.base_precision=fp8"):
-        load_config(None, ["method.lora.use_dora=true", "method.lora.base_precision=fp8"])
+    with pytest.raises(ConfigError, match="method.name=lora or qlora"):  # refused with the config, before any load
+        load_config(None, ["method.name=full", "method.lora.base_precision=fp8"])
+    assert load_config(None, ["method.name=qlora", "method.lora.base_precision=fp8"]).method.name == "qlora"
+    for method in ("lora", "qlora"):
+        with pytest.raises(ConfigError, match="use_dora=true with method.lora.base_precision=fp8"):
+            load_config(None, [f"method.name={method}", "method.lora.use_dora=true", "method.lora.base_precision=fp8"])
 
 
 # --- on a GPU with FP8 ------------------------------------------------------------------------------------------------

@@ -280,3 +280,15 @@ def test_an_fp8_base_counts_one_byte_per_adapted_weight():
     assert bf16.activations == fp8.activations
     config = load_config(None, ["method.lora.base_precision=fp8"])
     assert plan_inputs(config, "off", gpus=1).base_precision == "fp8"
+
+
+def test_qlora_with_fp8_compute_plans_the_memory_of_qlora():
+    """QLoRA's base stays 4-bit with FP8 compute (codes are made on the fly): no FP8 weight saving to subtract."""
+    from tuneforge.config import load_config
+    from tuneforge.train.plan import plan_inputs
+
+    kw = {"seq": 2048, "batch": 4, "method": "qlora", "gpu_mem_gib": 140, "advise": False}
+    bf16, fp8 = plan_memory("llama-3-8b", **kw), plan_memory("llama-3-8b", base_precision="fp8", **kw)
+    assert (fp8.weights, fp8.activations, fp8.peak) == (bf16.weights, bf16.activations, bf16.peak)
+    config = load_config(None, ["method.name=qlora", "method.lora.base_precision=fp8"])
+    assert plan_inputs(config, "off", gpus=1).base_precision == "fp8"

@@ -14,6 +14,7 @@ from tuneforge.models.load import empty_model, load_model
 from tuneforge.models.quantized_load import load_model_4bit
 from tuneforge.quant.fp8 import Linear8, check_fp8_device, convertible
 from tuneforge.quant.linear4bit import Linear4bit, quantize_model
+from tuneforge.quant.nf4_gpu import fp8_convertible
 
 logger = get_logger(__name__)
 
@@ -87,15 +88,22 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig, device: torch.de
 
 
 def to_fp8_base(model: torch.nn.Module, device: torch.device) -> int:
-    """Replace the frozen base Linear of every LoRA layer by a :class:`Linear8`; returns how many were converted.
+    """Put the frozen base of every LoRA layer on FP8 GEMMs; returns how many layers were converted.
 
-    Raises ConfigError when ``device`` has no FP8 matrix units. Layers with a dimension that is not a multiple of 16
-    keep their 16-bit weight.
+    A 16-bit base Linear becomes a :class:`Linear8` (e4m3 weights in memory); a 4-bit one (QLoRA) stays 4-bit and
+    computes in FP8 from codes made on the fly (``Linear4bit.fp8``). Raises ConfigError when ``device`` has no FP8
+    matrix units. Layers with a dimension that is not a multiple of 16 (or, 4-bit, rows that are not whole blocks)
+    keep their 16-bit compute.
     """
     check_fp8_device(device)
     n = 0
     for layer in lora_layers(model).values():
-        if convertible(layer.base_layer):
-            layer.base_layer = Linear8.from_linear(layer.base_layer)
-            n += 1
+        base = layer.base_layer
+        if isinstance(base, Linear4bit) and fp8_convertible(base.quantized):
+            base.fp8 = True
+        elif convertible(base):
+            layer.base_layer = Linear8.from_linear(base)
+        else:
+            continue
+        n += 1
     return n

@@ -143,7 +143,7 @@ def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, wei
     return _Run(shape=shape, method=method, batch=batch, seq=seq, ckpt=bool(ckpt), offload=bool(offload and ckpt),
                 rb=wb, cb=cb, wb=wb, pb=pb, lora=lora, r=lora_r, dropout=float(dropout), trained_layers=trained,
                 chunk=chunk, mask=bool(mask), grad_accum=grad_accum, shards=max(1, int(shards)), ob=ob,
-                fp8=base_precision == "fp8" and method == "lora")
+                fp8=base_precision == "fp8" and method == "lora")  # qlora's base stays 4-bit, FP8 or not
 
 
 def _lora_targets(targets: str | Sequence[str]) -> list[str]:
