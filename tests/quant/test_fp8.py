@@ -134,6 +134,19 @@ def test_fp8_base_is_refused_on_the_cpu_for_full_training_and_with_dora():
             load_config(None, [f"method.name={method}", "method.lora.use_dora=true", "method.lora.base_precision=fp8"])
 
 
+def test_a_qlora_run_with_an_fp8_base_is_refused_on_the_cpu_before_it_trains(tiny_model_dir, alpaca_file, tmp_path):
+    from tuneforge.train.loop import train
+
+    run = tmp_path / "run"
+    config = load_config(None, [f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]", f"output_dir={run}",
+                                "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=2", "train.threads=1",
+                                "train.max_steps=1", "method.name=qlora", "method.lora.base_precision=fp8"])
+    with pytest.raises(ConfigError, match="method.lora.base_precision=fp8 needs a CUDA GPU .* Set "
+                                          "method.lora.base_precision=bf16"):
+        train(config, quiet=True)
+    assert not (run / "adapter").exists()
+
+
 # --- on a GPU with FP8 ------------------------------------------------------------------------------------------------
 
 @needs_fp8_gpu
@@ -165,15 +178,20 @@ def test_scaled_mm_matches_the_emulation_and_pads_short_batches():
 
 
 @needs_fp8_gpu
-def test_lora_model_on_an_fp8_base_follows_the_bf16_one():
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_model_on_an_fp8_base_follows_the_bf16_one(method):
+    from tuneforge.quant.linear4bit import Linear4bit
+
     device = torch.device("cuda")
     losses = {}
     for precision in ("bf16", "fp8"):
         model = build_tiny_model(256, hidden=128).to(device, torch.bfloat16)
         torch.manual_seed(0)
-        prepare_model(model, MethodConfig(name="lora", lora={"base_precision": precision, "dropout": 0.0}))
+        prepare_model(model, MethodConfig(name=method, lora={"base_precision": precision, "dropout": 0.0}), device)
         if precision == "fp8":
-            assert all(isinstance(m.base_layer, Linear8) for m in lora_layers(model).values())
+            bases = [m.base_layer for m in lora_layers(model).values()]
+            assert all(isinstance(b, Linear8) if method == "lora" else isinstance(b, Linear4bit) and b.fp8
+                       for b in bases)
         ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
         out = model(input_ids=ids.to(device), labels=ids.to(device))
         out.loss.backward()

@@ -202,3 +202,117 @@ def test_falcon_linear_is_quantized_like_a_linear():
         assert F.cosine_similarity(model(ids).logits.flatten(), before.flatten(), dim=0) > 0.99
     mha = nn.MultiheadAttention(64, 4)  # its out_proj (a Linear subclass) is read as a weight, not called
     assert quantization_targets(nn.ModuleDict({"attn": mha})) == []
+
+
+# --- under torch.compile, and with FP8 compute (method.lora.base_precision: fp8) --------------------------------------
+
+def lora_on_4bit(fp8: bool, bias: bool = True, seed: int = 0, device: str = "cpu",
+                 compute_dtype: torch.dtype | None = None):
+    """A LoRA layer (B nonzero) on a 4-bit 128 -> 64 base, and an input that needs a gradient."""
+    from tuneforge.methods.lora import LoRALinear
+
+    torch.manual_seed(seed)
+    base = Linear4bit.from_linear(nn.Linear(128, 64, bias=bias).to(device), compute_dtype=compute_dtype)
+    base.fp8 = fp8
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.1)
+        if bias:
+            base.bias.normal_()
+    return layer, torch.randn(2, 7, 128, device=device, requires_grad=True)
+
+
+def forward_and_grads(module: nn.Module, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    x.grad = None
+    layer.zero_grad()
+    y = module(x)
+    y.backward(grad)
+    return [y.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_compiled_lora_layer_on_a_4bit_base_is_one_graph_and_computes_the_same(fp8):
+    layer, x = lora_on_4bit(fp8)
+    grad = torch.randn(2, 7, 64)
+    eager = forward_and_grads(layer, layer, x, grad)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break fails
+    for got, want in zip(forward_and_grads(compiled, layer, x, grad), eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_compute_is_the_fp8_matmul_of_the_row_quantized_weight():
+    from tuneforge.quant.fp8 import quantize_rows_reference
+
+    layer, x = lora_on_4bit(fp8=True)
+    base = layer.base_layer
+    grad = torch.randn(2, 7, 64)
+    y = base(x)
+    y.backward(grad)
+    # the reference: the dequantized fp32 weight quantized per row, the input per row, an fp32 matmul
+    w_codes, w_scale = quantize_rows_reference(base.dequantize(torch.float32))
+    x_codes, x_scale = quantize_rows_reference(x.detach().reshape(-1, 128))
+    expected = (x_codes.float() * x_scale) @ (w_codes.float() * w_scale).t() + base.bias
+    torch.testing.assert_close(y.detach().reshape(-1, 64), expected, rtol=1e-5, atol=1e-6)
+    g_codes, g_scale = quantize_rows_reference(grad.reshape(-1, 64), w_scale.view(-1))  # W's scale on dy's columns
+    torch.testing.assert_close(x.grad.reshape(-1, 128), (g_codes.float() * g_scale) @ w_codes.float(),
+                               rtol=1e-5, atol=1e-6)
+    # ... and close to the 16-bit compute of the same 4-bit weight
+    base.fp8 = False
+    dense = base(x.detach())
+    assert float((y.detach() - dense).norm() / dense.norm()) < 0.05
+
+
+def test_fp8_compute_keeps_no_weight_between_forward_and_backward():
+    layer, x = lora_on_4bit(fp8=True, bias=False)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.base_layer(x)
+    assert saved and all(t.numel() < 64 * 128 for t in saved)  # the 4-bit buffers: no weight, codes or input
+
+
+def test_fp8_compute_quantizes_an_input_shared_by_several_layers_once(monkeypatch):
+    from tuneforge.quant import fp8
+
+    calls = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x, c=None: calls.append(1) or real(x, c))
+    layers = [lora_on_4bit(fp8=True, seed=s)[0].base_layer for s in (1, 2, 3)]  # q, k, v
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        for m in layers:
+            m(x)
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_4bit_linear_compiled_by_inductor_matches_eager():
+    layer, x = lora_on_4bit(fp8=False, device="cuda", compute_dtype=torch.bfloat16)
+    grad = torch.randn(2, 7, 64, device="cuda")
+    eager = forward_and_grads(layer, layer, x, grad)
+    compiled = torch.compile(layer, fullgraph=True)
+    for got, want in zip(forward_and_grads(compiled, layer, x, grad), eager, strict=True):
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def fp8_gpu() -> bool:
+    from tuneforge.quant.fp8 import fp8_supported
+
+    return torch.cuda.is_available() and fp8_supported(torch.device("cuda"))
+
+
+@pytest.mark.skipif(not fp8_gpu(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+def test_fp8_compute_on_the_gpu_follows_the_cpu_emulation_eager_and_compiled():
+    grad = torch.randn(2, 7, 64)
+    cpu_layer, cpu_x = lora_on_4bit(fp8=True)
+    reference = forward_and_grads(cpu_layer, cpu_layer, cpu_x, grad)
+    layer, _ = lora_on_4bit(fp8=True, device="cuda", compute_dtype=torch.bfloat16)
+    x = cpu_x.detach().cuda().requires_grad_(True)
+    for module in (layer, torch.compile(layer, fullgraph=True)):
+        for got, want in zip(forward_and_grads(module, layer, x, grad.cuda()), reference, strict=True):
+            got, want = got.float().cpu(), want.float()
+            assert float((got - want).norm() / want.norm()) < 2e-2

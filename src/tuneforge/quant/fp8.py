@@ -199,7 +199,8 @@ def quantize_input(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, tor
     """A layer input's rows as e4m3 codes and scales, quantized once for the layers that share it (q/k/v, gate/up;
     under ``torch.compile`` the traced ops are shared by the compiler instead)."""
     x2d = x.reshape(-1, in_features)
-    return quantize_rows(x2d) if torch.compiler.is_compiling() else _LastInput.codes(x2d, x)
+    with torch.no_grad():  # codes and scales carry no gradient: the layer's autograd takes it through x
+        return quantize_rows(x2d) if torch.compiler.is_compiling() else _LastInput.codes(x2d, x)
 
 
 class Linear8(nn.Module):
