@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.methods import dora
+from tuneforge.methods import dora, lora_ops
 from tuneforge.quant.fp8 import Linear8
 from tuneforge.quant.linear4bit import Linear4bit, is_conv1d, quantized_numel, set_submodule
 
@@ -563,7 +563,25 @@ class LoRALinear(nn.Module):
         lora_out = F.linear(F.linear(x, a), b)
         return dora.update(factor, base_out, lora_out, scale).to(y.dtype)
 
+    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The adapter whose training forward runs as one op with the base (:func:`lora_ops.lora_forward`): the
+        only active one, plain LoRA on a frozen ``nn.Linear`` in the compute dtype or on an FP8 base; else None."""
+        if self.disabled or self.row_groups is not None or len(self.active_adapters) != 1 \
+                or not torch.is_grad_enabled():
+            return None
+        name = self.active_adapters[0]
+        base = self.base_layer
+        if (name in self.merged_adapters or name in self.lora_magnitude_vector or self.lora_B[name].bias is not None
+                or not isinstance(base, Linear8) and (type(base) is not nn.Linear or base.weight.requires_grad
+                                                      or base.weight.dtype != lora_ops.compute_dtype(x))):
+            return None
+        return name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (name := self._fused_adapter(x)) is not None:
+            scale = self.scaling[name] * self.adapter_weights.get(name, 1.0)
+            return lora_ops.lora_forward(x, self.base_layer, self.lora_dropout[name], self.lora_A[name].weight,
+                                         self.lora_B[name].weight, scale)
         y = self.base_layer(x)
         if self.disabled:
             return y
