@@ -314,3 +314,23 @@ def test_logit_transform_is_read_from_the_models_forward():
 
     with pytest.raises(ModelError, match=r"transforms its output logits \(logits = logits\*\*2\)"):
         logit_transform(Squared(LlamaConfig(**small)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fp32-accumulating bf16 GEMM)")
+def test_trained_head_gradient_in_bf16_matches_full_cross_entropy_on_gpu():
+    """bf16 compute on a GPU: the head's gradient accumulates chunk by chunk in fp32 inside the GEMM."""
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 64, 128, device="cuda", requires_grad=True)
+    head = torch.nn.Linear(128, 1000, bias=False).cuda()
+    labels = torch.randint(0, 1000, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = reference(hidden, head, labels)
+    ref.backward()
+    want = head.weight.grad.clone()
+    head.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = chunked_lm_loss(hidden, head, labels, chunk_tokens=32)
+    loss.backward()
+    assert head.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(head.weight.grad, want, rtol=2e-2, atol=2e-2)

@@ -187,6 +187,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_w is not None:
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(dlogits.t(), h)
+                    elif h.is_cuda:  # the bf16 GEMM accumulates into the fp32 gradient: no product to add apart
+                        torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
                     else:
                         grad_w += dlogits.t() @ h
                 del logits, dlogits
