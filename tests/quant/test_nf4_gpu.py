@@ -12,7 +12,6 @@ from tuneforge.quant.fp8 import E4M3_MAX, fp8_supported, quantize_rows_reference
 from tuneforge.quant.linear4bit import Linear4bit
 from tuneforge.quant.nf4 import dequantize_4bit, quantize_4bit
 from tuneforge.quant.nf4_gpu import (
-    block_scales,
     dequantize,
     dequantize_4bit_triton,
     fp8_convertible,
@@ -81,7 +80,7 @@ def test_a_rows_largest_value_is_its_largest_block_scale(quant_type, double_quan
     # what lets the kernel skip a pass over the dequantized weight: each block's absmax decodes to exactly ±scale
     q = weight_4bit(48, 320, quant_type, double_quant)
     dense = dequantize_4bit(q, torch.float32)
-    assert torch.equal(block_scales(q).view(48, 5).abs().amax(1), dense.abs().amax(1))
+    assert torch.equal(q.scales().view(48, 5).abs().amax(1), dense.abs().amax(1))
     codes, scale = fp8_from_4bit(q)
     ref_codes, ref_scale = quantize_rows_reference(dense)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == (48, 320) and scale.shape == (48,)

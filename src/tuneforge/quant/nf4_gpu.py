@@ -18,10 +18,12 @@ reference otherwise (CPU, no Triton), so callers need no device checks. It runs 
 ``fp8_from_4bit`` (op ``tuneforge::fp8_from_4bit``) turns a 4-bit weight straight into e4m3 codes with one scale per
 output channel, for QLoRA's FP8 compute (``method.lora.base_precision: fp8``): no bf16 copy in between. Every
 block's largest value decodes to exactly ±(its block scale) (the quantizer maps each block's absmax to the code of
-±1), so a row's largest magnitude is the largest of its blocks' scales: a small torch reduction over
-``rows × blocks``, then one kernel writes ``value · (448 / rowmax)`` as e4m3, the same codes as quantizing the
-dequantized fp32 weight per row (``fp8.quantize_rows_reference``). (A block of zeros in a double-quantized weight
-decodes to a small nonzero scale; it could only raise its row's max if the whole row were near zero.)
+±1), so a row's largest magnitude is the largest of its blocks' scales: a small kernel reduces the 1-byte block
+codes of each row (``rows × blocks``), then one kernel writes ``value · (448 / rowmax)`` as e4m3, the same codes as
+quantizing the dequantized fp32 weight per row (``fp8.quantize_rows_reference``). The reduction is a kernel rather
+than torch ops because it runs inside the op at every forward and backward: four launches in all, against a dozen.
+(A block of zeros in a double-quantized weight decodes to a small nonzero scale; it could only raise its row's max
+if the whole row were near zero.)
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from tuneforge.quant.nf4 import (
     Quantized4bit,
     code_values,
     dequantize_4bit,
-    dequantize_blockwise_8bit,
     dynamic_map,
 )
 
@@ -78,14 +79,38 @@ if triton is not None:
         tl.store(out_ptr + index, out, mask=index < n_out)
 
     @triton.jit
-    def _fp8_kernel(packed_ptr, scale_ptr, mult_ptr, values_ptr, out_ptr, n_out, cols,
-                    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
-        # scale_ptr: the decoded fp32 block scales; mult_ptr: 448 / rowmax per row (a byte never straddles rows)
+    def _row_max_kernel(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, blocks_per_row,
+                        NESTED: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row: the largest |block scale| of the row's blocks, decoded as _dequant_kernel does
+        row = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK)
+        mask = i < blocks_per_row
+        block = row * blocks_per_row + i
+        if DOUBLE:
+            absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(code_ptr + absmax_code) * tl.load(absmax2_ptr + block // NESTED, mask=mask, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        amax = tl.max(tl.where(mask, tl.abs(scale), 0.0), axis=0)
+        tl.store(out_ptr + row, tl.maximum(amax, 1e-12))
+
+    @triton.jit
+    def _fp8_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, mult_ptr, out_ptr,
+                    n_out, cols, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+                    BYTES: tl.constexpr):
+        # _dequant_kernel's values, times 448 / rowmax (mult_ptr, per row: a byte never straddles two rows)
         pid = tl.program_id(0).to(tl.int64)
         byte = pid * BYTES + tl.arange(0, BYTES)
         valid = byte * 2 < n_out
         packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)
-        scale = tl.load(scale_ptr + byte // (BLOCKSIZE // 2), mask=valid, other=0.0)
+        block = byte // (BLOCKSIZE // 2)
+        if DOUBLE:
+            absmax_code = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+            scale = tl.load(code_ptr + absmax_code) * tl.load(absmax2_ptr + block // NESTED, mask=valid, other=0.0)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
         mult = tl.load(mult_ptr + (byte * 2) // cols, mask=valid, other=0.0)
         # (value · scale) · mult: the reference's two roundings, in its order
         high = tl.load(values_ptr + (packed >> 4)) * scale * mult
@@ -160,27 +185,25 @@ def fp8_from_4bit_reference(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tenso
     return codes, scale.view(-1)
 
 
-def block_scales(q: Quantized4bit) -> torch.Tensor:
-    """The fp32 scale of every block (decoded from its 8-bit code when double-quantized), as ``dequantize_4bit``
-    computes them; bitsandbytes' map comes from a per-device cache, so no host copy per call."""
-    if not q.double_quant:
-        return q.absmax
-    return dequantize_blockwise_8bit(q.absmax, q.absmax2, _tables(q.quant_type, q.absmax.device)[1]) + q.offset
-
-
 def fp8_from_4bit_triton(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fp8_from_4bit_reference`'s codes and scales, bit for bit, in one Triton kernel (rows of whole blocks)."""
+    """:func:`fp8_from_4bit_reference`'s codes and scales, bit for bit, from two Triton kernels (rows of whole
+    blocks): each row's largest block scale (a read of the 1-byte block codes), then the codes."""
     rows, cols = q.shape
-    scales = block_scales(q)
-    # a row's largest magnitude is its largest block scale (clamped as quantize_rows_reference clamps)
-    rowmax = scales.view(rows, cols // q.blocksize).abs().amax(dim=1, keepdim=True).clamp(min=1e-12)
-    mult = E4M3_MAX / rowmax  # the reference's expression, so the same rounding
-    codes = torch.empty((rows, cols), dtype=FP8, device=q.packed.device)
-    n = rows * cols
-    if n:
-        grid = (triton.cdiv(n // 2, BYTES_PER_PROGRAM),)
-        _fp8_kernel[grid](q.packed, scales.contiguous(), mult.contiguous(), _tables(q.quant_type, q.packed.device)[0],
-                          codes, n, cols, BLOCKSIZE=q.blocksize, BYTES=BYTES_PER_PROGRAM, enable_fp_fusion=False)
+    device = q.packed.device
+    values, dmap = _tables(q.quant_type, device)
+    absmax2 = q.absmax2 if q.double_quant else q.absmax  # unused pointers when not double-quantized
+    offset = q.offset if q.double_quant else q.absmax
+    rowmax = torch.empty((rows, 1), dtype=torch.float32, device=device)
+    codes = torch.empty((rows, cols), dtype=FP8, device=device)
+    blocks_per_row = cols // q.blocksize
+    _row_max_kernel[(rows,)](q.absmax, absmax2, offset, dmap, rowmax, blocks_per_row, NESTED=NESTED_BLOCKSIZE,
+                             DOUBLE=q.double_quant, BLOCK=max(16, triton.next_power_of_2(blocks_per_row)),
+                             enable_fp_fusion=False)
+    mult = E4M3_MAX / rowmax  # quantize_rows_reference's expression, so its rounding
+    grid = (triton.cdiv(rows * cols // 2, BYTES_PER_PROGRAM),)
+    _fp8_kernel[grid](q.packed, q.absmax, absmax2, offset, dmap, values, mult, codes, rows * cols, cols,
+                      BLOCKSIZE=q.blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE=q.double_quant, BYTES=BYTES_PER_PROGRAM,
+                      enable_fp_fusion=False)
     return codes, (rowmax / E4M3_MAX).view(-1)
 
 
