@@ -4,6 +4,7 @@
 #   bash benchmarks/device_speed.sh 2 CASES  # speed_gpu.py on a comma-separated list (2026-12-01: round 2, QLoRA, 1B)
 #   bash benchmarks/device_speed.sh 3        # FP8 quality (random 8B, 200 steps); P3 cases
 #   bash benchmarks/device_speed.sh 4        # `tuneforge train` on a random 8B folder (bf16; FP8 + compile); Unsloth P3
+#   bash benchmarks/device_speed.sh 5 CASES  # the GPU tests of the speed work, then speed_gpu.py on CASES
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -27,6 +28,11 @@ case "$1" in
       | tee -a "$OUT/session.log" | tail -3
     bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -30
     speed --budget 230 --cases peer-8b-p3,ours-8b-p3-liger,ours-8b-p3-fp8,unsloth-8b-p3
+    ;;
+  5)
+    python3 -m pytest -q -p no:cacheprovider tests/methods/test_lora_ops.py tests/quant tests/train/test_loss.py \
+      tests/train/test_optimizer.py tests/train/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -15
+    speed --budget 470 --cases "$2"
     ;;
   4)
     bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -40

@@ -88,6 +88,7 @@ class Case:
     compile: bool = False  # ours: train.compile (each decoder layer torch.compiled)
     weights: str = "fp32_master"  # ours, full: train.weights (bf16_kahan: bf16 weights, compensated AdamW)
     profile: bool = False  # CUDA time by kernel family over two steps (after the warm-up, before timing)
+    fused_lora: bool = True  # ours: the LoRA layers' training op (methods/lora_ops.py); False: the autograd path
 
 
 CASES = [
@@ -125,6 +126,12 @@ CASES = [
          compile=True, seconds=90),
     Case("ours-8b-qlora-fast", "ours", "llama-3-8b", method="qlora", liger=True),  # the planner's choice (off)
     Case("ours-8b-qlora-compile", "ours", "llama-3-8b", method="qlora", compile=True, warmup=3, seconds=90),
+    Case("ours-8b-qlora-fp8-compile", "ours", "llama-3-8b", method="qlora", precision="fp8", compile=True, warmup=3,
+         seconds=90),
+    # the LoRA training op measured on its own: the same compiled steps through autograd's LoRA path
+    Case("ours-8b-lora-compile-autograd", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, fused_lora=False),
+    Case("ours-8b-lora-fp8-compile-autograd", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3,
+         seconds=90, fused_lora=False),
     # where the time goes in the fastest configurations (profiled after the warm-up, then timed as usual)
     Case("profile-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, profile=True),
     Case("profile-8b-lora-fp8-compile", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3, seconds=90,
@@ -159,7 +166,11 @@ COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "p
            ("ours-8b-p3-liger", "unsloth-8b-p3"), ("ours-8b-p3-fp8", "unsloth-8b-p3"),
            ("ours-8b-p3-liger", "peer-8b-p3"), ("ours-8b-p3-fp8", "peer-8b-p3"),
            ("ours-1b-full-kahan", "peer-1b-full-liger-off"), ("ours-1b-full-kahan-compile", "peer-1b-full-liger-off"),
-           ("ours-1b-full-kahan", "peer-1b-full-liger")]
+           ("ours-1b-full-kahan", "peer-1b-full-liger"), ("ours-8b-lora-compile", "ours-8b-lora-compile-autograd"),
+           ("ours-8b-lora-fp8-compile", "ours-8b-lora-fp8-compile-autograd"),
+           ("ours-8b-qlora-compile", "peer-8b-qlora-liger-off"),
+           ("ours-8b-qlora-fp8-compile", "peer-8b-qlora-liger-off"),
+           ("ours-8b-qlora-compile", "unsloth-8b-qlora"), ("ours-8b-qlora-fp8-compile", "unsloth-8b-qlora")]
 # cases measured again after all others (round 2, interleaved): each figure is the median with the range
 ROUND_TWO = ["peer-8b-lora-liger-off", "ours-8b-lora-liger", "ours-8b-lora-fp8", "ours-8b-lora-compile",
              "ours-8b-lora-fp8-compile", "unsloth-8b-lora"]
@@ -313,6 +324,10 @@ def build(case: Case, cfg: dict, device: torch.device):
     if case.impl == "unsloth":
         return build_unsloth(case, cfg, device)
     if case.impl == "ours":
+        if not case.fused_lora:
+            from tuneforge.methods.lora import LoRALinear
+
+            LoRALinear._fused_adapter = lambda self, x: None
         model = build_ours(cfg, case.method, device)
         if case.precision == "fp8":
             from tuneforge.methods.setup import to_fp8_base
