@@ -40,8 +40,7 @@ from tuneforge.quant.buffers import QuantizedBuffers
 from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
 from tuneforge.quant.fp8 import quantize_input, quantize_rows, scaled_matmul
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
-from tuneforge.quant.nf4_gpu import dequantize as dequantize_fast
-from tuneforge.quant.nf4_gpu import fp8_from_4bit
+from tuneforge.quant.nf4_gpu import dequantize, dequantize_eager, fp8_from_4bit, fp8_from_4bit_eager
 
 # nn.Linear subclasses of transformers whose forward is exactly ``x @ W.T + b`` (so a Linear4bit computes it).
 # Other subclasses may read their weight elsewhere (nn.MultiheadAttention's out_proj): they are left alone.
@@ -147,8 +146,8 @@ def _linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, ab
                  offset: torch.Tensor | None, bias: torch.Tensor | None, shape: list[int], blocksize: int,
                  quant_type: str) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W dequantized in x's dtype (one Triton kernel on a GPU) and let go."""
-    return F.linear(x, dequantize_fast(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type),
-                                       x.dtype), bias)
+    return F.linear(x, dequantize_eager(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type),
+                                        x.dtype), bias)
 
 
 @_linear_4bit.register_fake
@@ -169,7 +168,7 @@ def _setup_linear_4bit(ctx, inputs, output) -> None:
 
 def _linear_4bit_backward(ctx, grad: torch.Tensor):
     q = _weight(*ctx.saved_tensors, *ctx.layout)
-    grad_x = grad @ dequantize_fast(q, grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_x = grad @ dequantize(q, grad.dtype) if ctx.needs_input_grad[0] else None
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None  # an unfrozen bias
     return grad_x, None, None, None, None, grad_bias, None, None, None
 
@@ -183,7 +182,7 @@ def _linear_4bit_fp8(x: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tens
                      shape: list[int], blocksize: int, quant_type: str, out_dtype: torch.dtype) -> torch.Tensor:
     """``y = x Wᵀ`` in FP8: ``x`` given as its row-quantized codes (``x`` itself only carries the gradient), W's
     e4m3 codes and per-output-channel scales made from the 4-bit weight by one kernel, then ``_scaled_mm``."""
-    codes, scale = fp8_from_4bit(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
+    codes, scale = fp8_from_4bit_eager(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
     y = scaled_matmul(x_codes, x_scale, codes, scale, out_dtype)
     return y.view(*x.shape[:-1], shape[0])
 

@@ -161,12 +161,17 @@ def _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype=t
     return Quantized4bit(packed, absmax, torch.Size(shape), dtype, blocksize, quant_type, absmax2, offset)
 
 
+def dequantize_eager(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
+    """What the op ``tuneforge::dequantize_4bit`` runs (the kernel on a GPU, else the reference), for code that is
+    already inside an op: a call through the dispatcher costs tens of microseconds."""
+    return dequantize_4bit_triton(q, dtype) if use_fast_path(q) else dequantize_4bit(q, dtype)
+
+
 @torch.library.custom_op("tuneforge::dequantize_4bit", mutates_args=())
 def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                    offset: torch.Tensor | None, shape: list[int], blocksize: int, quant_type: str,
                    dtype: torch.dtype) -> torch.Tensor:
-    q = _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype)
-    return dequantize_4bit_triton(q, dtype) if use_fast_path(q) else dequantize_4bit(q, dtype)
+    return dequantize_eager(_pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype), dtype)
 
 
 @_dequantize_op.register_fake
@@ -207,11 +212,15 @@ def fp8_from_4bit_triton(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, (rowmax / E4M3_MAX).view(-1)
 
 
+def fp8_from_4bit_eager(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the op ``tuneforge::fp8_from_4bit`` runs, for code already inside an op (as ``dequantize_eager``)."""
+    return fp8_from_4bit_triton(q) if use_fast_path(q) else fp8_from_4bit_reference(q)
+
+
 @torch.library.custom_op("tuneforge::fp8_from_4bit", mutates_args=())
 def _fp8_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
             shape: list[int], blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type)
-    return fp8_from_4bit_triton(q) if use_fast_path(q) else fp8_from_4bit_reference(q)
+    return fp8_from_4bit_eager(_pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
 
 
 @_fp8_op.register_fake
