@@ -1,7 +1,9 @@
 """bf16 AdamW without lost updates: small updates kept (Kahan, stochastic rounding), exact resume, bytes per
-parameter, the config's refusals, and a full fine-tune through ``train``."""
+parameter, the config's refusals, a full fine-tune through ``train``, and the fused Triton kernel against the
+foreach reference (on a CUDA GPU, or on CPU tensors under Triton's interpreter: ``TRITON_INTERPRET=1``)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -20,15 +22,26 @@ from tuneforge.train.schedule import make_scheduler
 MODES = [("kahan", "fp32"), ("kahan", "bf16"), ("stochastic", "fp32"), ("stochastic", "bf16")]
 N, STEPS, LR, WD = 4096, 1000, 1e-4, 0.01
 
+CUDA = torch.cuda.is_available()
+needs_fused = pytest.mark.skipif(opt_module.triton is None or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+                                 reason="needs triton and a CUDA GPU (or TRITON_INTERPRET=1)")
+FUSED_DEVICE = "cuda" if CUDA else "cpu"  # Triton's interpreter runs the kernel on CPU tensors
 
-def drift_run(make, dtype, start):
+
+@pytest.fixture
+def fused(monkeypatch):
+    """BF16AdamW's fused kernel for every tensor (a CUDA tensor takes it anyway; the interpreter's are on the CPU)."""
+    monkeypatch.setattr(opt_module, "_fused_on", lambda t: True)
+
+
+def drift_run(make, dtype, start, device="cpu"):
     """STEPS AdamW steps with gradients of a steady sign: each update is ~LR, below bf16's half-ulp on [1, 2)."""
     torch.manual_seed(0)
-    p = torch.nn.Parameter(start.clone().to(dtype))
+    p = torch.nn.Parameter(start.clone().to(device, dtype))
     opt = make([p])
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
-        p.grad = (0.5 * torch.randn(N, generator=g) + 0.2).to(dtype)
+        p.grad = (0.5 * torch.randn(N, generator=g) + 0.2).to(device, dtype)
         opt.step()
     return p, opt
 
@@ -47,18 +60,21 @@ def test_plain_bf16_adamw_loses_updates_below_the_resolution(start_and_reference
     assert torch.equal(plain.detach().float(), start)  # plain bf16 AdamW: not one of them landed
 
 
+@pytest.mark.parametrize("kernel", ["foreach", pytest.param("fused", marks=needs_fused)])
 @pytest.mark.parametrize("rounding,state", MODES)
-def test_bf16_adamw_keeps_updates_below_the_resolution(start_and_reference, rounding, state):
+def test_bf16_adamw_keeps_updates_below_the_resolution(start_and_reference, request, kernel, rounding, state):
     start, ref = start_and_reference
+    if kernel == "fused":
+        request.getfixturevalue("fused")
     p, opt = drift_run(lambda ps: BF16AdamW(ps, lr=LR, weight_decay=WD, rounding=rounding, state_dtype=state),
-                       torch.bfloat16, start)
-    w = p.detach().float()
+                       torch.bfloat16, start, FUSED_DEVICE if kernel == "fused" else "cpu")
+    w = p.detach().float().cpu()
     assert p.dtype == torch.bfloat16
     drift, want = (w - start).mean(), (ref - start).mean()
     assert abs(drift - want) < 0.01 * abs(want)  # the accumulated drift of 1000 sub-resolution updates
     if rounding == "kahan":
         assert (w - ref).abs().max() <= 2 ** -7  # every weight within one bf16 ulp of fp32's
-        kept = w + opt.state[p]["compensation"].float()  # weight + compensation: ~16 mantissa bits
+        kept = w + opt.state[p]["compensation"].float().cpu()  # weight + compensation: ~16 mantissa bits
         # after 1000 steps: an eighth of an ulp (fp32 moments); bf16 moments add their rounding noise
         assert (kept - ref).abs().max() < (2 ** -10 if state == "fp32" else 2 ** -8)
 
@@ -286,3 +302,123 @@ def test_kahan_starts_from_the_loaded_fp32_weights():
         kept = p.float() + opt.state[p]["compensation"].float()
         torch.testing.assert_close(kept, loaded[name], atol=0, rtol=2 ** -16)
         assert not torch.equal(p.float(), loaded[name])
+
+
+# --- the fused kernel (CUDA, or TRITON_INTERPRET=1) -------------------------------------------------------------------
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 values around each of ``x``'s values (8 significant bits)."""
+    return torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 8)
+
+
+def rounding_steps(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps ``ours`` is above ``ref``: -1, 0 or 1 for two stochastic roundings of (nearly) the same
+    values, 0 on average when both are unbiased."""
+    ours, ref = ours.float().cpu().flatten(), ref.float().flatten()
+    # (1e-6: the floor of the fp32 math's own rounding, where a moment or weight cancels to near 0)
+    steps = (ours - ref) / bf16_ulp(torch.maximum(ours.abs(), ref.abs()).clamp_min(1e-6))
+    assert steps.abs().max() <= 1
+    return steps
+
+
+@needs_fused
+@pytest.mark.parametrize("rounding,state", MODES)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_fused_kernel_follows_the_foreach_reference(monkeypatch, rounding, state, wd):
+    """Step by step from the same weights and state (the CPU reference is given the kernel's state before each
+    step), on sizes that are no multiple of the kernel's block."""
+    torch.manual_seed(0)
+    shapes = [(37, 129), (4099,), (3,)]
+    our_params = [torch.nn.Parameter(torch.randn(s).bfloat16().to(FUSED_DEVICE)) for s in shapes]
+    ref_params = [torch.nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes]  # given ours each step
+    options = {"lr": 1e-3, "weight_decay": wd, "betas": (0.9, 0.99), "eps": 1e-6, "rounding": rounding,
+               "state_dtype": state}
+    ref, ours = BF16AdamW(ref_params, **options), BF16AdamW(our_params, **options)
+    steps = []
+    for _ in range(4):
+        with torch.no_grad():
+            for r, o in zip(ref_params, our_params, strict=True):
+                r.copy_(o)
+                for key, value in ours.state[o].items():
+                    ref.state[r][key].copy_(value)
+                r.grad = torch.randn(r.shape).bfloat16()
+                o.grad = r.grad.to(FUSED_DEVICE)
+        ref.step()
+        with monkeypatch.context() as patch:
+            patch.setattr(opt_module, "_fused_on", lambda t: True)
+            ours.step()
+        for r, o in zip(ref_params, our_params, strict=True):
+            mine, theirs = ours.state[o], ref.state[r]
+            assert float(mine["step"]) == float(theirs["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert mine[key].dtype == theirs[key].dtype
+                if state == "fp32":
+                    torch.testing.assert_close(mine[key].cpu(), theirs[key], msg=key)
+                else:
+                    steps.append(rounding_steps(mine[key], theirs[key]))
+            if rounding == "stochastic":
+                steps.append(rounding_steps(o.detach(), r.detach()))
+                continue
+            w, w_ref = o.detach().float().cpu(), r.detach().float()
+            ulp = bf16_ulp(w_ref)
+            assert ((w - w_ref).abs() <= ulp).all()  # at most a neighbour, where the two round a tie differently
+            assert (w == w_ref).float().mean() > 0.99
+            kept = w + mine["compensation"].float().cpu()
+            kept_ref = w_ref + theirs["compensation"].float()
+            # weight + compensation: the same, but where fp32 rounding took the compensation (at most half the
+            # weight's ulp) to a neighbouring bf16
+            assert (kept == kept_ref).float().mean() > 0.99
+            assert ((kept - kept_ref).abs() <= ulp * 2 ** -8).all()
+    if steps:  # ~35,000 roundings: a one-sided rounding (e.g. truncation) would give about 0.5
+        assert abs(torch.cat(steps).mean()) < 0.02
+
+
+@needs_fused
+@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
+def test_fused_rounding_of_a_known_update(fused, rounding):
+    """Weight decay alone takes 1.0 to 1 - 2^-10, a quarter of the way to its lower bf16 neighbour 1 - 2^-8:
+    Kahan keeps 1.0 and the exact remainder, stochastic rounding goes down a quarter of the time. bf16 moments
+    decaying by the same factor round down a quarter of the time too, independently of each other."""
+    torch.manual_seed(0)
+    n, f = 200_003, 2 ** -10
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device=FUSED_DEVICE))
+    opt = BF16AdamW([p], lr=f, weight_decay=1.0, rounding=rounding, state_dtype="bf16")
+    p.grad = torch.zeros_like(p)  # m and v stay 0: the update is weight decay alone
+    opt.step()
+    w = p.detach().float().cpu()
+    if rounding == "kahan":
+        assert torch.equal(w, torch.ones(n))
+        assert torch.equal(opt.state[p]["compensation"].float().cpu(), torch.full((n,), -f))
+    else:
+        assert set(w.unique().tolist()) == {1 - 2 ** -8, 1.0}
+        assert abs(w.mean().item() - (1 - f)) < 2e-5
+
+    q = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device=FUSED_DEVICE))
+    opt = BF16AdamW([q], lr=0.0, betas=(1 - f, 1 - f), rounding=rounding, state_dtype="bf16")
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[q][key].fill_(1.0)
+    q.grad = torch.zeros_like(q)
+    opt.step()
+    assert torch.equal(q.detach().float().cpu(), torch.ones(n))  # lr 0: the weight stays
+    down = []
+    for key in ("exp_avg", "exp_avg_sq"):  # m·(1 - f) + 0 and v·(1 - f) + 0
+        value = opt.state[q][key].float().cpu()
+        assert set(value.unique().tolist()) == {1 - 2 ** -8, 1.0}
+        assert abs(value.mean().item() - (1 - f)) < 2e-5
+        down.append(value < 1)
+    assert abs((down[0] & down[1]).float().mean().item() - 1 / 16) < 0.005  # independent draws
+
+
+@needs_fused
+def test_fused_stochastic_rounding_is_reproducible_under_manual_seed(fused):
+    def run():
+        torch.manual_seed(3)
+        p = torch.nn.Parameter(torch.ones(5000, dtype=torch.bfloat16, device=FUSED_DEVICE))
+        opt = BF16AdamW([p], lr=1e-3, rounding="stochastic", state_dtype="bf16")
+        for _ in range(3):
+            p.grad = torch.randn(5000).bfloat16().to(FUSED_DEVICE)
+            opt.step()
+        return p.detach().cpu(), opt.state[p]["exp_avg_sq"].cpu()
+
+    first, second = run(), run()
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
