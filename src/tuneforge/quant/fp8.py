@@ -17,6 +17,9 @@ Measured on an H200 (8B shapes, LoRA r=16, 4×2048 tokens): 14.1k tokens/s with 
 15.8k with this base; with compiled decoder layers (``train.compile``, which fuses the quantization into the
 kernels around the GEMMs) 15.6k against 19.8k (benchmarks/results/speed_fp8_unsloth_h200.md).
 
+With ``method.name: qlora`` the base stays 4-bit and each GEMM gets its e4m3 codes from the 4-bit weight on the fly
+(``Linear4bit.fp8``, ``nf4_gpu.fp8_from_4bit``), with this module's row quantization and ``scaled_matmul``.
+
 On a machine without FP8 matrix units (CUDA compute capability < 8.9) or on the CPU, ``check_fp8_device`` refuses.
 The CPU path here (dequantize, then matmul in fp32) computes the same function slowly: tests use it as the reference.
 """
