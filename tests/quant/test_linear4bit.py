@@ -240,6 +240,32 @@ def test_a_compiled_lora_layer_on_a_4bit_base_is_one_graph_and_computes_the_same
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_qlora_decoder_layer_compiles_as_one_graph(fp8):
+    # train.compile compiles each decoder layer: a graph break at every 4-bit linear would undo most of its gain
+    from conftest import build_tiny_model
+    from tuneforge.config import MethodConfig
+    from tuneforge.methods.lora import lora_layers
+    from tuneforge.methods.setup import prepare_model
+
+    model = build_tiny_model(128, layers=1)
+    prepare_model(model, MethodConfig(name="qlora", lora={"dropout": 0.0}))
+    for layer in lora_layers(model).values():
+        layer.base_layer.fp8 = fp8
+        nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for compiled in (False, True):
+        if compiled:
+            model.model.layers[0].compile(backend="aot_eager", fullgraph=True)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(*runs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_fp8_compute_is_the_fp8_matmul_of_the_row_quantized_weight():
     from tuneforge.quant.fp8 import quantize_rows_reference
 
