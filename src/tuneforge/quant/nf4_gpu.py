@@ -79,7 +79,7 @@ if triton is not None:
         tl.store(out_ptr + index, out, mask=index < n_out)
 
     @triton.jit
-    def _row_max_kernel(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, blocks_per_row,
+    def _dequant_row_max_kernel(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, blocks_per_row,
                         NESTED: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
         # one program per row: the largest |block scale| of the row's blocks, decoded as _dequant_kernel does
         row = tl.program_id(0).to(tl.int64)
@@ -96,7 +96,7 @@ if triton is not None:
         tl.store(out_ptr + row, tl.maximum(amax, 1e-12))
 
     @triton.jit
-    def _fp8_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, mult_ptr, out_ptr,
+    def _dequant_fp8_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, mult_ptr, out_ptr,
                     n_out, cols, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
                     BYTES: tl.constexpr):
         # _dequant_kernel's values, times 448 / rowmax (mult_ptr, per row: a byte never straddles two rows)
@@ -201,12 +201,12 @@ def fp8_from_4bit_triton(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
     rowmax = torch.empty((rows, 1), dtype=torch.float32, device=device)
     codes = torch.empty((rows, cols), dtype=FP8, device=device)
     blocks_per_row = cols // q.blocksize
-    _row_max_kernel[(rows,)](q.absmax, absmax2, offset, dmap, rowmax, blocks_per_row, NESTED=NESTED_BLOCKSIZE,
+    _dequant_row_max_kernel[(rows,)](q.absmax, absmax2, offset, dmap, rowmax, blocks_per_row, NESTED=NESTED_BLOCKSIZE,
                              DOUBLE=q.double_quant, BLOCK=max(16, triton.next_power_of_2(blocks_per_row)),
                              enable_fp_fusion=False)
     mult = E4M3_MAX / rowmax  # quantize_rows_reference's expression, so its rounding
     grid = (triton.cdiv(rows * cols // 2, BYTES_PER_PROGRAM),)
-    _fp8_kernel[grid](q.packed, q.absmax, absmax2, offset, dmap, values, mult, codes, rows * cols, cols,
+    _dequant_fp8_kernel[grid](q.packed, q.absmax, absmax2, offset, dmap, values, mult, codes, rows * cols, cols,
                       BLOCKSIZE=q.blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE=q.double_quant, BYTES=BYTES_PER_PROGRAM,
                       enable_fp_fusion=False)
     return codes, (rowmax / E4M3_MAX).view(-1)
