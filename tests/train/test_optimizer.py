@@ -323,7 +323,7 @@ def rounding_steps(ours: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 @needs_fused
 @pytest.mark.parametrize("rounding,state", MODES)
-@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("wd", [0.0, 1.0])  # lr·wd = 1e-3: an eighth to a quarter of an ulp
 def test_fused_kernel_follows_the_foreach_reference(monkeypatch, rounding, state, wd):
     """Step by step from the same weights and state (the CPU reference is given the kernel's state before each
     step), on sizes that are no multiple of the kernel's block."""

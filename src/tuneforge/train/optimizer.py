@@ -16,13 +16,14 @@ per-step change (1 - β2 = 0.001 relative) is below bf16's resolution and round-
 Where the update runs:
 
 - CUDA tensors, with Triton installed: one fused kernel launch per parameter (:func:`_fused_update`) reads the
-  weight, gradient, moments and compensation once, does the math in fp32 registers and writes them once: 14 to
-  26 bytes per parameter by mode, where the same update as separate tensor ops
-  moves about five times as much; the optimizer step is memory-bound, so this is its speed.
+  weight, gradient, moments and compensation once, does the math in fp32 registers and writes them once (14 to 26
+  bytes per parameter by mode). The step is memory-bound, and the same update as ~15 separate tensor ops with fp32
+  temporaries moves about five times as many bytes.
 - Everywhere else (the CPU, a GPU without Triton): ``torch._foreach`` ops over lists of tensors, on slices of at
   most :data:`CHUNK` values at a time so the fp32 temporaries stay small. This is the reference the kernel is
-  tested against: same formula, same operation order, so the two agree to fp32 rounding (and the random draws of
-  stochastic rounding, which come from Philox in the kernel, torch's generator here).
+  tested against (on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1``): same formula in the same order, so
+  the two agree to fp32 rounding; stochastic rounding draws from Philox in the kernel (seeded from torch's CPU
+  generator), from torch's generator here.
 
 Under FSDP2 the parameters are DTensors: the update reads and writes each process's local shard, and the state
 tensors are DTensors of the same layout, so checkpoints gather and re-shard them like torch's AdamW moments.
