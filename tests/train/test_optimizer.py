@@ -130,9 +130,9 @@ def test_work_is_split_into_chunks_the_same_way(monkeypatch):
         assert torch.equal(a, b)
 
 
-def tiny_net():
+def tiny_net(device="cpu"):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
     to_bf16_weights(net)
     return net
 
@@ -140,7 +140,7 @@ def tiny_net():
 def train_steps(net, opt, sched, first, last):
     for step in range(first, last):
         g = torch.Generator().manual_seed(step)
-        x = torch.randn(8, 16, generator=g).bfloat16()
+        x = torch.randn(8, 16, generator=g).bfloat16().to(net[0].weight.device)
         loss = net(x).float().pow(2).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(net.parameters()), 0.5)
@@ -149,10 +149,14 @@ def train_steps(net, opt, sched, first, last):
         opt.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("kernel", ["foreach", pytest.param("fused", marks=needs_fused)])
 @pytest.mark.parametrize("rounding,state", MODES)
-def test_resume_from_a_checkpoint_is_exact(tmp_path, rounding, state):
+def test_resume_from_a_checkpoint_is_exact(tmp_path, request, kernel, rounding, state):
+    if kernel == "fused":  # its random draws are seeded from torch's CPU generator, saved with the checkpoint
+        request.getfixturevalue("fused")
+
     def fresh():
-        net = tiny_net()
+        net = tiny_net(FUSED_DEVICE if kernel == "fused" else "cpu")
         opt = BF16AdamW(list(net.parameters()), lr=3e-3, weight_decay=0.1, rounding=rounding, state_dtype=state)
         return net, opt, make_scheduler(opt, 8, 2, "cosine", 0.1)
 
