@@ -140,7 +140,8 @@ def test_a_qlora_run_with_an_fp8_base_is_refused_on_the_cpu_before_it_trains(tin
     run = tmp_path / "run"
     config = load_config(None, [f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]", f"output_dir={run}",
                                 "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=2", "train.threads=1",
-                                "train.max_steps=1", "method.name=qlora", "method.lora.base_precision=fp8"])
+                                "train.max_steps=1", "method.name=qlora", "method.lora.base_precision=fp8",
+                                "train.device=cpu"])
     with pytest.raises(ConfigError, match="method.lora.base_precision=fp8 needs a CUDA GPU .* Set "
                                           "method.lora.base_precision=bf16"):
         train(config, quiet=True)

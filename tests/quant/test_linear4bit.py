@@ -211,15 +211,15 @@ def lora_on_4bit(fp8: bool, bias: bool = True, seed: int = 0, device: str = "cpu
     """A LoRA layer (B nonzero) on a 4-bit 128 -> 64 base, and an input that needs a gradient."""
     from tuneforge.methods.lora import LoRALinear
 
-    torch.manual_seed(seed)
-    base = Linear4bit.from_linear(nn.Linear(128, 64, bias=bias).to(device), compute_dtype=compute_dtype)
+    torch.manual_seed(seed)  # everything drawn on the CPU, then moved: the same layer and input on any device
+    base = Linear4bit.from_linear(nn.Linear(128, 64, bias=bias), compute_dtype=compute_dtype)
     base.fp8 = fp8
     layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.1)
         if bias:
             base.bias.normal_()
-    return layer, torch.randn(2, 7, 128, device=device, requires_grad=True)
+    return layer.to(device), torch.randn(2, 7, 128).to(device).requires_grad_(True)
 
 
 def forward_and_grads(module: nn.Module, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:

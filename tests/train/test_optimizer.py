@@ -269,7 +269,7 @@ def test_fsdp2_two_processes_train_checkpoint_and_resume(tiny_model_dir, alpaca_
         return [f"model={tiny_model_dir}", f"data.train=[{alpaca_file}]", f"output_dir={tmp_path / name}",
                 "data.max_seq_len=64", "data.val_fraction=0", "train.batch_size=4", "train.threads=1",
                 "method.name=full", "train.lr=1e-3", "train.max_steps=4", "train.save_every=2",
-                "train.weights=bf16_kahan"]
+                "train.weights=bf16_kahan", "train.device=cpu"]  # gloo on the CPU, GPUs or not
 
     one = [m["loss"] for m in train(load_config(overrides=overrides("one")), quiet=True).metrics]
     copy_checkpoint(tmp_path / "one", tmp_path / "resumed")

@@ -30,6 +30,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from tuneforge.errors import ConfigError
 
@@ -112,9 +113,10 @@ def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None) -> tup
     """:func:`quantize_rows_reference` for a 2-D tensor; one fused Triton kernel on a GPU (one read of ``x``).
 
     Under ``torch.compile`` the reference ops are traced instead: Inductor fuses them into one kernel with what
-    produced ``x`` and computes a shared input's codes once.
+    produced ``x`` and computes a shared input's codes once. That includes the backward of a custom op, which
+    AOTAutograd traces with fake tensors outside Dynamo (``is_compiling`` is then False).
     """
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or is_fake(x):
         return quantize_rows_reference(x, col_scale)
     if not _QUANTIZE:
         _QUANTIZE.append(_triton_quantizer())
