@@ -565,17 +565,14 @@ class LoRALinear(nn.Module):
 
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter whose training forward runs as one op with the base (:func:`lora_ops.lora_forward`): the
-        only active one, plain LoRA on a frozen ``nn.Linear`` in the compute dtype or on an FP8 base; else None."""
+        only active one, plain LoRA (no DoRA, no lora_bias) on a base the ops take; else None."""
         if self.disabled or self.row_groups is not None or len(self.active_adapters) != 1 \
                 or not torch.is_grad_enabled():
             return None
         name = self.active_adapters[0]
-        base = self.base_layer
-        if (name in self.merged_adapters or name in self.lora_magnitude_vector or self.lora_B[name].bias is not None
-                or not isinstance(base, Linear8) and (type(base) is not nn.Linear or base.weight.requires_grad
-                                                      or base.weight.dtype != lora_ops.compute_dtype(x))):
+        if name in self.merged_adapters or name in self.lora_magnitude_vector or self.lora_B[name].bias is not None:
             return None
-        return name
+        return name if lora_ops.fusable(self.base_layer, x) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (name := self._fused_adapter(x)) is not None:
