@@ -5,6 +5,7 @@
 #   bash benchmarks/device_speed.sh 3        # FP8 quality (random 8B, 200 steps); P3 cases
 #   bash benchmarks/device_speed.sh 4        # `tuneforge train` on a random 8B folder (bf16; FP8 + compile); Unsloth P3
 #   bash benchmarks/device_speed.sh 5 CASES  # the GPU tests of the speed work, then speed_gpu.py on CASES
+#   bash benchmarks/device_speed.sh 6 CASES  # the GPU tests that failed or are new since phase 5, then CASES
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -33,6 +34,13 @@ case "$1" in
     python3 -m pytest -q -p no:cacheprovider tests/methods/test_lora_ops.py tests/quant tests/train/test_loss.py \
       tests/train/test_optimizer.py tests/train/test_kernels.py 2>&1 | tee "$OUT/tests.log" | tail -15
     speed --budget 470 --cases "$2"
+    ;;
+  6)
+    python3 -m pytest -q -p no:cacheprovider tests/methods/test_lora_ops.py tests/quant/test_linear4bit.py \
+      tests/quant/test_fp8.py tests/train/test_optimizer.py tests/train/test_loss.py -k "gpu or cuda or fused or \
+      fsdp or compiled or inductor or qlora" tests/quant/test_nf4.py::test_nf4_codes_and_scales_equal_bitsandbytes \
+      2>&1 | tee "$OUT/tests.log" | tail -15
+    speed --budget 480 --cases "$2"
     ;;
   4)
     bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -40
