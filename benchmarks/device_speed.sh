@@ -38,7 +38,7 @@ case "$1" in
   6)
     python3 -m pytest -q -p no:cacheprovider tests/methods/test_lora_ops.py tests/quant/test_linear4bit.py \
       tests/quant/test_fp8.py tests/train/test_optimizer.py tests/train/test_loss.py -k "gpu or cuda or fused or \
-      fsdp or compiled or inductor or qlora" tests/quant/test_nf4.py::test_nf4_codes_and_scales_equal_bitsandbytes \
+      fsdp or compiled or inductor or qlora or bitsandbytes" tests/quant/test_nf4.py::test_nf4_codes_and_scales_equal_bitsandbytes \
       2>&1 | tee "$OUT/tests.log" | tail -15
     speed --budget 480 --cases "$2"
     ;;
