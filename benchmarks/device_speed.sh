@@ -40,7 +40,7 @@ case "$1" in
       tests/quant/test_fp8.py tests/train/test_optimizer.py tests/train/test_loss.py -k "gpu or cuda or fused or \
       fsdp or compiled or inductor or qlora or bitsandbytes" tests/quant/test_nf4.py::test_nf4_codes_and_scales_equal_bitsandbytes \
       2>&1 | tee "$OUT/tests.log" | tail -15
-    speed --budget 480 --cases "$2"
+    speed --budget 450 --cases "$2"
     ;;
   4)
     bash benchmarks/train_8b.sh "$OUT" "${2:-30}" 2>&1 | tee -a "$OUT/session.log" | grep -v "^\[\|it/s\]" | tail -40
