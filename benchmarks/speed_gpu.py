@@ -132,6 +132,8 @@ CASES = [
     Case("ours-8b-lora-compile-autograd", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, fused_lora=False),
     Case("ours-8b-lora-fp8-compile-autograd", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3,
          seconds=90, fused_lora=False),
+    Case("ours-8b-qlora-fp8-compile-autograd", "ours", "llama-3-8b", method="qlora", precision="fp8", compile=True,
+         warmup=3, seconds=90, fused_lora=False),
     # where the time goes in the fastest configurations (profiled after the warm-up, then timed as usual)
     Case("profile-8b-lora-compile", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, profile=True),
     Case("profile-8b-lora-fp8-compile", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3, seconds=90,
@@ -168,6 +170,7 @@ COMPARE = [("ours-8b-lora-liger", "peer-8b-lora-liger-off"), ("ours-8b-lora", "p
            ("ours-1b-full-kahan", "peer-1b-full-liger-off"), ("ours-1b-full-kahan-compile", "peer-1b-full-liger-off"),
            ("ours-1b-full-kahan", "peer-1b-full-liger"), ("ours-8b-lora-compile", "ours-8b-lora-compile-autograd"),
            ("ours-8b-lora-fp8-compile", "ours-8b-lora-fp8-compile-autograd"),
+           ("ours-8b-qlora-fp8-compile", "ours-8b-qlora-fp8-compile-autograd"),
            ("ours-8b-qlora-compile", "peer-8b-qlora-liger-off"),
            ("ours-8b-qlora-fp8-compile", "peer-8b-qlora-liger-off"),
            ("ours-8b-qlora-compile", "unsloth-8b-qlora"), ("ours-8b-qlora-fp8-compile", "unsloth-8b-qlora")]
