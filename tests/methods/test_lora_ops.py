@@ -7,9 +7,8 @@ from torch import nn
 
 from tuneforge.methods import lora_ops
 from tuneforge.methods.lora import LoRALinear
-from tuneforge.quant.fp8 import Linear8, quantize_rows_reference
+from tuneforge.quant.fp8 import Linear8
 from tuneforge.quant.linear4bit import Linear4bit
-from tuneforge.quant.nf4 import quantize_4bit
 
 
 def _layer(bias: bool = False, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> LoRALinear:
@@ -78,18 +77,7 @@ def test_ops_pass_torch_opcheck():
     for x_drop, bias in ((None, None), (torch.randn(6, 8), torch.randn(10))):
         args = (x.requires_grad_(), x_drop, w, bias, a.requires_grad_(), b.requires_grad_())
         torch.library.opcheck(lora_ops.lora_linear, args)
-        codes, scale = quantize_rows_reference(x.detach())
-        w_codes, w_scale = quantize_rows_reference(w)
-        args = (x, codes, scale, x_drop, w_codes, w_scale.view(-1), bias, a, b)
-        # (test_schema compares values with ops float8 lacks on the CPU)
-        torch.library.opcheck(lora_ops.lora_linear_fp8, args, test_utils=(
-            "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
-        q = quantize_4bit(w, 64, "nf4", True)
-        weight = (q.packed, q.absmax, q.absmax2, q.offset, list(q.shape), q.blocksize, q.quant_type)
-        for x_codes, x_scale in ((None, None), (codes, scale)):
-            args = (x, x_codes, x_scale, x_drop, *weight, bias, a, b)
-            torch.library.opcheck(lora_ops.lora_linear_4bit, args, test_utils=(
-                "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
 
 
 def test_compiled_layer_has_no_graph_break():
@@ -102,39 +90,15 @@ def test_compiled_layer_has_no_graph_break():
     assert layer.lora_A["default"].weight.grad is not None and x.grad is not None
 
 
-def _as_base(kind: str, linear: nn.Linear) -> nn.Module:
-    if kind == "dense":
-        return linear
+@pytest.mark.parametrize("kind", ["fp8", "4bit", "4bit-fp8"])
+def test_fp8_and_4bit_bases_keep_the_autograd_path(kind, monkeypatch):
+    """Measured slower through an in-place op on the H200 (docs/gpu-speed.md): these bases train through autograd."""
+    layer = _layer(bias=True)
     if kind == "fp8":
-        return Linear8.from_linear(linear, out_dtype=torch.float32)
-    base = Linear4bit.from_linear(linear)
-    base.fp8 = kind == "4bit-fp8"
-    return base
-
-
-@pytest.mark.parametrize("kind", ["dense", "fp8", "4bit", "4bit-fp8"])
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_every_base_kind_fused_equals_the_autograd_path(kind, dropout, monkeypatch):
-    """Each op (the CPU emulates _scaled_mm) gives the outputs and gradients of the base + the autograd LoRA term."""
-    layer = _layer(bias=True, dropout=dropout)
-    layer.base_layer = _as_base(kind, layer.base_layer)
-    x = torch.randn(2, 7, 24)
-    calls = []
-    monkeypatch.setattr(lora_ops, "lora_forward", lambda *a: calls.append(1) or real_forward(*a))
-
-    def run():
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(3)
-        out = layer(xi)
-        return out, _grads(layer, xi, out)
-
-    fused, fused_grads = run()
-    assert calls, "the training forward did not take the fused op"
-    monkeypatch.setattr(LoRALinear, "_fused_adapter", lambda self, x: None)
-    plain, plain_grads = run()
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    for got, want in zip(fused_grads, plain_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-real_forward = lora_ops.lora_forward
+        layer.base_layer = Linear8.from_linear(layer.base_layer, out_dtype=torch.float32)
+    else:
+        layer.base_layer = Linear4bit.from_linear(layer.base_layer)
+        layer.base_layer.fp8 = kind == "4bit-fp8"
+    monkeypatch.setattr(lora_ops, "lora_forward", lambda *a: pytest.fail("took the dense op"))
+    layer(torch.randn(3, 24, requires_grad=True)).sum().backward()
+    assert layer.lora_B["default"].weight.grad is not None
