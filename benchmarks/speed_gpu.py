@@ -500,7 +500,9 @@ def profile(step, batches: list[dict], device: torch.device) -> dict:
     families: dict[str, float] = {}
     kernels = []
     for e in prof.key_averages():
-        if e.device_type != DeviceType.CUDA:  # kernels only: the ops that launched them would count twice
+        # kernels only: the ops that launched them, and the annotated ranges around them (a compiled graph's call,
+        # optimizer.step: "## ... ##", "Optimizer.step#..."), would count their time twice
+        if e.device_type != DeviceType.CUDA or "#" in e.key:
             continue
         t = e.self_device_time_total
         kernels.append((e.key, t / 1e3 / 2))
