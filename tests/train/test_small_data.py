@@ -63,6 +63,8 @@ def test_summary_says_4_bit_base_and_processes():
     qlora = load_config(None, ["method.name=qlora"])
     assert base_weights_text(qlora) == "4-bit nf4 (double quant), quantized on load"
     assert base_weights_text(load_config(None, [])) == "as loaded"
+    fp8 = load_config(None, ["method.name=qlora", "method.lora.base_precision=fp8"])
+    assert base_weights_text(fp8).endswith("quantized on load, FP8 compute (e4m3 codes made per GEMM)")
     r = TrainResult(run_dir="r", steps=1, final_loss=1.0, val_loss=None, trained_tokens=1, seconds=1.0,
                     trainable=1, total=2, output="o", base_weights=base_weights_text(qlora), processes=2)
     table = summary_table(r)

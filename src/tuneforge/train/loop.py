@@ -589,7 +589,8 @@ def base_weights_text(config: RunConfig) -> str:
     if config.method.name != "qlora":
         return "as loaded"
     q = config.method.quant
-    return f"4-bit {q.quant_type}" + (" (double quant)" if q.double_quant else "") + ", quantized on load"
+    fp8 = ", FP8 compute (e4m3 codes made per GEMM)" if config.method.lora.base_precision == "fp8" else ""
+    return f"4-bit {q.quant_type}" + (" (double quant)" if q.double_quant else "") + f", quantized on load{fp8}"
 
 
 def summary_table(r: TrainResult) -> str:
