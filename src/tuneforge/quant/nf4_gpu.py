@@ -58,64 +58,64 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, out_ptr,
-                        n_out, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
-                        BYTES: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        byte = pid * BYTES + tl.arange(0, BYTES)
-        valid = byte * 2 < n_out
-        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)
-        block = byte // (BLOCKSIZE // 2)
-        if DOUBLE:
-            absmax_code = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-            scale = tl.load(code_ptr + absmax_code) * tl.load(absmax2_ptr + block // NESTED, mask=valid, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
-        high = tl.load(values_ptr + (packed >> 4)) * scale  # the first value of a byte is its high nibble
-        low = tl.load(values_ptr + (packed & 15)) * scale
-        out = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
-        index = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
-        tl.store(out_ptr + index, out, mask=index < n_out)
-
-    @triton.jit
-    def _dequant_row_max_kernel(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, blocks_per_row,
-                        NESTED: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per row: the largest |block scale| of the row's blocks, decoded as _dequant_kernel does
-        row = tl.program_id(0).to(tl.int64)
-        i = tl.arange(0, BLOCK)
-        mask = i < blocks_per_row
-        block = row * blocks_per_row + i
+    def _block_scale(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, block, mask, NESTED: tl.constexpr,
+                     DOUBLE: tl.constexpr):
+        # a block's scale: its fp32 absmax, or (double quant) its 8-bit code decoded with the nested scale and offset
         if DOUBLE:
             absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
             scale = tl.load(code_ptr + absmax_code) * tl.load(absmax2_ptr + block // NESTED, mask=mask, other=0.0)
             scale = scale + tl.load(offset_ptr)
         else:
             scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        return scale
+
+    @triton.jit
+    def _decode(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, pid, n_out,
+                BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr, BYTES: tl.constexpr):
+        # program pid's BYTES packed bytes as (high, low) values times their block scale, in fp32, and the bytes
+        byte = pid * BYTES + tl.arange(0, BYTES)
+        valid = byte * 2 < n_out
+        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)
+        scale = _block_scale(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, byte // (BLOCKSIZE // 2), valid, NESTED,
+                             DOUBLE)
+        high = tl.load(values_ptr + (packed >> 4)) * scale  # the first value of a byte is its high nibble
+        low = tl.load(values_ptr + (packed & 15)) * scale
+        return high, low, byte, valid
+
+    @triton.jit
+    def _dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, out_ptr,
+                        n_out, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+                        BYTES: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        high, low, _, _ = _decode(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, pid, n_out,
+                                  BLOCKSIZE, NESTED, DOUBLE, BYTES)
+        out = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
+        index = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + index, out, mask=index < n_out)
+
+    @triton.jit
+    def _dequant_row_max_kernel(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr, blocks_per_row,
+                                NESTED: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row: the largest |block scale| of the row's blocks
+        row = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK)
+        mask = i < blocks_per_row
+        scale = _block_scale(absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, row * blocks_per_row + i, mask, NESTED,
+                             DOUBLE)
         amax = tl.max(tl.where(mask, tl.abs(scale), 0.0), axis=0)
         tl.store(out_ptr + row, tl.maximum(amax, 1e-12))
 
     @triton.jit
     def _dequant_fp8_kernel(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, mult_ptr, out_ptr,
-                    n_out, cols, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
-                    BYTES: tl.constexpr):
+                            n_out, cols, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE: tl.constexpr,
+                            BYTES: tl.constexpr):
         # _dequant_kernel's values, times 448 / rowmax (mult_ptr, per row: a byte never straddles two rows)
         pid = tl.program_id(0).to(tl.int64)
-        byte = pid * BYTES + tl.arange(0, BYTES)
-        valid = byte * 2 < n_out
-        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)
-        block = byte // (BLOCKSIZE // 2)
-        if DOUBLE:
-            absmax_code = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-            scale = tl.load(code_ptr + absmax_code) * tl.load(absmax2_ptr + block // NESTED, mask=valid, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+        high, low, byte, valid = _decode(packed_ptr, absmax_ptr, absmax2_ptr, offset_ptr, code_ptr, values_ptr, pid,
+                                         n_out, BLOCKSIZE, NESTED, DOUBLE, BYTES)
         mult = tl.load(mult_ptr + (byte * 2) // cols, mask=valid, other=0.0)
         # (value · scale) · mult: the reference's two roundings, in its order
-        high = tl.load(values_ptr + (packed >> 4)) * scale * mult
-        low = tl.load(values_ptr + (packed & 15)) * scale * mult
-        out = tl.minimum(tl.maximum(tl.interleave(high, low), -448.0), 448.0)
+        out = tl.minimum(tl.maximum(tl.interleave(high * mult, low * mult), -448.0), 448.0)
         index = pid * (2 * BYTES) + tl.arange(0, 2 * BYTES)
         tl.store(out_ptr + index, out.to(tl.float8e4nv), mask=index < n_out)
 
