@@ -121,6 +121,22 @@ def test_shared_input_is_quantized_once_and_requantized_after_an_inplace_change(
     torch.testing.assert_close(again[0], 2 * first[0], rtol=1e-5, atol=1e-6)
 
 
+def test_fp8_layers_run_under_inference_mode():
+    """Inference tensors carry no version counter: an input is quantized per layer there, same results."""
+    layers = [Linear8.from_linear(layer_and_input(s)[0], out_dtype=torch.float32) for s in (6, 7)]
+    x = torch.randn(5, 64)
+    want = [m(x) for m in layers]
+    with torch.inference_mode():
+        got = [m(x) for m in layers]
+        x_inf = x.clone()  # an inference tensor, changed in place between calls
+        before = layers[0](x_inf)
+        x_inf.mul_(2)
+        after = layers[0](x_inf)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-6)
+
+
 def test_fp8_base_is_refused_on_the_cpu_for_full_training_and_with_dora():
     with pytest.raises(ConfigError, match="base_precision"):
         check_fp8_device(torch.device("cpu"))
