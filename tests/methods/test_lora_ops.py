@@ -34,10 +34,16 @@ def _grads(layer: LoRALinear, x: torch.Tensor, out: torch.Tensor) -> list[torch.
     return torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), [x, *params])
 
 
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """One entry per call of the fused op."""
+    seen: list = []
+    monkeypatch.setattr(lora_ops, "lora_linear", lambda *a: seen.append(1) or torch.ops.tuneforge.lora_linear(*a))
+    return seen
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_training_forward_and_gradients_equal_the_formula(bias, monkeypatch):
-    calls = []
-    monkeypatch.setattr(lora_ops, "lora_linear", lambda *a: calls.append(1) or torch.ops.tuneforge.lora_linear(*a))
+def test_fused_training_forward_and_gradients_equal_the_formula(bias, calls):
     layer = _layer(bias=bias)
     x = torch.randn(2, 5, 24, requires_grad=True)
     out = layer(x)
@@ -48,11 +54,15 @@ def test_fused_training_forward_and_gradients_equal_the_formula(bias, monkeypatc
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_path_keeps_dropout_on_the_adapter_input_only():
+def test_fused_path_keeps_dropout_on_the_adapter_input_only(calls):
     layer = _layer(dropout=0.5)
     x = torch.randn(6, 24, requires_grad=True)
     torch.manual_seed(1)
-    out = layer(x)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert calls
+    assert all(t.data_ptr() != x.data_ptr() for t in saved), "x is kept though only its dropped-out copy is read"
     torch.manual_seed(1)
     mask = F.dropout(torch.ones(6, 24), 0.5, training=True)  # the same draws as the layer's dropout
     ref = _reference(layer, x, mask)
@@ -61,13 +71,15 @@ def test_fused_path_keeps_dropout_on_the_adapter_input_only():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_bf16_base_under_autocast_matches_the_unfused_path():
+def test_bf16_base_under_autocast_matches_the_unfused_path(calls):
     layer = _layer(dtype=torch.bfloat16)
     x = torch.randn(8, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = layer(x.clone().requires_grad_())
+        assert len(calls) == 1
         with torch.no_grad():  # no grad: the autograd path (_add_lora)
             plain = layer(x)
+        assert len(calls) == 1
     assert fused.dtype == plain.dtype == torch.bfloat16
     torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
 
@@ -102,3 +114,33 @@ def test_fp8_and_4bit_bases_keep_the_autograd_path(kind, monkeypatch):
     monkeypatch.setattr(lora_ops, "lora_forward", lambda *a: pytest.fail("took the dense op"))
     layer(torch.randn(3, 24, requires_grad=True)).sum().backward()
     assert layer.lora_B["default"].weight.grad is not None
+
+
+def test_an_input_without_gradient_gets_none_and_the_adapters_still_train(calls):
+    layer = _layer()
+    out = layer(torch.randn(4, 24))  # e.g. layer 0's q/k/v input under frozen embeddings
+    out.sum().backward()
+    assert calls and layer.lora_A["default"].weight.grad is not None
+    assert layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["two adapters", "dora", "lora_bias", "merged", "disabled", "no_grad"])
+def test_cases_the_op_does_not_cover_take_the_autograd_path(case, calls):
+    layer = _layer()
+    if case == "two adapters":
+        layer.add_adapter("other", r=2, alpha=4)
+        layer.active_adapters = ["default", "other"]
+    elif case in ("dora", "lora_bias"):
+        layer.add_adapter("other", r=2, alpha=4, use_dora=case == "dora", lora_bias=case == "lora_bias")
+        layer.active_adapters = ["other"]
+    elif case == "merged":
+        layer.merged_adapters.append("default")
+    elif case == "disabled":
+        layer.disabled = True
+    x = torch.randn(3, 24, requires_grad=True)
+    if case == "no_grad":
+        with torch.no_grad():
+            layer(x)
+    else:
+        layer(x)
+    assert not calls

@@ -198,6 +198,8 @@ def _setup_linear_4bit_fp8(ctx, inputs, output) -> None:
 
 
 def _linear_4bit_fp8_backward(ctx, grad: torch.Tensor):
+    if not ctx.needs_input_grad[0]:  # e.g. the first layer's q/k/v under frozen embeddings
+        return (None,) * 11
     q = _weight(*ctx.saved_tensors, *ctx.layout)
     codes, scale = fp8_from_4bit(q)  # again: nothing of the weight is kept between forward and backward
     g = grad.reshape(-1, grad.shape[-1])

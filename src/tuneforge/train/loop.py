@@ -216,7 +216,9 @@ def setup_model(config: RunConfig, runtime: Runtime, model: torch.nn.Module | No
         # under torchrun FSDP2 replaces the parameters by their shards, which these residuals would not reach
         residuals = to_bf16_weights(model, keep_residuals=t.weights == "bf16_kahan" and world_size() == 1)
     if config.method.lora.base_precision == "fp8" and world_size() > 1:
-        raise ConfigError("method.lora.base_precision=fp8 runs on one GPU (FSDP2 does not shard its FP8 weights); "
+        why = ("QLoRA's FP8 compute has not been run under FSDP2" if config.method.name == "qlora"
+               else "FSDP2 does not shard its FP8 weights")
+        raise ConfigError(f"method.lora.base_precision=fp8 runs on one GPU ({why}); "
                           "set method.lora.base_precision=bf16 under torchrun, or run one process")
     trainable_summary = prepare_method(model, config, device)
     recomputation.enable(model, recompute)

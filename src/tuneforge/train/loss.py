@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from tuneforge.errors import ModelError
 
 _AUTOCAST_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+# aten::addmm.dtype_out (recent torch): a bf16 GEMM accumulating into an fp32 output; without it, added apart
+_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if grad_w is not None:
                     if compute_dtype == torch.float32:
                         grad_w.addmm_(dlogits.t(), h)
-                    elif h.is_cuda:  # the bf16 GEMM accumulates into the fp32 gradient: no product to add apart
+                    elif h.is_cuda and _ADDMM_OUT_DTYPE:  # the bf16 GEMM accumulates into the fp32 gradient
                         torch.addmm(grad_w, dlogits.t(), h, out_dtype=torch.float32, out=grad_w)
                     else:
                         grad_w += dlogits.t() @ h

@@ -169,14 +169,15 @@ def _fused_update(group: dict[str, Any], state: dict[str, torch.Tensor], w: torc
                   rounding: str, bc1: float, bc2: float) -> None:
     """One parameter's AdamW update in one kernel launch: ``w`` (bf16) and its ``state`` updated in place from
     the gradient ``g``; ``bc1``, ``bc2``: the bias corrections of this parameter's step."""
-    n = w.numel()
-    if n == 0:  # an empty FSDP2 shard
-        return
     m, v = state["exp_avg"], state["exp_avg_sq"]
     kahan = rounding == "kahan"
     # a fresh Philox seed per launch from torch's (CPU) generator: reproducible under torch.manual_seed, saved in
-    # checkpoints with the other RNG states, and drawn only when something is rounded at random
+    # checkpoints with the other RNG states, and drawn only when something is rounded at random (an empty shard
+    # draws too, so every FSDP2 rank's generator stays in step)
     seed = int(torch.randint(1 << 31, ())) if not kahan or m.dtype == torch.bfloat16 else 0
+    n = w.numel()
+    if n == 0:  # an empty FSDP2 shard
+        return
     beta1, beta2 = group["betas"]
     lr, wd = group["lr"], group["weight_decay"]
     c = _local(state["compensation"]).view(-1) if kahan else w  # an unused pointer without Kahan
