@@ -154,6 +154,18 @@ def _emulated(codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return value
 
 
+def input_gradient(grad: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``dx = dy·W`` for 2-D ``grad`` and a weight given as e4m3 ``codes`` (out × in) with per-output-channel
+    ``scale``: the scale moves onto dy's columns (``dy·diag(s)·W8``), so W8ᵀ's rows need none (ones) and one FP8
+    copy of the weight serves the forward and this GEMM. The CPU emulates it with the codes made fp32 once."""
+    g_codes, g_scale = quantize_rows(grad, scale)
+    if codes.is_cuda:
+        ones = torch.ones(codes.shape[1], dtype=torch.float32, device=codes.device)
+        return scaled_matmul(g_codes, g_scale, codes.t().contiguous(), ones, out_dtype)
+    return ((g_codes.float() * g_scale) @ _emulated(codes, None)).to(out_dtype)
+
+
 # --- the layer ------------------------------------------------------------------------------------------------------
 
 class _FP8Linear(torch.autograd.Function):
@@ -172,15 +184,7 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, weight_scale = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        # dx = dy·diag(s)·W8: the weight's per-output-channel scale moves onto dy's columns, so W8ᵀ's rows need
-        # none (ones) and one FP8 copy of the weight serves both GEMMs.
-        g_codes, g_scale = quantize_rows(g, weight_scale)
-        if weight.is_cuda:
-            ones = torch.ones(weight.shape[1], dtype=torch.float32, device=weight.device)
-            dx = scaled_matmul(g_codes, g_scale, weight.t().contiguous(), ones, grad.dtype)
-        else:
-            dx = ((g_codes.float() * g_scale) @ _emulated(weight, None)).to(grad.dtype)
+        dx = input_gradient(grad.reshape(-1, grad.shape[-1]), weight, weight_scale, grad.dtype)
         return dx.view(*grad.shape[:-1], weight.shape[1]).to(ctx.in_dtype), None, None, None, None, None
 
 

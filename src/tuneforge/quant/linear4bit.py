@@ -38,9 +38,9 @@ from torch import nn
 
 from tuneforge.quant.buffers import QuantizedBuffers
 from tuneforge.quant.experts4bit import Experts4bit, expert_stacks
-from tuneforge.quant.fp8 import quantize_input, quantize_rows, scaled_matmul
+from tuneforge.quant.fp8 import input_gradient, quantize_input, scaled_matmul
 from tuneforge.quant.nf4 import Quantized4bit, dequantize_4bit, quantize_4bit
-from tuneforge.quant.nf4_gpu import dequantize, dequantize_eager, fp8_from_4bit, fp8_from_4bit_eager
+from tuneforge.quant.nf4_gpu import dequantize, dequantize_eager, fp8_from_4bit, fp8_from_4bit_eager, from_op_args
 
 # nn.Linear subclasses of transformers whose forward is exactly ``x @ W.T + b`` (so a Linear4bit computes it).
 # Other subclasses may read their weight elsewhere (nn.MultiheadAttention's out_proj): they are left alone.
@@ -137,16 +137,12 @@ def model_nbytes(model: nn.Module) -> int:
 
 # --- the forward and backward as custom ops: torch.compile keeps a decoder layer in one graph around them -------------
 
-def _weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type) -> Quantized4bit:
-    return Quantized4bit(packed, absmax, torch.Size(shape), torch.float32, blocksize, quant_type, absmax2, offset)
-
-
 @torch.library.custom_op("tuneforge::linear_4bit", mutates_args=())
 def _linear_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                  offset: torch.Tensor | None, bias: torch.Tensor | None, shape: list[int], blocksize: int,
                  quant_type: str) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with W dequantized in x's dtype (one Triton kernel on a GPU) and let go."""
-    return F.linear(x, dequantize_eager(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type),
+    return F.linear(x, dequantize_eager(from_op_args(packed, absmax, absmax2, offset, shape, blocksize, quant_type),
                                         x.dtype), bias)
 
 
@@ -167,7 +163,7 @@ def _setup_linear_4bit(ctx, inputs, output) -> None:
 
 
 def _linear_4bit_backward(ctx, grad: torch.Tensor):
-    q = _weight(*ctx.saved_tensors, *ctx.layout)
+    q = from_op_args(*ctx.saved_tensors, *ctx.layout)
     grad_x = grad @ dequantize(q, grad.dtype) if ctx.needs_input_grad[0] else None
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[5] else None  # an unfrozen bias
     return grad_x, None, None, None, None, grad_bias, None, None, None
@@ -182,7 +178,7 @@ def _linear_4bit_fp8(x: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tens
                      shape: list[int], blocksize: int, quant_type: str, out_dtype: torch.dtype) -> torch.Tensor:
     """``y = x Wᵀ`` in FP8: ``x`` given as its row-quantized codes (``x`` itself only carries the gradient), W's
     e4m3 codes and per-output-channel scales made from the 4-bit weight by one kernel, then ``_scaled_mm``."""
-    codes, scale = fp8_from_4bit_eager(_weight(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
+    codes, scale = fp8_from_4bit_eager(from_op_args(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
     y = scaled_matmul(x_codes, x_scale, codes, scale, out_dtype)
     return y.view(*x.shape[:-1], shape[0])
 
@@ -200,13 +196,9 @@ def _setup_linear_4bit_fp8(ctx, inputs, output) -> None:
 def _linear_4bit_fp8_backward(ctx, grad: torch.Tensor):
     if not ctx.needs_input_grad[0]:  # e.g. the first layer's q/k/v under frozen embeddings
         return (None,) * 11
-    q = _weight(*ctx.saved_tensors, *ctx.layout)
+    q = from_op_args(*ctx.saved_tensors, *ctx.layout)
     codes, scale = fp8_from_4bit(q)  # again: nothing of the weight is kept between forward and backward
-    g = grad.reshape(-1, grad.shape[-1])
-    # dx = dy·diag(s)·W8 (as fp8.py): W's per-output-channel scale rides on dy's columns; W8ᵀ's rows need none
-    g_codes, g_scale = quantize_rows(g, scale)
-    ones = torch.ones(q.shape[1], dtype=torch.float32, device=g.device)
-    dx = scaled_matmul(g_codes, g_scale, codes.t().contiguous(), ones, grad.dtype)
+    dx = input_gradient(grad.reshape(-1, grad.shape[-1]), codes, scale, grad.dtype)
     return (dx.view(*grad.shape[:-1], q.shape[1]).to(ctx.in_dtype),) + (None,) * 10
 
 

@@ -157,7 +157,9 @@ def _unpack(q: Quantized4bit) -> tuple:
     return q.packed, q.absmax, q.absmax2, q.offset, list(q.shape), q.blocksize, q.quant_type
 
 
-def _pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype=torch.float32) -> Quantized4bit:
+def from_op_args(packed, absmax, absmax2, offset, shape, blocksize, quant_type,
+                 dtype: torch.dtype = torch.float32) -> Quantized4bit:
+    """The ``Quantized4bit`` a custom op's arguments (``_unpack``'s order) stand for."""
     return Quantized4bit(packed, absmax, torch.Size(shape), dtype, blocksize, quant_type, absmax2, offset)
 
 
@@ -171,7 +173,7 @@ def dequantize_eager(q: Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
 def _dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None,
                    offset: torch.Tensor | None, shape: list[int], blocksize: int, quant_type: str,
                    dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_eager(_pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype), dtype)
+    return dequantize_eager(from_op_args(packed, absmax, absmax2, offset, shape, blocksize, quant_type, dtype), dtype)
 
 
 @_dequantize_op.register_fake
@@ -220,7 +222,7 @@ def fp8_from_4bit_eager(q: Quantized4bit) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.custom_op("tuneforge::fp8_from_4bit", mutates_args=())
 def _fp8_op(packed: torch.Tensor, absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
             shape: list[int], blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return fp8_from_4bit_eager(_pack(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
+    return fp8_from_4bit_eager(from_op_args(packed, absmax, absmax2, offset, shape, blocksize, quant_type))
 
 
 @_fp8_op.register_fake
