@@ -84,12 +84,15 @@ def test_bf16_base_under_autocast_matches_the_unfused_path(calls):
     torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
 
 
-def test_ops_pass_torch_opcheck():
-    x, w, a, b = torch.randn(6, 8), torch.randn(10, 8), torch.randn(3, 8), torch.randn(10, 3)
-    for x_drop, bias in ((None, None), (torch.randn(6, 8), torch.randn(10))):
-        args = (x.requires_grad_(), x_drop, w, bias, a.requires_grad_(), b.requires_grad_())
+@pytest.mark.parametrize("members", [1, 3])
+def test_ops_pass_torch_opcheck(members):
+    x, a = torch.randn(6, 8), torch.randn(3 * members, 8)
+    weights = [torch.randn(10 + i, 8) for i in range(members)]
+    bs = [torch.randn(10 + i, 3).requires_grad_() for i in range(members)]
+    with_bias = [torch.randn(10 + i) for i in range(members)]
+    for x_drop, biases in ((None, [None] * members), (torch.randn(6, 8), with_bias)):
+        args = (x.requires_grad_(), x_drop, weights, biases, a.requires_grad_(), bs)
         torch.library.opcheck(lora_ops.lora_linear, args)
-
 
 
 def test_compiled_layer_has_no_graph_break():

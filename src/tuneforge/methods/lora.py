@@ -394,6 +394,8 @@ class LoRALinear(nn.Module):
         # Set by row_adapters(): (adapter, row indices) pairs for a batch of ``batch_rows`` rows.
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
         self.batch_rows = 0
+        # (input, output) handed over by the group's hook for this call only (lora_groups.py); cleared when taken
+        self.group_output: tuple[torch.Tensor, torch.Tensor] | None = None
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
             self.active_adapters = [adapter_name]
@@ -536,10 +538,13 @@ class LoRALinear(nn.Module):
         bias = self.lora_B[name].bias
         return F.linear(F.linear(self.lora_dropout[name](x), a), b, None if bias is None else bias.to(x.dtype)) * scale
 
-    def _add_lora(self, y: torch.Tensor, name: str, x: torch.Tensor, scale: float) -> torch.Tensor:
+    def _add_lora(self, y: torch.Tensor, name: str, x: torch.Tensor, scale: float,
+                  xa: torch.Tensor | None = None) -> torch.Tensor:
         """``y + scale · B(A(x))`` with the scale folded into B and the sum done by the second GEMM (addmm),
-        so no elementwise pass over the full-width output is needed."""
-        xa = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+        so no elementwise pass over the full-width output is needed. ``xa``: ``A(dropout(x))`` when already
+        computed (this layer's columns of its group's stacked GEMM, lora_groups.py)."""
+        if xa is None:
+            xa = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
         b = self.lora_B[name].weight * scale
         xa = xa.reshape(-1, xa.shape[-1]).to(y.dtype)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.to(y.dtype).t())
@@ -563,22 +568,31 @@ class LoRALinear(nn.Module):
         lora_out = F.linear(F.linear(x, a), b)
         return dora.update(factor, base_out, lora_out, scale).to(y.dtype)
 
-    def _fused_adapter(self, x: torch.Tensor) -> str | None:
-        """The adapter whose training forward runs as one op with the base (:func:`lora_ops.lora_forward`): the
-        only active one, plain LoRA (no DoRA, no lora_bias) on a base the ops take; else None."""
+    def plain_adapter(self) -> str | None:
+        """The adapter a training forward runs through the grouped or fused paths: the only active one, plain LoRA
+        (no DoRA, no lora_bias), not merged, adapters on, no per-row routing, gradients on; else None."""
         if self.disabled or self.row_groups is not None or len(self.active_adapters) != 1 \
                 or not torch.is_grad_enabled():
             return None
         name = self.active_adapters[0]
         if name in self.merged_adapters or name in self.lora_magnitude_vector or self.lora_B[name].bias is not None:
             return None
-        return name if lora_ops.fusable(self.base_layer, x) else None
+        return name
+
+    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The :meth:`plain_adapter` when its training forward runs as one op with the base
+        (:func:`lora_ops.lora_forward`: a base the ops take); else None."""
+        name = self.plain_adapter()
+        return name if name is not None and lora_ops.fusable(self.base_layer, x) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (given := self.group_output) is not None and given[0] is x:  # computed with its group (lora_groups.py)
+            self.group_output = None
+            return given[1]
         if (name := self._fused_adapter(x)) is not None:
             scale = self.scaling[name] * self.adapter_weights.get(name, 1.0)
-            return lora_ops.lora_forward(x, self.base_layer, self.lora_dropout[name], self.lora_A[name].weight,
-                                         self.lora_B[name].weight, scale)
+            return lora_ops.lora_forward(x, [self.base_layer], self.lora_dropout[name], [self.lora_A[name].weight],
+                                         [self.lora_B[name].weight], [scale])[0]
         y = self.base_layer(x)
         if self.disabled:
             return y
