@@ -126,6 +126,9 @@ class LoraSettings(Strict):
         "bf16", description="the frozen base's GEMMs: fp8 runs them in FP8 with per-channel scales; lora stores the "
                             "weights as e4m3, qlora keeps them 4-bit and makes e4m3 codes on the fly (CUDA compute "
                             "capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
+    group_projections: bool = Field(
+        True, description="one GEMM for the LoRA A of projections that share an input (q/k/v, gate/up; one dropout "
+                          "mask for them); false: one per projection, with one dropout mask each")
     init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
                                                        "adapter/) and train it further; its own r, alpha, targets, "
                                                        "target_parameters, dropout, use_rslora and use_dora replace "
@@ -242,7 +245,7 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool | Literal["auto", "off", "on", "offload"] = Field(
         "auto", description="auto: the planner decides on a GPU (off when it fits), off on the CPU; offload: "
                             "checkpointed layer inputs kept in host memory (the memory-lean mode)")
-    loss_chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the fused linear + "
+    loss_chunk_tokens: int = Field(256, gt=0, description="tokens per chunk of the fused linear + "
                                                            "cross-entropy (full logits are never built)")
     kernels: Literal["auto", "torch", "liger"] = Field(
         "auto", description="liger: Liger's RMSNorm/SwiGLU Triton kernels (GPU, pip install liger-kernel); "
