@@ -69,3 +69,18 @@ def test_qlora_with_an_fp8_base_keeps_4bit_weights_and_computes_in_fp8(tiny_mode
     bases = [m.base_layer for m in tiny_model.modules() if isinstance(m, LoRALinear)]
     assert n == len(bases) > 0 and all(isinstance(b, Linear4bit) and b.fp8 for b in bases)
     assert {n: b.data_ptr() for n, b in tiny_model.named_buffers()} == before
+
+
+
+def test_lora_groups_sibling_projections_unless_switched_off(tiny_tokenizer):
+    from conftest import build_tiny_model
+    from tuneforge.methods.lora_groups import _GroupHook
+
+    def grouped(model) -> list[bool]:
+        return [any(isinstance(h, _GroupHook) for h in m._forward_pre_hooks.values())
+                for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
+
+    on, off = build_tiny_model(len(tiny_tokenizer)), build_tiny_model(len(tiny_tokenizer))
+    prepare_model(on, MethodConfig(name="lora"))
+    prepare_model(off, MethodConfig(name="lora", lora={"group_projections": False}))
+    assert grouped(on) == [True] * 4 and grouped(off) == [False] * 4

@@ -9,6 +9,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.methods.freeze import apply_freeze
 from tuneforge.methods.lora import LoRALinear, apply_lora, format_trainable, lora_layers
+from tuneforge.methods.lora_groups import group_projections
 from tuneforge.methods.lora_params import apply_lora_params, describe_targets, parameter_targets
 from tuneforge.models.load import empty_model, load_model
 from tuneforge.models.quantized_load import load_model_4bit
@@ -81,6 +82,8 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig, device: torch.de
             logger.info(targets)
         if lo.base_precision == "fp8":
             to_fp8_base(model, device or next(model.parameters()).device)
+        if lo.group_projections:  # q/k/v and gate/up: one GEMM for their LoRA A (lora_groups.py)
+            group_projections(model)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
             raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
                               "which training does not support; leave the head out (all-linear already does)")
