@@ -73,7 +73,8 @@ def _assert_same(got, want, tol: float) -> None:
     (y, grads), (y_ref, grads_ref) = got, want
     for g, g_ref in zip([y, *grads], [y_ref, *grads_ref], strict=True):
         assert g.shape == g_ref.shape and g.dtype == g_ref.dtype
-        error = float((g.double() - g_ref.double()).norm() / g_ref.double().norm())
+        g, g_ref = g.detach().double(), g_ref.detach().double()
+        error = float((g - g_ref).norm() / g_ref.norm())
         assert error <= tol, f"relative error {error:.2e} > {tol:.0e}"
 
 
@@ -109,21 +110,23 @@ def test_grouped_fp8_base_equals_ungrouped_emulated(calls):
     assert sorted(calls["groups"]) == [2, 2, 3, 3] and not calls["op"]
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the FP8 base's real kernels)")
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (Inductor's kernels, the FP8 base's real kernels)")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_grouped_fp8_base_equals_ungrouped_on_the_gpu(compiled, calls):
+@pytest.mark.parametrize("base", ["dense", "fp8"])
+def test_grouped_equals_ungrouped_on_the_gpu(base, compiled, calls):
     from tuneforge.quant.fp8 import fp8_supported
 
-    if not fp8_supported(torch.device("cuda")):
+    if base == "fp8" and not fp8_supported(torch.device("cuda")):
         pytest.skip("needs FP8 (compute capability 8.9+)")
-    models = [_model(base="fp8", device="cuda", dtype=torch.bfloat16, grouped=g) for g in (False, True)]
+    models = [_model(base=base, device="cuda", dtype=torch.bfloat16, grouped=g) for g in (False, True)]
     if compiled:
+        torch._dynamo.reset()
         for model in models:
             for layer in model.model.layers:
                 layer.compile(fullgraph=True)
     want, got = (_loss_and_grads(m) for m in models)
-    _assert_same(got, want, tol=5e-2)
-    assert calls["groups"] and not calls["op"]
+    _assert_same(got, want, tol=2e-2)
+    assert calls["groups"] and (bool(calls["op"]) == (base == "dense"))
 
 
 class _Attention(nn.Module):
