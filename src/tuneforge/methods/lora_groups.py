@@ -8,13 +8,14 @@ for ``dA = dhᵀ·x`` in backward, and reads and writes ``dx`` again for ``dx +=
 touched: each projection keeps its own ``lora_A``/``lora_B`` (adapters save in PEFT's layout as before) and the
 stacked A's gradient is split back by autograd.
 
-:func:`group_projections` puts a hook pair on each parent module (attention, MLP) that has such siblings: before
-the parent's forward, the group's outputs are computed for the parent's input and handed to each member for that
-call only; after it, whatever was not taken is dropped, so no tensor outlives the call. A member called on another
-tensor (cross-attention's k/v, a parent that normalizes its input first) runs its own forward: correct, but the
-group's output for it was computed for nothing. A dense frozen base goes through :func:`lora_ops.lora_forward` (one op for the
-group); FP8 and 4-bit bases through autograd (the compiler fuses the rest). Members group only when each has one plain active adapter (the same),
-gradients on, and the same input size, dropout and base kind; otherwise each runs its own forward, unchanged.
+:func:`group_projections` puts a hook pair on each parent module (attention, MLP) that has such siblings: before the
+parent's forward, the group's outputs are computed for the parent's input and handed to each member for that call
+only; after it, whatever was not taken is dropped, so no tensor outlives the call. A member called on another tensor
+(cross-attention's k/v, a parent that normalizes its input first) runs its own forward: correct, but the group's
+output for it was computed for nothing. A dense frozen base goes through :func:`lora_ops.lora_forward` (one op for
+the group); FP8 and 4-bit bases through autograd (the compiler fuses the rest). Members group only when each has one
+plain active adapter (the same), gradients on, and the same input size, dropout and base kind; otherwise each runs
+its own forward, unchanged.
 
 Under LoRA dropout the group draws ONE mask for its shared input, where PEFT draws one per projection: the same
 distribution per projection, but the members' masks are no longer independent (``method.lora.group_projections:
