@@ -6,6 +6,7 @@
 #   bash benchmarks/device_speed.sh 4        # `tuneforge train` on a random 8B folder (bf16; FP8 + compile); Unsloth P3
 #   bash benchmarks/device_speed.sh 5 CASES  # the GPU tests of the speed work, then speed_gpu.py on CASES
 #   bash benchmarks/device_speed.sh 6 CASES  # the GPU tests that failed or are new since phase 5, then CASES
+#   bash benchmarks/device_speed.sh 7 CASES  # the GPU tests of grouped LoRA projections and the loss, then CASES
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -40,6 +41,11 @@ case "$1" in
       tests/quant/test_fp8.py tests/train/test_optimizer.py tests/train/test_loss.py -k "gpu or cuda or fused or \
       fsdp or compiled or inductor or qlora or bitsandbytes" tests/quant/test_nf4.py::test_nf4_codes_and_scales_equal_bitsandbytes \
       2>&1 | tee "$OUT/tests.log" | tail -15
+    speed --budget 450 --cases "$2"
+    ;;
+  7)
+    python3 -m pytest -q -p no:cacheprovider tests/methods/test_lora_groups.py tests/methods/test_lora_ops.py \
+      tests/train/test_loss.py 2>&1 | tee "$OUT/tests.log" | tail -8
     speed --budget 450 --cases "$2"
     ;;
   4)

@@ -36,6 +36,7 @@ from bench_runner import fmt, gib_text, heading, measured_pairs, pct, ratios  # 
 
 from tuneforge.models.shapes import PROJECTIONS, shape_config  # noqa: E402
 from tuneforge.train import recompute  # noqa: E402
+from tuneforge.train.loss import CHUNK_TOKENS as LOSS_CHUNK  # noqa: E402  (the product's default)
 from tuneforge.train.plan import GIB, PlanInputs, plan_memory  # noqa: E402
 from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
 from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
@@ -43,7 +44,7 @@ from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 160,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "tie_word_embeddings": False, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
-LORA_R, LORA_ALPHA, LOSS_CHUNK = 16, 32, 1024
+LORA_R, LORA_ALPHA = 16, 32
 
 
 @dataclass(frozen=True)

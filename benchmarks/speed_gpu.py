@@ -60,7 +60,7 @@ from tuneforge.models.shapes import PROJECTIONS, shape_config  # noqa: E402
 from tuneforge.train import recompute as recomputation  # noqa: E402
 from tuneforge.train.attention import use_document_attention  # noqa: E402
 from tuneforge.train.kernels import apply_kernels  # noqa: E402
-from tuneforge.train.plan import choose_recompute  # noqa: E402
+from tuneforge.train.plan import GIB, choose_recompute  # noqa: E402
 from tuneforge.train.recompute import OffloadedActivations  # noqa: E402
 from tuneforge.train.step import CausalLMLoss, train_step  # noqa: E402
 
@@ -86,9 +86,12 @@ class Case:
     seconds: int = 45
     precision: str = "bf16"  # ours, lora/qlora: the base's GEMMs in bf16 or fp8 (method.lora.base_precision)
     compile: bool = False  # ours: train.compile (each decoder layer torch.compiled)
+    compile_mode: str | None = None  # ours, compiled: torch.compile's mode (reduce-overhead: CUDA graphs)
     weights: str = "fp32_master"  # ours, full: train.weights (bf16_kahan: bf16 weights, compensated AdamW)
     profile: bool = False  # CUDA time by kernel family over two steps (after the warm-up, before timing)
     fused_lora: bool = True  # ours: the LoRA layers' training op (methods/lora_ops.py); False: the autograd path
+    grouped: bool = True  # ours, lora/qlora: q/k/v and gate/up share one LoRA-A GEMM (methods/lora_groups.py)
+    memory: bool = False  # what the allocations of one step alive at its peak are (after the warm-up)
 
 
 CASES = [
@@ -128,6 +131,20 @@ CASES = [
     Case("ours-8b-qlora-compile", "ours", "llama-3-8b", method="qlora", compile=True, warmup=3, seconds=90),
     Case("ours-8b-qlora-fp8-compile", "ours", "llama-3-8b", method="qlora", precision="fp8", compile=True, warmup=3,
          seconds=90),
+    # CUDA graphs for the compiled layers (torch.compile's reduce-overhead) measured on its own
+    Case("ours-8b-lora-compile-graphs", "ours", "llama-3-8b", compile=True, compile_mode="reduce-overhead", warmup=4,
+         seconds=90),
+    Case("ours-8b-lora-fp8-compile-graphs", "ours", "llama-3-8b", precision="fp8", compile=True,
+         compile_mode="reduce-overhead", warmup=4, seconds=90),
+    # grouped q/k/v and gate/up LoRA A (methods/lora_groups.py) measured on its own: the same steps ungrouped
+    Case("ours-8b-lora-compile-ungrouped", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, grouped=False),
+    Case("ours-8b-lora-fp8-compile-ungrouped", "ours", "llama-3-8b", precision="fp8", compile=True, warmup=3,
+         seconds=90, grouped=False),
+    # where the memory of a QLoRA step goes, ours and the peer's (allocations alive at the step's peak)
+    Case("memory-8b-qlora-fp8-compile", "ours", "llama-3-8b", method="qlora", precision="fp8", compile=True, warmup=3,
+         seconds=30, memory=True),
+    Case("memory-peer-8b-qlora-liger-off", "peer", "llama-3-8b", method="qlora", recompute="off", liger=True,
+         seconds=30, memory=True),
     # the LoRA training op (dense bases) measured on its own: the same compiled step through autograd's LoRA path
     Case("ours-8b-lora-compile-autograd", "ours", "llama-3-8b", compile=True, warmup=3, seconds=90, fused_lora=False),
     # where the time goes in the fastest configurations (profiled after the warm-up, then timed as usual)
@@ -330,6 +347,10 @@ def build(case: Case, cfg: dict, device: torch.device):
             from tuneforge.methods.setup import to_fp8_base
 
             model.fp8_layers = to_fp8_base(model, device)
+        if case.grouped and case.method != "full":
+            from tuneforge.methods.lora_groups import group_projections
+
+            model.lora_groups = group_projections(model)
         if case.weights != "fp32_master":
             from tuneforge.train.optimizer import to_bf16_weights
 
@@ -364,7 +385,13 @@ def step_fn(case: Case, model, device: torch.device, recompute: str):
         opt = build_optimizer(params, lr, 0.0, case.weights, "fp32", device)
         offload = OffloadedActivations() if recompute == "offload" else None
         loss_model = CausalLMLoss(model, LOSS_CHUNK, amp, offload)
-        return lambda batch: train_step(loss_model, [batch], opt, max_grad_norm=1.0).loss
+        graphs = case.compile_mode in ("reduce-overhead", "max-autotune")  # the modes that use CUDA graphs
+
+        def ours(batch):
+            if graphs:  # a new iteration: CUDA graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return train_step(loss_model, [batch], opt, max_grad_norm=1.0).loss
+        return ours
 
     def peer(batch):  # HF+PEFT and Unsloth: the model's own loss (Unsloth's is its fused cross-entropy)
         kw = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask") if k in batch}
@@ -397,7 +424,7 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         if case.compile:
             from tuneforge.train.kernels import compile_layers
 
-            compile_layers(model, device, "eager" if smoke else "inductor")
+            compile_layers(model, device, "eager" if smoke else "inductor", None if smoke else case.compile_mode)
         if case.workload == "p3" and not case.name.endswith("dense"):
             out["attention"] = "flex" if use_document_attention(model, device) else "sdpa"
     elif recompute == "on" and case.impl == "peer":
@@ -432,6 +459,8 @@ def run_case(case: Case, smoke: bool, layers: int | None) -> dict:
         out["first_call_tokens_per_s"] = sum(b["real"] for b in warm) / sum(warm_s)
     if case.profile:
         out.update(profile(step, timed, device))
+    if case.memory and device.type == "cuda":
+        out["memory_at_peak"] = memory_at_peak(step, timed[0], device)
     sync(device)
     t1 = time.perf_counter()
     losses += [step(b) for b in timed]
@@ -477,6 +506,44 @@ def mean_context(batches: list[dict]) -> float:
         spans += sum(n * n / 2 for n in lengths)
         tokens += sum(lengths)
     return spans / max(tokens, 1)
+
+
+def memory_at_peak(step, batch: dict, device: torch.device, top: int = 40) -> dict:
+    """The allocations one step makes that are alive at its peak, by allocating frame and size (CUDA memory
+    history; what was allocated before the step, weights and optimizer states, is the baseline)."""
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    step(batch)
+    sync(device)
+    trace = torch.cuda.memory._snapshot()["device_traces"][device.index or 0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    total, peak, peak_at, live = 0, 0, -1, {}
+    for i, e in enumerate(trace):  # first pass: when the peak is
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            total += e["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])
+    alive: dict[int, dict] = {}
+    for e in trace[:peak_at + 1]:  # second pass: what is alive then
+        if e["action"] == "alloc":
+            alive[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            alive.pop(e["addr"], None)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for e in alive.values():
+        frames = e.get("frames") or []
+        where = next((f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}" for f in frames
+                      if any(k in f["filename"] for k in ("tuneforge", "transformers", "peft", "bitsandbytes",
+                                                          "liger", "torchinductor", "unsloth"))),
+                     frames[0]["name"] if frames else "?")
+        groups.setdefault((where, e["size"]), []).append(e["size"])
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"baseline_gib": baseline / GIB, "step_peak_gib": peak / GIB, "peak_event": peak_at,
+            "events": len(trace), "alive": [{"where": w, "size_mib": size / 2**20, "count": len(v),
+                                             "total_mib": sum(v) / 2**20} for (w, size), v in rows]}
 
 
 def profile(step, batches: list[dict], device: torch.device) -> dict:

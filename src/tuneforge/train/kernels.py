@@ -56,11 +56,13 @@ def liger_available() -> bool:
     return True
 
 
-def compile_layers(model: torch.nn.Module, device: torch.device, backend: str = "inductor") -> int:
+def compile_layers(model: torch.nn.Module, device: torch.device, backend: str = "inductor",
+                   mode: str | None = None) -> int:
     """``torch.compile`` every decoder layer in place (regional compilation: one layer's graph, compiled once and
     reused by all layers of the same shape); returns how many were wrapped.
 
     Compilation happens in the first steps, which therefore take longer (the benchmark reports that time apart).
+    ``mode``: torch.compile's (None: its default).
     Raises ConfigError on the CPU (``backend="eager"`` is allowed there: it checks the wiring, not the speed).
     """
     if device.type != "cuda" and backend == "inductor":
@@ -71,5 +73,5 @@ def compile_layers(model: torch.nn.Module, device: torch.device, backend: str = 
         raise ConfigError(f"train.compile=true: found no decoder layers (model.layers) in "
                           f"{type(model).__name__}; set train.compile=false")
     for layer in layers:
-        layer.compile(backend=backend, dynamic=None)
+        layer.compile(backend=backend, dynamic=None, mode=mode)
     return len(layers)

@@ -45,6 +45,10 @@ from tuneforge.errors import ModelError
 _AUTOCAST_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
 # aten::addmm.dtype_out (recent torch): a bf16 GEMM accumulating into an fp32 output; without it, added apart
 _ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+CHUNK_TOKENS = 256
+"""Default tokens per loss chunk: a chunk's logits and their gradient (bf16 and fp32 copies) are ~8 bytes per token
+and vocabulary entry, 256 MiB at Llama-3's 128,256 (1 GiB at 1,024 tokens, which left an 8B QLoRA run 0.7 GiB
+above bitsandbytes+PEFT+Liger's peak on an H200); the head's GEMM stays large enough to run at full rate."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,7 @@ def _plain_chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def chunked_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear | torch.nn.Module, labels: torch.Tensor,
-                    chunk_tokens: int = 1024, transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, int]:
+                    chunk_tokens: int = CHUNK_TOKENS, transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over trained positions, and their count.
 
     ``labels`` are aligned with the inputs (-100 = no loss); position i predicts labels[i + 1].

@@ -37,6 +37,7 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.methods.setup import gpu_weight_dtype
 from tuneforge.models.shapes import PROJECTIONS, ModelShape, model_shape
 from tuneforge.train.distributed import world_size
+from tuneforge.train.loss import CHUNK_TOKENS
 from tuneforge.train.optimizer import WEIGHT_MODES, bytes_per_param
 
 HEADROOM = 0.85  # share of GPU memory a plan may use before recomputation is turned on
@@ -48,11 +49,12 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # handles (0.75 GiB measured on an H200, torch 2.11) and the caching allocator's slack (0.2-0.7 GiB).
 OVERHEAD_BYTES = int(1.25 * GIB)
 SKIP_ENV = "TUNEFORGE_SKIP_MEMORY_CHECK"
-# On the CPU the tensors cost more than they count: peak RSS minus the RSS before training was 1.16-1.19x the
-# planned bytes without recomputation and 1.46x with it (SmolLM2-135M LoRA, 1-2 rows of 512, torch 2.13, glibc
-# malloc, 1 thread): 1.25x plus a fixed 0.3 GiB covers all three.
+# On the CPU the tensors cost more than they count: peak RSS minus the RSS once the model is prepared was 1.26-1.29x
+# the planned bytes without recomputation and 1.79x with it (SmolLM2-135M LoRA, 1-2 rows of 512, torch 2.13, glibc
+# malloc, 1 thread; glibc keeps freed chunks, so a smaller loss chunk lowers the plan more than the RSS): 1.25x plus
+# a fixed 0.45 GiB covers all three.
 CPU_SLACK = 1.25
-CPU_OVERHEAD_BYTES = int(0.3 * GIB)
+CPU_OVERHEAD_BYTES = int(0.45 * GIB)
 # Larger forwards buy the CPU little speed: a batch whose forward would need more than this runs as several
 # smaller forwards (the same rows per optimizer step, the same loss normalization).
 CPU_FORWARD_BUDGET = 4 * GIB
@@ -79,13 +81,14 @@ class PlanInputs:
     weight_dtype: str = "fp32"
     lora_dropout: float = 0.0
     freeze_layers: int = 2
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = CHUNK_TOKENS
     attention_mask: bool = False
     grad_accum: int = 1
     shards: int = 1
     weights: str = "fp32_master"
     optimizer_state: str = "fp32"
     base_precision: str = "bf16"
+    group_projections: bool = True
 
 
 def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhead_bytes: int = OVERHEAD_BYTES,
@@ -100,7 +103,7 @@ def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhea
     run = _resolve(i.model, i.method, i.seq, i.batch, i.lora_r, i.targets, i.recompute != "off", i.dtype,
                    i.weight_dtype, i.lora_dropout, i.freeze_layers, i.loss_chunk_tokens, i.attention_mask,
                    i.recompute == "offload", i.grad_accum, i.shards, i.weights, i.optimizer_state,
-                   i.base_precision)
+                   i.base_precision, i.group_projections)
     plan = _plan(run, overhead_bytes)
     plan.gpu_mem = int(gpu_mem_gib * GIB) if gpu_mem_gib is not None else _cuda_memory()
     plan.settings = {"lora_r": i.lora_r, "targets": i.targets if isinstance(i.targets, str) else list(i.targets),
@@ -108,7 +111,7 @@ def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhea
                      "loss_chunk_tokens": i.loss_chunk_tokens, "attention_mask": i.attention_mask,
                      "offload_checkpoints": i.recompute == "offload", "grad_accum": i.grad_accum,
                      "shards": i.shards, "weights": i.weights, "optimizer_state": i.optimizer_state,
-                     "base_precision": i.base_precision}
+                     "base_precision": i.base_precision, "group_projections": i.group_projections}
     if advise:
         plan.advice = _advice(run, plan, overhead_bytes)
     return plan
@@ -116,7 +119,7 @@ def plan_memory(inputs: PlanInputs, gpu_mem_gib: float | None = None, *, overhea
 
 def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, weight_dtype, dropout,
              freeze_layers, chunk, mask, offload, grad_accum, shards=1, weights="fp32_master",
-             optimizer_state="fp32", base_precision="bf16") -> _Run:
+             optimizer_state="fp32", base_precision="bf16", group_projections=True) -> _Run:
     if method not in METHODS:
         raise ConfigError(f"method {method!r}: choose one of {', '.join(METHODS)}")
     for key, value in (("seq", seq), ("batch", batch), ("lora_r", lora_r), ("loss_chunk_tokens", chunk),
@@ -143,7 +146,8 @@ def _resolve(model_config, method, seq, batch, lora_r, targets, ckpt, dtype, wei
     return _Run(shape=shape, method=method, batch=batch, seq=seq, ckpt=bool(ckpt), offload=bool(offload and ckpt),
                 rb=wb, cb=cb, wb=wb, pb=pb, lora=lora, r=lora_r, dropout=float(dropout), trained_layers=trained,
                 chunk=chunk, mask=bool(mask), grad_accum=grad_accum, shards=max(1, int(shards)), ob=ob,
-                fp8=base_precision == "fp8" and method == "lora")  # qlora's base stays 4-bit, FP8 or not
+                fp8=base_precision == "fp8" and method == "lora",  # qlora's base stays 4-bit, FP8 or not
+                grouped=bool(group_projections))
 
 
 def _lora_targets(targets: str | Sequence[str]) -> list[str]:
@@ -213,6 +217,16 @@ def _linear_group(run: _Run, names: Sequence[str], n_in: int, x_bytes: int, trai
     t, cb, proj = run.tokens, run.cb, run.shape.projections()
     shared = False  # the input itself is saved (counted once however many layers keep it)
     extra = 0
+    adapted = [n for n in names if n in run.lora]
+    # grouped siblings (methods/lora_groups.py) make one adapter input for all: one dropout, one cast
+    copies = 1 if run.grouped and len(adapted) > 1 else len(adapted)
+    if adapted:
+        if run.dropout > 0:
+            extra += copies * t * n_in * (cb + 1)  # dropout's output and its mask
+        elif x_bytes == cb:
+            shared = True
+        else:
+            extra += copies * t * n_in * cb
     for name in names:
         n_out = proj[name][1]
         if trains:  # the weight's gradient needs the input in the compute dtype
@@ -223,12 +237,6 @@ def _linear_group(run: _Run, names: Sequence[str], n_in: int, x_bytes: int, trai
         elif not run.quantized and run.wb != cb:
             extra += n_in * n_out * cb  # a frozen fp32 weight's bf16 cast, kept for the input gradient
         if name in run.lora:
-            if run.dropout > 0:
-                extra += t * n_in * (cb + 1)  # dropout's output and its mask, per adapter
-            elif x_bytes == cb:
-                shared = True
-            else:
-                extra += t * n_in * cb
             extra += t * run.r * cb  # A's output, kept for B's gradient
     return extra + (t * n_in * x_bytes if shared else 0)
 
@@ -357,8 +365,8 @@ def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
         candidates.append((use_qlora, qlora))
         if not run.ckpt:
             candidates.append((f"{use_qlora} + {ckpt}", replace(qlora, ckpt=True)))
-    if run.chunk > 256:
-        candidates.append(("lower train.loss_chunk_tokens to 256", replace(run, chunk=256)))
+    if run.chunk > 64:
+        candidates.append(("lower train.loss_chunk_tokens to 64", replace(run, chunk=64)))
     for base, prefix in ((run, ""), (replace(run, ckpt=True), f"{ckpt} + "),
                          (replace(qlora, ckpt=True), f"{use_qlora} + {ckpt} + ")):
         if _plan(base, overhead).peak <= cap:
@@ -398,7 +406,8 @@ def plan_inputs(config: Any, recompute: str, gpus: int | None = None) -> PlanInp
         weight_dtype=gpu_weight_dtype(m.name, t.dtype) if t.weights == "fp32_master" else "bf16",
         lora_dropout=m.lora.dropout,
         freeze_layers=m.freeze.top_k_layers or 0, loss_chunk_tokens=t.loss_chunk_tokens, grad_accum=t.grad_accum,
-        shards=shards, weights=t.weights, optimizer_state=t.optimizer_state, base_precision=m.lora.base_precision)
+        shards=shards, weights=t.weights, optimizer_state=t.optimizer_state, base_precision=m.lora.base_precision,
+        group_projections=m.lora.group_projections)
 
 
 def plan_for_config(config: Any, device: Any = None, recompute: str | None = None, gpus: int | None = None,
@@ -618,6 +627,7 @@ class _Run:
     shards: int = 1  # FSDP processes: parameters, gradients and Adam states are split this many ways
     ob: int = 8  # optimizer-state bytes per trainable parameter (AdamW moments, Kahan compensation)
     fp8: bool = False  # the LoRA layers' frozen base weights are e4m3 codes (1 byte) with fp32 per-row scales
+    grouped: bool = True  # sibling LoRA projections share one adapter input (method.lora.group_projections)
 
     @property
     def tokens(self) -> int:

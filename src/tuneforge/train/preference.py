@@ -38,7 +38,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import disable_adapters, lora_layers
 from tuneforge.train.attention import attention_mask, shared_prompt_refusal
-from tuneforge.train.loss import IDENTITY, LogitTransform, _compute_dtype, logit_transform
+from tuneforge.train.loss import CHUNK_TOKENS, IDENTITY, LogitTransform, _compute_dtype, logit_transform
 
 logger = get_logger(__name__)
 
@@ -67,7 +67,7 @@ class PreferenceSettings:
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     reference: str = "auto"
-    chunk_tokens: int = 1024
+    chunk_tokens: int = CHUNK_TOKENS
     share_prompt: bool = True
 
     def __post_init__(self) -> None:
@@ -342,7 +342,7 @@ def _scored(labels: torch.Tensor, sequence_index: torch.Tensor, branch_ids: torc
 
 
 def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                   sequence_index: torch.Tensor, n_sequences: int, chunk_tokens: int = 1024,
+                   sequence_index: torch.Tensor, n_sequences: int, chunk_tokens: int = CHUNK_TOKENS,
                    branch_ids: torch.Tensor | None = None,
                    transform: LogitTransform = IDENTITY) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the trained tokens of each sequence [S] (fp32), and their counts [S].
@@ -380,7 +380,7 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Te
 # --- the model: policy and reference passes ---------------------------------------------------------
 
 
-def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024,
+def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = CHUNK_TOKENS,
                 amp: torch.dtype | None = None,
                 activations: Callable[[], AbstractContextManager] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and trained-token counts of every sequence of a pair batch, in batch order.
@@ -446,7 +446,7 @@ def reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], sett
 
 
 def precompute_reference_logps(model: torch.nn.Module, pairs: list[TokenizedPair], pad_id: int,
-                               batch_size: int = 8, chunk_tokens: int = 1024, amp: torch.dtype | None = None,
+                               batch_size: int = 8, chunk_tokens: int = CHUNK_TOKENS, amp: torch.dtype | None = None,
                                adapters_off: bool = False) -> list[TokenizedPair]:
     """One no-grad pass over ``pairs``: copies with ``ref_logps`` set to ``model``'s (chosen, rejected) log-probs.
 

@@ -31,7 +31,7 @@ import torch
 from tuneforge.data.packing import IGNORE, PackedRow, collate, unpack
 from tuneforge.errors import TuneforgeError
 from tuneforge.train.attention import attention_mask, packing_refusal
-from tuneforge.train.loss import chunked_lm_loss, logit_transform
+from tuneforge.train.loss import CHUNK_TOKENS, chunked_lm_loss, logit_transform
 from tuneforge.train.preference import PreferenceSettings, can_share_prompt, preference_step_loss
 
 Batch = dict[str, torch.Tensor]
@@ -45,7 +45,7 @@ class CausalLMLoss(torch.nn.Module):
     autograd saves, :class:`tuneforge.train.recompute.OffloadedActivations`); none by default.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 1024, amp: torch.dtype | None = None,
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = CHUNK_TOKENS, amp: torch.dtype | None = None,
                  activations: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         super().__init__()
         self.model = model
@@ -192,7 +192,7 @@ def _scalar(t: torch.Tensor) -> float:
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, rows: list[PackedRow], pad_id: int, batch_size: int,
-                    chunk_tokens: int = 1024, amp: torch.dtype | None = None,
+                    chunk_tokens: int = CHUNK_TOKENS, amp: torch.dtype | None = None,
                     local_rows: Callable[[list[PackedRow]], list[PackedRow]] = _one_process_sum,
                     all_sum: Callable[[Any], Any] = _one_process_sum) -> float | None:
     """Mean per-token loss over ``rows`` (None when there are none).
