@@ -44,7 +44,7 @@ def _loss_and_grads(model: nn.Module, autocast: bool = False) -> tuple[torch.Ten
     torch.manual_seed(1)
     embeds = torch.randn(2, 7, 32, device=device, dtype=next(model.parameters()).dtype, requires_grad=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(inputs_embeds=embeds).logits
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
     loss = (logits * torch.linspace(-1, 1, logits.shape[-1], device=device, dtype=logits.dtype)).sum()
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     return logits, [*torch.autograd.grad(loss, [embeds, *params])]
@@ -126,7 +126,23 @@ def test_grouped_equals_ungrouped_on_the_gpu(base, compiled, calls):
                 layer.compile(fullgraph=True)
     want, got = (_loss_and_grads(m) for m in models)
     _assert_same(got, want, tol=2e-2)
-    assert calls["groups"] and (bool(calls["op"]) == (base == "dense"))
+    if not compiled:  # compiled, the calls are traced once for every layer and test
+        assert calls["groups"] and (bool(calls["op"]) == (base == "dense"))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_compiled_layers_share_one_graph(grouped):
+    """Every decoder layer runs the same compiled graph: the hooks must not make Dynamo guard on each layer (one
+    recompilation per layer, and past its cache limit the rest would run eagerly)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _model(grouped=grouped)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for layer in model.model.layers:
+        layer.compile(backend=counter, fullgraph=True)
+    _loss_and_grads(model)
+    assert len(model.model.layers) == 2 and counter.frame_count == 1
 
 
 class _Attention(nn.Module):
@@ -243,11 +259,12 @@ def test_members_called_on_another_tensor_run_alone_and_nothing_is_kept(calls):
         torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
 
 
-def test_a_failed_parent_forward_keeps_no_output():
+def test_outputs_left_by_a_failed_parent_forward_go_at_its_next_call():
     attn = _Attention()
     group_projections(attn)
     with pytest.raises(RuntimeError):
         attn(torch.randn(4, 24, requires_grad=True), torch.randn(4, 23))  # k/v: wrong width
+    attn(torch.randn(4, 24, requires_grad=True))
     assert all(m.group_output is None for m in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 

@@ -74,10 +74,10 @@ def test_qlora_with_an_fp8_base_keeps_4bit_weights_and_computes_in_fp8(tiny_mode
 
 def test_lora_groups_sibling_projections_unless_switched_off(tiny_tokenizer):
     from conftest import build_tiny_model
-    from tuneforge.methods.lora_groups import _GroupHook
+    from tuneforge.methods.lora_groups import GROUPS
 
     def grouped(model) -> list[bool]:
-        return [any(isinstance(h, _GroupHook) for h in m._forward_pre_hooks.values())
+        return [hasattr(m, GROUPS) and len(m._forward_pre_hooks) == 1
                 for layer in model.model.layers for m in (layer.self_attn, layer.mlp)]
 
     on, off = build_tiny_model(len(tiny_tokenizer)), build_tiny_model(len(tiny_tokenizer))

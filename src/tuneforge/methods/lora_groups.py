@@ -10,7 +10,7 @@ stacked A's gradient is split back by autograd.
 
 :func:`group_projections` puts a hook pair on each parent module (attention, MLP) that has such siblings: before the
 parent's forward, the group's outputs are computed for the parent's input and handed to each member for that call
-only; after it, whatever was not taken is dropped, so no tensor outlives the call. A member called on another tensor
+only; after it, whatever was not taken is dropped. A member called on another tensor
 (cross-attention's k/v, a parent that normalizes its input first) runs its own forward: correct, but the group's
 output for it was computed for nothing. A dense frozen base goes through :func:`lora_ops.lora_forward` (one op for
 the group); FP8 and 4-bit bases through autograd (the compiler fuses the rest). Members group only when each has one
@@ -38,6 +38,8 @@ from tuneforge.quant.linear4bit import Linear4bit
 SIBLINGS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"), ("query", "key", "value"),
 )
+GROUPS = "lora_groups"
+"""The attribute of a parent module naming its groups of sibling projections."""
 
 
 def group_projections(model: nn.Module) -> int:
@@ -45,16 +47,18 @@ def group_projections(model: nn.Module) -> int:
     groups; returns how many groups there are. Calling it again adds nothing."""
     n = 0
     for parent in model.modules():
-        hook = next((h for h in parent._forward_pre_hooks.values() if isinstance(h, _GroupHook)), None)
-        if hook is None:
+        if not hasattr(parent, GROUPS):
             groups = tuple(g for g in (tuple(name for name in names if _adapted(parent, name)) for names in SIBLINGS)
                            if len(g) > 1)
             if not groups:
                 continue
-            hook = _GroupHook(groups)
-            parent.register_forward_pre_hook(hook, with_kwargs=True)
-            parent.register_forward_hook(hook.clear, with_kwargs=True, always_call=True)
-        n += len(hook.groups)
+            setattr(parent, GROUPS, groups)
+            # the same two functions on every parent, the groups an attribute: a compiled decoder layer guards on
+            # the hooks' identity, so one hook object per parent would recompile each layer (and past Dynamo's
+            # cache limit, run the rest eagerly)
+            parent.register_forward_pre_hook(_hand_out, with_kwargs=True)
+            parent.register_forward_hook(_drop_unused, with_kwargs=True)
+        n += len(getattr(parent, GROUPS))
     return n
 
 
@@ -83,21 +87,19 @@ def group_forward(members: list[LoRALinear], x: torch.Tensor) -> list[torch.Tens
             for m, s, xa_i in zip(members, scales, xa.split([a_i.shape[0] for a_i in a], dim=-1), strict=True)]
 
 
-class _GroupHook:
-    """The parent's hooks: hand each group's outputs for the parent's input to its members; drop what is left."""
+def _hand_out(parent: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Before the parent's forward: each group's outputs for the parent's input, handed to its members."""
+    x = args[0] if args else kwargs.get("hidden_states")  # HF attention takes hidden_states by keyword
+    for names in getattr(parent, GROUPS):
+        members = [parent._modules[name] for name in names]
+        outputs = group_forward(members, x) if isinstance(x, torch.Tensor) else None
+        for member, y in zip(members, outputs or [None] * len(members), strict=True):
+            member.group_output = None if y is None else (x, y)
 
-    def __init__(self, groups: tuple[tuple[str, ...], ...]) -> None:
-        self.groups = groups
 
-    def __call__(self, parent: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("hidden_states")  # HF attention takes hidden_states by keyword
-        for names in self.groups:
-            members = [parent._modules[name] for name in names]
-            outputs = group_forward(members, x) if isinstance(x, torch.Tensor) else None
-            for member, y in zip(members, outputs or [None] * len(members), strict=True):
-                member.group_output = None if y is None else (x, y)
-
-    def clear(self, parent: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        for names in self.groups:
-            for name in names:
-                parent._modules[name].group_output = None
+def _drop_unused(parent: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    """After the parent's forward: drop what its members did not take. (Not hooked to run when the forward raises:
+    Dynamo would guard on each parent's hook id; what a failed call left is replaced at the next one.)"""
+    for names in getattr(parent, GROUPS):
+        for name in names:
+            parent._modules[name].group_output = None
