@@ -121,6 +121,20 @@ def test_shared_input_is_quantized_once_and_requantized_after_an_inplace_change(
     torch.testing.assert_close(again[0], 2 * first[0], rtol=1e-5, atol=1e-6)
 
 
+def test_shared_input_codes_go_with_the_input():
+    import gc
+
+    from tuneforge.quant import fp8
+
+    layer = Linear8.from_linear(layer_and_input(6)[0], out_dtype=torch.float32)
+    x = torch.randn(5, 64)
+    layer(x)
+    assert fp8._LastInput.value is not None
+    del x
+    gc.collect()
+    assert fp8._LastInput.value is None and fp8._LastInput.ref is None
+
+
 def test_fp8_layers_run_under_inference_mode():
     """Inference tensors carry no version counter: an input is quantized per layer there, same results."""
     layers = [Linear8.from_linear(layer_and_input(s)[0], out_dtype=torch.float32) for s in (6, 7)]

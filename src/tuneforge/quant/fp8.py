@@ -189,7 +189,8 @@ class _FP8Linear(torch.autograd.Function):
 
 
 class _LastInput:
-    """The last input quantized, by identity and version: q/k/v (and gate/up) read the same tensor."""
+    """The last input quantized, by identity and version: q/k/v (and gate/up) read the same tensor. The codes go
+    with the input: kept past it, the last layer's (8B: 112 MiB) stayed allocated between steps."""
 
     ref: weakref.ref | None = None
     version = -1
@@ -202,8 +203,13 @@ class _LastInput:
         if cls.ref is not None and cls.ref() is x and cls.version == x._version:
             return cls.value
         cls.value = quantize_rows(x2d)
-        cls.ref, cls.version = weakref.ref(x), x._version
+        cls.ref, cls.version = weakref.ref(x, cls._forget), x._version
         return cls.value
+
+    @classmethod
+    def _forget(cls, ref: weakref.ref) -> None:
+        if cls.ref is ref:
+            cls.ref = cls.value = None
 
 
 def quantize_input(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
