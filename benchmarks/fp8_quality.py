@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, precision: str, data: list[dict]) -> dict:
                 layer.base_layer = Linear8.from_linear(layer.base_layer, out_dtype)
     model.train()
     amp = torch.bfloat16 if device.type == "cuda" else None
-    loss_model = CausalLMLoss(model, 1024, amp)
+    loss_model = CausalLMLoss(model, amp=amp)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type == "cuda")
     losses, t0 = [], time.perf_counter()

@@ -346,11 +346,11 @@ def build(case: Case, cfg: dict, device: torch.device):
         if case.precision == "fp8":
             from tuneforge.methods.setup import to_fp8_base
 
-            model.fp8_layers = to_fp8_base(model, device)
+            to_fp8_base(model, device)
         if case.grouped and case.method != "full":
             from tuneforge.methods.lora_groups import group_projections
 
-            model.lora_groups = group_projections(model)
+            group_projections(model)
         if case.weights != "fp32_master":
             from tuneforge.train.optimizer import to_bf16_weights
 

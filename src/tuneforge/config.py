@@ -127,8 +127,8 @@ class LoraSettings(Strict):
                             "weights as e4m3, qlora keeps them 4-bit and makes e4m3 codes on the fly (CUDA compute "
                             "capability 8.9+: L4, H100, H200; docs/gpu-speed.md)")
     group_projections: bool = Field(
-        True, description="one GEMM for the LoRA A of projections that share an input (q/k/v, gate/up; one dropout "
-                          "mask for them); false: one per projection, with one dropout mask each")
+        True, description="one GEMM for the LoRA A of projections that share an input (q/k/v, gate/up) when LoRA "
+                          "dropout is 0 (with dropout each keeps its own mask, as peft); false: one per projection")
     init_adapter: str | None = Field(None, description="start from this PEFT adapter directory (e.g. an SFT run's "
                                                        "adapter/) and train it further; its own r, alpha, targets, "
                                                        "target_parameters, dropout, use_rslora and use_dora replace "

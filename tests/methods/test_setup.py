@@ -71,7 +71,6 @@ def test_qlora_with_an_fp8_base_keeps_4bit_weights_and_computes_in_fp8(tiny_mode
     assert {n: b.data_ptr() for n, b in tiny_model.named_buffers()} == before
 
 
-
 def test_lora_groups_sibling_projections_unless_switched_off(tiny_tokenizer):
     from conftest import build_tiny_model
     from tuneforge.methods.lora_groups import GROUPS

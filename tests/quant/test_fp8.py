@@ -129,10 +129,15 @@ def test_shared_input_codes_go_with_the_input():
     layer = Linear8.from_linear(layer_and_input(6)[0], out_dtype=torch.float32)
     x = torch.randn(5, 64)
     layer(x)
-    assert fp8._LastInput.value is not None
+    assert fp8._LastInput.entry is not None
+    y = torch.randn(5, 64)
+    layer(y)  # a new input replaces the entry; the old input dying later must not clear it
     del x
     gc.collect()
-    assert fp8._LastInput.value is None and fp8._LastInput.ref is None
+    assert fp8._LastInput.entry is not None and fp8._LastInput.entry[0]() is y
+    del y
+    gc.collect()
+    assert fp8._LastInput.entry is None
 
 
 def test_fp8_layers_run_under_inference_mode():

@@ -395,7 +395,7 @@ class LoRALinear(nn.Module):
         self.row_groups: list[tuple[str, torch.Tensor]] | None = None
         self.batch_rows = 0
         # (input, output) handed over by the group's hook for this call only (lora_groups.py); cleared when taken
-        self.group_output: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.group_output: tuple[torch.Tensor, int | None, torch.Tensor] | None = None
         if adapter_name is not None:
             self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
             self.active_adapters = [adapter_name]
@@ -586,9 +586,10 @@ class LoRALinear(nn.Module):
         return name if name is not None and lora_ops.fusable(self.base_layer, x) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (given := self.group_output) is not None and given[0] is x:  # computed with its group (lora_groups.py)
+        # computed with its group (lora_groups.py), unless x changed in place since
+        if (given := self.group_output) is not None and given[0] is x and (given[1] is None or given[1] == x._version):
             self.group_output = None
-            return given[1]
+            return given[2]
         if (name := self._fused_adapter(x)) is not None:
             scale = self.scaling[name] * self.adapter_weights.get(name, 1.0)
             return lora_ops.lora_forward(x, [self.base_layer], self.lora_dropout[name], [self.lora_A[name].weight],

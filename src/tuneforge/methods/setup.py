@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuneforge.config import MethodConfig, RunConfig
+from tuneforge.config import LoraSettings, MethodConfig, RunConfig
 from tuneforge.errors import ConfigError
 from tuneforge.log import get_logger
 from tuneforge.methods.freeze import apply_freeze
@@ -80,14 +80,19 @@ def prepare_model(model: torch.nn.Module, method: MethodConfig, device: torch.de
             apply_lora_params(model, params, lo.r, lo.alpha, lo.use_rslora)
         if (targets := describe_targets(model)) is not None:
             logger.info(targets)
-        if lo.base_precision == "fp8":
-            to_fp8_base(model, device or next(model.parameters()).device)
-        if lo.group_projections:  # q/k/v and gate/up: one GEMM for their LoRA A (lora_groups.py)
-            group_projections(model)
+        lora_speedups(model, lo, device or next(model.parameters()).device)
         if isinstance(model.get_output_embeddings(), LoRALinear):  # the fused loss reads the head's weight only
             raise ConfigError(f"method.lora.target_modules={lo.target_modules!r} puts LoRA on the output head, "
                               "which training does not support; leave the head out (all-linear already does)")
     return format_trainable(model)
+
+
+def lora_speedups(model: torch.nn.Module, lora: LoraSettings, device: torch.device) -> None:
+    """What the LoRA settings ask of a model whose adapters are in place: an FP8 base, grouped projections."""
+    if lora.base_precision == "fp8":
+        to_fp8_base(model, device)
+    if lora.group_projections and not lora.use_dora:  # q/k/v and gate/up: one GEMM for their LoRA A (lora_groups.py)
+        group_projections(model)
 
 
 def to_fp8_base(model: torch.nn.Module, device: torch.device) -> int:

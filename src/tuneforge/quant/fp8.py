@@ -192,24 +192,23 @@ class _LastInput:
     """The last input quantized, by identity and version: q/k/v (and gate/up) read the same tensor. The codes go
     with the input: kept past it, the last layer's (8B: 112 MiB) stayed allocated between steps."""
 
-    ref: weakref.ref | None = None
-    version = -1
-    value: tuple[torch.Tensor, torch.Tensor] | None = None
+    entry: tuple[weakref.ref, int, tuple[torch.Tensor, torch.Tensor]] | None = None  # (input, version, codes)
 
     @classmethod
     def codes(cls, x2d: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.is_inference():  # under torch.inference_mode: no version counter to see an in-place change by
             return quantize_rows(x2d)
-        if cls.ref is not None and cls.ref() is x and cls.version == x._version:
-            return cls.value
-        cls.value = quantize_rows(x2d)
-        cls.ref, cls.version = weakref.ref(x, cls._forget), x._version
-        return cls.value
+        entry = cls.entry
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            return entry[2]
+        value = quantize_rows(x2d)
+        cls.entry = (weakref.ref(x, cls._forget), x._version, value)  # one assignment: _forget may run any time
+        return value
 
     @classmethod
     def _forget(cls, ref: weakref.ref) -> None:
-        if cls.ref is ref:
-            cls.ref = cls.value = None
+        if cls.entry is not None and cls.entry[0] is ref:
+            cls.entry = None
 
 
 def quantize_input(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:

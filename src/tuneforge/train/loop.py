@@ -28,9 +28,8 @@ from tuneforge.errors import ConfigError, StopTraining, TuneforgeError
 from tuneforge.files import replaced_atomically
 from tuneforge.log import get_logger
 from tuneforge.methods.lora import count_parameters, format_trainable
-from tuneforge.methods.lora_groups import group_projections
 from tuneforge.methods.peft_format import load_adapter, save_adapter
-from tuneforge.methods.setup import load_model_for, prepare_model, to_fp8_base
+from tuneforge.methods.setup import load_model_for, lora_speedups, prepare_model
 from tuneforge.models.load import load_tokenizer, pad_token_id
 from tuneforge.models.threads import apply_threads
 from tuneforge.plotting import plot_loss
@@ -259,10 +258,7 @@ def prepare_method(model: torch.nn.Module, config: RunConfig, device: torch.devi
     load_adapter(model, init, "default", trainable=True)
     logger.info(f"method.lora.init_adapter: the adapter's own settings replace method.lora's r, alpha, targets, "
                 f"target_parameters, dropout, use_rslora and use_dora ({Path(init) / 'adapter_config.json'})")
-    if config.method.lora.base_precision == "fp8":
-        to_fp8_base(model, device)
-    if config.method.lora.group_projections:
-        group_projections(model)
+    lora_speedups(model, config.method.lora, device)
     return f"{format_trainable(model)} (adapter from {init})"
 
 

@@ -365,8 +365,9 @@ def _advice(run: _Run, plan: MemoryPlan, overhead: int) -> list[str]:
         candidates.append((use_qlora, qlora))
         if not run.ckpt:
             candidates.append((f"{use_qlora} + {ckpt}", replace(qlora, ckpt=True)))
-    if run.chunk > 64:
-        candidates.append(("lower train.loss_chunk_tokens to 64", replace(run, chunk=64)))
+    if run.chunk > CHUNK_TOKENS // 4:  # smaller head GEMMs: some speed for memory
+        candidates.append((f"lower train.loss_chunk_tokens to {CHUNK_TOKENS // 4} (a little slower)",
+                           replace(run, chunk=CHUNK_TOKENS // 4)))
     for base, prefix in ((run, ""), (replace(run, ckpt=True), f"{ckpt} + "),
                          (replace(qlora, ckpt=True), f"{use_qlora} + {ckpt} + ")):
         if _plan(base, overhead).peak <= cap:
