@@ -49,8 +49,8 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 # handles (0.75 GiB measured on an H200, torch 2.11) and the caching allocator's slack (0.2-0.7 GiB).
 OVERHEAD_BYTES = int(1.25 * GIB)
 SKIP_ENV = "TUNEFORGE_SKIP_MEMORY_CHECK"
-# On the CPU the tensors cost more than they count: peak RSS minus the RSS once the model is prepared was 1.26-1.29x
-# the planned bytes without recomputation and 1.79x with it (SmolLM2-135M LoRA, 1-2 rows of 512, torch 2.13, glibc
+# On the CPU the tensors cost more than they count: peak RSS minus the RSS once the model is prepared was 1.18-1.31x
+# the planned bytes without recomputation and 1.77x with it (SmolLM2-135M LoRA, 1-2 rows of 512, torch 2.13, glibc
 # malloc, 1 thread; glibc keeps freed chunks, so a smaller loss chunk lowers the plan more than the RSS): 1.25x plus
 # a fixed 0.45 GiB covers all three.
 CPU_SLACK = 1.25
@@ -218,15 +218,13 @@ def _linear_group(run: _Run, names: Sequence[str], n_in: int, x_bytes: int, trai
     shared = False  # the input itself is saved (counted once however many layers keep it)
     extra = 0
     adapted = [n for n in names if n in run.lora]
-    # grouped siblings (methods/lora_groups.py) make one adapter input for all: one dropout, one cast
-    copies = 1 if run.grouped and len(adapted) > 1 else len(adapted)
     if adapted:
-        if run.dropout > 0:
-            extra += copies * t * n_in * (cb + 1)  # dropout's output and its mask
+        if run.dropout > 0:  # each adapter's dropout output and mask (groups form only without dropout)
+            extra += len(adapted) * t * n_in * (cb + 1)
         elif x_bytes == cb:
             shared = True
-        else:
-            extra += copies * t * n_in * cb
+        else:  # the input cast to the compute dtype: once per adapter, once for grouped siblings (lora_groups.py)
+            extra += (1 if run.grouped else len(adapted)) * t * n_in * cb
     for name in names:
         n_out = proj[name][1]
         if trains:  # the weight's gradient needs the input in the compute dtype
